@@ -1,0 +1,108 @@
+"""`onnx`: any ArcFace-style ONNX recognition model.
+
+The model sees square aligned crops (112x112 unless its input says otherwise), aligned from
+5 landmarks with the standard ArcFace template. A recognition ONNX has no detector, so
+faces are found by dlib's HOG detector and its 68-point predictor (shipped offline), which
+also gives the 5 ArcFace points. Landmarks returned are those 5 points, ArcFace order.
+Preprocessing is configurable because models differ: `mean`/`std` per channel (applied as
+(x - mean) / std to 0..255 pixels) and channel order (`rgb` or `bgr`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+
+from advplugin.adapters.align import align_face, arcface_points_from_dlib68
+from advplugin.adapters.base import Detections, Extractor, register_extractor
+from advplugin.adapters.dlib_adapter import model_dir
+
+
+def onnx_providers() -> list[str]:
+    """CUDA when onnxruntime-gpu is installed, the CPU otherwise (same results)."""
+    import onnxruntime as ort
+
+    available = ort.get_available_providers()
+    return [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in available]
+
+
+class OnnxExtractor(Extractor):
+    name = "onnx"
+
+    def __init__(
+        self,
+        *,
+        model_path: str | Path,
+        mean: float | tuple[float, float, float] = 127.5,
+        std: float | tuple[float, float, float] = 127.5,
+        channels: Literal["rgb", "bgr"] = "rgb",
+        upsample: int = 1,
+        threads: int = 0,
+    ) -> None:
+        import dlib
+        import onnxruntime as ort
+
+        path = Path(model_path)
+        if not path.is_file():
+            raise FileNotFoundError(f"ONNX model {path} not found")
+        if channels not in ("rgb", "bgr"):
+            raise ValueError(f"channels must be 'rgb' or 'bgr', got {channels!r}")
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = threads
+        self._session = ort.InferenceSession(str(path), options, providers=onnx_providers())
+        inp = self._session.get_inputs()[0]
+        shape = inp.shape
+        if len(shape) != 4 or shape[2] != shape[3] or not isinstance(shape[2], int):
+            raise ValueError(f"{path.name}: expected a square NCHW input, got {shape}")
+        self.input_size = int(shape[2])
+        self._input_name = inp.name
+        out_dim = self._session.get_outputs()[0].shape[-1]
+        if not isinstance(out_dim, int):
+            raise ValueError(f"{path.name}: output dimension must be static, got {out_dim}")
+        self.dim = out_dim
+        self.mean = np.broadcast_to(np.asarray(mean, np.float32), (3,)).reshape(1, 3, 1, 1)
+        self.std = np.broadcast_to(np.asarray(std, np.float32), (3,)).reshape(1, 3, 1, 1)
+        self.channels = channels
+        digest = hashlib.sha256(path.read_bytes()).hexdigest()[:12]
+        self.version = f"{path.stem}-{digest}"
+        self.upsample = upsample
+        self._dlib = dlib
+        self._detector = dlib.get_frontal_face_detector()
+        self._shapes = dlib.shape_predictor(str(model_dir() / "shape_predictor_68_face_landmarks.dat"))
+
+    def detect(self, image: np.ndarray) -> Detections:
+        rects, scores, _ = self._detector.run(image, self.upsample, 0.0)
+        if not rects:
+            return Detections.empty(5)
+        boxes = np.array([[r.left(), r.top(), r.right(), r.bottom()] for r in rects], np.float32)
+        landmarks = np.stack([self._arcface_points(image, b) for b in boxes])
+        return Detections(boxes, landmarks, np.asarray(scores, np.float32))
+
+    def _arcface_points(self, image: np.ndarray, box: np.ndarray) -> np.ndarray:
+        x1, y1, x2, y2 = (int(round(v)) for v in box)
+        shape = self._shapes(image, self._dlib.rectangle(x1, y1, x2, y2))
+        return arcface_points_from_dlib68(np.array([(p.x, p.y) for p in shape.parts()]))
+
+    def embed(self, image: np.ndarray, detections: Detections) -> np.ndarray:
+        crops = []
+        for box, lm in zip(detections.boxes, detections.landmarks, strict=True):
+            points = lm if lm.shape == (5, 2) else self._arcface_points(image, box)
+            crops.append(align_face(image, points, self.input_size))
+        return self.embed_aligned(np.stack(crops)) if crops else np.zeros((0, self.dim), np.float32)
+
+    def embed_aligned(self, crops: np.ndarray) -> np.ndarray:
+        """Raw embeddings for already aligned RGB uint8 crops [N, S, S, 3]."""
+        x = crops.astype(np.float32)
+        if self.channels == "bgr":
+            x = x[..., ::-1]
+        x = (x.transpose(0, 3, 1, 2) - self.mean) / self.std
+        out = self._session.run(None, {self._input_name: np.ascontiguousarray(x, np.float32)})[0]
+        return np.asarray(out, np.float32).reshape(len(crops), self.dim)
+
+
+@register_extractor("onnx")
+def _create_onnx(**config: object) -> OnnxExtractor:
+    return OnnxExtractor(**config)  # type: ignore[arg-type]

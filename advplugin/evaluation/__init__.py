@@ -1,0 +1,1 @@
+"""Evaluation: utility metrics and privacy attacks, one harness for every scheme."""
