@@ -1,0 +1,64 @@
+"""Shared fixtures. Tests mirror the package layout (tests/protectors, tests/adapters, ...).
+
+Face data comes from $ADVPLUGIN_FACE_DATA (default ../shared/data). Where it is absent, the
+`face_data` fixture skips the test with a reason; tests that need no data still run.
+PostgreSQL: `postgres_url` creates a fresh database per test session on the server at
+$ADVPLUGIN_TEST_POSTGRES_URL (default postgresql+psycopg://postgres@127.0.0.1:5432/test) and
+drops it afterwards, so concurrent runs never see each other's rows.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from advplugin.keys import Key
+
+REPO = Path(__file__).resolve().parents[1]
+FACE_DATA = Path(os.environ.get("ADVPLUGIN_FACE_DATA", REPO.parent / "shared" / "data"))
+POSTGRES_URL = os.environ.get(
+    "ADVPLUGIN_TEST_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test"
+)
+
+
+@pytest.fixture(scope="session")
+def face_data() -> Path:
+    """The LFW folder (holding lfw-dev/, lfw-dev-pairs.txt, lfw-dev-dlib128.npz)."""
+    if not (FACE_DATA / "lfw-dev").is_dir():
+        pytest.skip(f"face data not found at {FACE_DATA} (set ADVPLUGIN_FACE_DATA)")
+    return FACE_DATA
+
+
+@pytest.fixture(scope="session")
+def lfw_cache(face_data: Path) -> dict[str, np.ndarray]:
+    """The shipped dlib embeddings of lfw-dev (a cache; tests also recompute some)."""
+    with np.load(face_data / "lfw-dev-dlib128.npz") as d:
+        return {k: d[k] for k in d.files}
+
+
+@pytest.fixture
+def key() -> Key:
+    return Key.generate()
+
+
+@pytest.fixture(scope="session")
+def postgres_url() -> Iterator[str]:
+    """A fresh PostgreSQL database for this test session (dropped at the end)."""
+    sqlalchemy = pytest.importorskip("sqlalchemy")
+    admin = sqlalchemy.create_engine(POSTGRES_URL, isolation_level="AUTOCOMMIT")
+    name = f"advplugin_test_{uuid.uuid4().hex[:12]}"
+    try:
+        with admin.connect() as conn:
+            conn.exec_driver_sql(f'CREATE DATABASE "{name}"')
+    except Exception as e:  # pragma: no cover - environment problem, reported clearly
+        pytest.fail(f"PostgreSQL at {POSTGRES_URL} is not usable: {e}")
+    url = sqlalchemy.engine.make_url(POSTGRES_URL).set(database=name)
+    yield url.render_as_string(hide_password=False)
+    with admin.connect() as conn:
+        conn.exec_driver_sql(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    admin.dispose()
