@@ -48,7 +48,9 @@ class Detections:
     @staticmethod
     def empty(n_landmarks: int = 5) -> Detections:
         return Detections(
-            np.zeros((0, 4), np.float32), np.zeros((0, n_landmarks, 2), np.float32), np.zeros(0, np.float32)
+            np.zeros((0, 4), np.float32),
+            np.zeros((0, n_landmarks, 2), np.float32),
+            np.zeros(0, np.float32),
         )
 
 
@@ -64,7 +66,9 @@ class Faces:
     embeddings: np.ndarray
 
     def __repr__(self) -> str:
-        return f"Faces(n={len(self.detections)}, dim={self.embeddings.shape[1]}, embeddings=<hidden>)"
+        return (
+            f"Faces(n={len(self.detections)}, dim={self.embeddings.shape[1]}, embeddings=<hidden>)"
+        )
 
 
 class Extractor(ABC):
@@ -81,7 +85,9 @@ class Extractor(ABC):
     def embed(self, image: np.ndarray, detections: Detections) -> np.ndarray:
         """Raw embeddings [len(detections), dim] float32 for the given faces."""
 
-    def extract(self, image: np.ndarray, *, max_faces: int | None = None, largest_only: bool = False) -> Faces:
+    def extract(
+        self, image: np.ndarray, *, max_faces: int | None = None, largest_only: bool = False
+    ) -> Faces:
         """Detect and embed faces in an RGB uint8 image; at most `max_faces`, largest first."""
         image = check_image_array(image)
         det = self.detect(image)

@@ -16,7 +16,6 @@ from functools import cache
 from pathlib import Path
 
 import numpy as np
-
 from advplugin.adapters.base import Detections, Extractor, register_extractor
 
 
@@ -43,13 +42,13 @@ class DlibExtractor(Extractor):
         self.num_jitters = num_jitters
         self._dlib = dlib
         self._detector = dlib.get_frontal_face_detector()
-        self._shapes = dlib.shape_predictor(str(model_dir() / "shape_predictor_5_face_landmarks.dat"))
+        self._shapes = dlib.shape_predictor(
+            str(model_dir() / "shape_predictor_5_face_landmarks.dat")
+        )
         self._net = dlib.face_recognition_model_v1(
             str(model_dir() / "dlib_face_recognition_resnet_model_v1.dat")
         )
-        self.version = (
-            f"dlib-{dlib.__version__}/resnet_v1/frm-{importlib.metadata.version('face-recognition-models')}"
-        )
+        self.version = f"dlib-{dlib.__version__}/resnet_v1/frm-{importlib.metadata.version('face-recognition-models')}"
 
     def detect(self, image: np.ndarray) -> Detections:
         rects, scores, _ = self._detector.run(image, self.upsample, 0.0)
@@ -65,7 +64,7 @@ class DlibExtractor(Extractor):
         dlib = self._dlib
         shapes = dlib.full_object_detections()
         for x1, y1, x2, y2 in detections.boxes:
-            rect = dlib.rectangle(int(round(x1)), int(round(y1)), int(round(x2)), int(round(y2)))
+            rect = dlib.rectangle(round(x1), round(y1), round(x2), round(y2))
             shapes.append(self._shapes(image, rect))
         vectors = self._net.compute_face_descriptor(image, shapes, self.num_jitters)
         return np.asarray([np.asarray(v) for v in vectors], dtype=np.float32).reshape(-1, self.dim)

@@ -15,7 +15,6 @@ from pathlib import Path
 from typing import Literal
 
 import numpy as np
-
 from advplugin.adapters.align import align_face, arcface_points_from_dlib68
 from advplugin.adapters.base import Detections, Extractor, register_extractor
 from advplugin.adapters.dlib_adapter import model_dir
@@ -71,7 +70,9 @@ class OnnxExtractor(Extractor):
         self.upsample = upsample
         self._dlib = dlib
         self._detector = dlib.get_frontal_face_detector()
-        self._shapes = dlib.shape_predictor(str(model_dir() / "shape_predictor_68_face_landmarks.dat"))
+        self._shapes = dlib.shape_predictor(
+            str(model_dir() / "shape_predictor_68_face_landmarks.dat")
+        )
 
     def detect(self, image: np.ndarray) -> Detections:
         rects, scores, _ = self._detector.run(image, self.upsample, 0.0)
@@ -82,7 +83,7 @@ class OnnxExtractor(Extractor):
         return Detections(boxes, landmarks, np.asarray(scores, np.float32))
 
     def _arcface_points(self, image: np.ndarray, box: np.ndarray) -> np.ndarray:
-        x1, y1, x2, y2 = (int(round(v)) for v in box)
+        x1, y1, x2, y2 = (round(v) for v in box)
         shape = self._shapes(image, self._dlib.rectangle(x1, y1, x2, y2))
         return arcface_points_from_dlib68(np.array([(p.x, p.y) for p in shape.parts()]))
 

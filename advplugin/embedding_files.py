@@ -31,7 +31,9 @@ class EmbeddingSet:
             raise ValueError("embedding must be a 2-D array [N, D]")
         for name in ("path", "identity", "detected"):
             if len(getattr(self, name)) != n:
-                raise ValueError(f"{name} has {len(getattr(self, name))} entries, embedding has {n}")
+                raise ValueError(
+                    f"{name} has {len(getattr(self, name))} entries, embedding has {n}"
+                )
 
     def __len__(self) -> int:
         return len(self.embedding)

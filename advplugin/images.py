@@ -26,7 +26,7 @@ def load_image(
 ) -> np.ndarray:
     """Decode a file path or encoded bytes to an RGB uint8 array [H, W, 3]."""
     try:
-        stream = io.BytesIO(source) if isinstance(source, bytes) else open(Path(source), "rb")  # noqa: SIM115
+        stream = io.BytesIO(source) if isinstance(source, bytes) else open(Path(source), "rb")
     except OSError as e:
         raise ImageError(f"cannot open image: {e.strerror}") from None
     with stream:
@@ -34,7 +34,9 @@ def load_image(
             with Image.open(stream) as img:
                 w, h = img.size
                 if w * h > max_pixels:
-                    raise ImageError(f"image has {w}x{h} pixels, more than the limit of {max_pixels}")
+                    raise ImageError(
+                        f"image has {w}x{h} pixels, more than the limit of {max_pixels}"
+                    )
                 img.load()
                 rgb = img.convert("RGB")
         except UnidentifiedImageError:

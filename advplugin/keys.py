@@ -52,7 +52,9 @@ class Key:
         return f"Key(key_id={self.key_id})"
 
 
-def write_key(path: str | os.PathLike[str], key: Key | None = None, *, overwrite: bool = False) -> Key:
+def write_key(
+    path: str | os.PathLike[str], key: Key | None = None, *, overwrite: bool = False
+) -> Key:
     """Create a key file readable by its owner only.
 
     The file is opened with O_EXCL and mode 0600 in one system call, so there is no moment

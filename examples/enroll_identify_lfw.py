@@ -15,22 +15,28 @@ from collections import defaultdict
 from pathlib import Path
 
 import numpy as np
-
 from advplugin.adapters import create_extractor
+
 from advplugin.images import load_image
 from advplugin.keys import load_key, write_key
 from advplugin.protectors import create_protector
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--people", type=int, default=40, help="identities to enroll (default 40)")
     parser.add_argument(
         "--data",
-        default=os.environ.get("ADVPLUGIN_FACE_DATA", str(Path(__file__).resolve().parents[2] / "shared/data")),
+        default=os.environ.get(
+            "ADVPLUGIN_FACE_DATA", str(Path(__file__).resolve().parents[2] / "shared/data")
+        ),
         help="folder holding lfw-dev/ (default $ADVPLUGIN_FACE_DATA or ../shared/data)",
     )
-    parser.add_argument("--key", default=".advplugin/example.key", help="key file (created if missing)")
+    parser.add_argument(
+        "--key", default=".advplugin/example.key", help="key file (created if missing)"
+    )
     args = parser.parse_args()
 
     root = Path(args.data) / "lfw-dev"
@@ -42,12 +48,16 @@ def main() -> None:
     else:
         key_path.parent.mkdir(parents=True, exist_ok=True)
         key = write_key(key_path)
-    people = sorted(d.name for d in root.iterdir() if d.is_dir() and len(list(d.glob("*.jpg"))) >= 2)
+    people = sorted(
+        d.name for d in root.iterdir() if d.is_dir() and len(list(d.glob("*.jpg"))) >= 2
+    )
     people = people[: args.people]
 
     extractor = create_extractor("dlib")
     protector = create_protector("xnn", key=key, dim=extractor.dim)
-    print(f"extractor {extractor.name} {extractor.version}; scheme {protector.metadata.scheme} key id {key.key_id}")
+    print(
+        f"extractor {extractor.name} {extractor.version}; scheme {protector.metadata.scheme} key id {key.key_id}"
+    )
 
     gallery: list[np.ndarray] = []
     names: list[str] = []
@@ -75,7 +85,9 @@ def main() -> None:
         if total <= 5:
             print(f"  probe of {name}: identified as {best[0]} (similarity {scores.max(1)[0]:.3f})")
     took = time.perf_counter() - start
-    print(f"enrolled {len(g)} people, identified {total} probe images: rank-1 {hits / max(total, 1):.1%}")
+    print(
+        f"enrolled {len(g)} people, identified {total} probe images: rank-1 {hits / max(total, 1):.1%}"
+    )
     print(f"({took:.1f} s; only protected templates were kept in memory after each image)")
 
 

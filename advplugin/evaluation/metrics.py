@@ -67,7 +67,9 @@ def best_threshold(scores: np.ndarray, same: np.ndarray) -> float:
     return float(candidates[k])
 
 
-def ten_fold_accuracy(scores: np.ndarray, same: np.ndarray, fold: np.ndarray) -> tuple[float, float]:
+def ten_fold_accuracy(
+    scores: np.ndarray, same: np.ndarray, fold: np.ndarray
+) -> tuple[float, float]:
     """LFW's protocol: for each fold, pick the threshold on the other folds, test on it.
 
     Returns mean and standard deviation of the per-fold accuracies (fractions).

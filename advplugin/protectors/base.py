@@ -76,7 +76,9 @@ class Protector(ABC):
         if not isinstance(dim, int) or dim <= 0:
             raise ValueError(f"dim must be a positive integer, got {dim!r}")
         if self.keyed and not isinstance(key, Key):
-            raise ValueError(f"scheme {self.scheme!r} needs a key (create one with `advplugin keygen`)")
+            raise ValueError(
+                f"scheme {self.scheme!r} needs a key (create one with `advplugin keygen`)"
+            )
         self.dim = dim
         self._key = key
 
@@ -128,7 +130,9 @@ SCHEMES: Registry[Protector] = Registry("protection scheme")
 register_scheme = SCHEMES.register
 
 
-def create_protector(name: str, /, *, key: Key | None = None, dim: int, **config: object) -> Protector:
+def create_protector(
+    name: str, /, *, key: Key | None = None, dim: int, **config: object
+) -> Protector:
     """Build a registered protector by name, e.g. `create_protector("xnn", key=k, dim=128)`."""
     return SCHEMES.create(name, key=key, dim=dim, **config)
 
