@@ -1,0 +1,131 @@
+"""SQL schema of the protected gallery (SQLAlchemy 2 typed declarative).
+
+SQL is the source of truth; the FAISS index is a cache derived from `templates` by replaying
+`template_changes`. What is deliberately *not* here: raw embeddings (never), secret keys
+(they live in key files), plaintext API keys (only their SHA-256), and images unless the
+operator turns `store_images` on.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    DateTime,
+    ForeignKey,
+    Index,
+    Integer,
+    LargeBinary,
+    MetaData,
+    String,
+    UniqueConstraint,
+)
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
+
+# SQLite only auto-increments an INTEGER PRIMARY KEY (the rowid alias); BIGINT elsewhere.
+BigId = BigInteger().with_variant(Integer(), "sqlite")
+
+# Stable constraint names so Alembic migrations are identical on SQLite and PostgreSQL.
+NAMING = {
+    "ix": "ix_%(column_0_label)s",
+    "uq": "uq_%(table_name)s_%(column_0_name)s",
+    "ck": "ck_%(table_name)s_%(constraint_name)s",
+    "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+    "pk": "pk_%(table_name)s",
+}
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+class Base(DeclarativeBase):
+    metadata = MetaData(naming_convention=NAMING)
+
+
+class Collection(Base):
+    """A tenant: its own subjects, templates, API keys and FAISS index."""
+
+    __tablename__ = "collections"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    name: Mapped[str] = mapped_column(String(128), unique=True)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class Subject(Base):
+    __tablename__ = "subjects"
+    __table_args__ = (UniqueConstraint("collection_id", "name", name="uq_subjects_collection_name"),)
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True)
+    collection_id: Mapped[int] = mapped_column(ForeignKey("collections.id", ondelete="CASCADE"))
+    name: Mapped[str] = mapped_column(String(255))
+    # Operator metadata about the person (free JSON); never biometric vectors.
+    info: Mapped[dict | None] = mapped_column(JSON, nullable=True)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+    templates: Mapped[list[Template]] = relationship(
+        back_populates="subject", cascade="all, delete-orphan", passive_deletes=True
+    )
+
+
+class Template(Base):
+    """One protected template. Every row says how it was made, so a gallery can be migrated
+    (other extractor) or re-keyed (other key) row by row and mixed galleries are detected."""
+
+    __tablename__ = "templates"
+    __table_args__ = (Index("ix_templates_collection_id_id", "collection_id", "id"),)
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True)
+    subject_id: Mapped[int] = mapped_column(
+        ForeignKey("subjects.id", ondelete="CASCADE"), index=True
+    )
+    collection_id: Mapped[int] = mapped_column(ForeignKey("collections.id", ondelete="CASCADE"))
+    # float32 little-endian bytes of the *protected* template, `dim` values.
+    vector: Mapped[bytes] = mapped_column(LargeBinary)
+    dim: Mapped[int] = mapped_column(Integer)
+    scheme: Mapped[str] = mapped_column(String(64))
+    scheme_version: Mapped[int] = mapped_column(Integer)
+    key_id: Mapped[str | None] = mapped_column(String(64), nullable=True, index=True)
+    extractor_name: Mapped[str] = mapped_column(String(128))
+    extractor_version: Mapped[str] = mapped_column(String(128))
+    # SHA-256 of the uploaded image (duplicate detection, audit); never the image itself...
+    image_sha256: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    # ...unless the operator explicitly sets `store_images` (off by default).
+    image: Mapped[bytes | None] = mapped_column(LargeBinary, nullable=True, deferred=True)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+    subject: Mapped[Subject] = relationship(back_populates="templates")
+
+
+class TemplateChange(Base):
+    """The outbox the FAISS index replays: one row per insert, update or delete of a template,
+    written in the same transaction as the change itself. An index snapshot records the last
+    `seq` it contains; on start it applies every later row, so a crash between the SQL commit
+    and the index write can never lose an enrolment or resurrect a deleted template."""
+
+    __tablename__ = "template_changes"
+    __table_args__ = (Index("ix_template_changes_collection_id_seq", "collection_id", "seq"),)
+
+    seq: Mapped[int] = mapped_column(BigId, primary_key=True)
+    collection_id: Mapped[int] = mapped_column(Integer)
+    template_id: Mapped[int] = mapped_column(BigInteger)
+    op: Mapped[str] = mapped_column(String(8))  # "upsert" | "delete"
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class ApiKey(Base):
+    """An API key of one collection, stored as SHA-256 only (the key is 256 random bits, so
+    a plain hash is enough; no slow KDF is needed as for passwords)."""
+
+    __tablename__ = "api_keys"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    collection_id: Mapped[int] = mapped_column(ForeignKey("collections.id", ondelete="CASCADE"))
+    name: Mapped[str] = mapped_column(String(128))
+    key_sha256: Mapped[str] = mapped_column(String(64), unique=True)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    revoked_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)

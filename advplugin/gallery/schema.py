@@ -1,0 +1,63 @@
+"""Alembic migrations of the gallery database, used programmatically.
+
+`advplugin db upgrade` and the tests call `upgrade`; the service and `Gallery.open` call
+`check_migrated`, which refuses a database that is not at the newest revision with a message
+that says what to run (instead of failing later on a missing column).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from alembic import command
+from alembic.config import Config
+from alembic.runtime.migration import MigrationContext
+from alembic.script import ScriptDirectory
+from sqlalchemy import Engine
+
+import advplugin.migrations
+
+MIGRATIONS_DIR = Path(advplugin.migrations.__file__).resolve().parent
+
+
+class NotMigratedError(RuntimeError):
+    """The database schema is missing or older than this version of advplugin."""
+
+
+def alembic_config(url: str | None = None) -> Config:
+    cfg = Config(str(MIGRATIONS_DIR / "alembic.ini"))
+    cfg.set_main_option("script_location", str(MIGRATIONS_DIR))
+    if url is not None:
+        # ConfigParser interpolation: a '%' in a password must be doubled.
+        cfg.set_main_option("sqlalchemy.url", url.replace("%", "%%"))
+    return cfg
+
+
+def head_revision() -> str:
+    head = ScriptDirectory.from_config(alembic_config()).get_current_head()
+    assert head is not None
+    return head
+
+
+def current_revision(engine: Engine) -> str | None:
+    with engine.connect() as conn:
+        return MigrationContext.configure(conn).get_current_revision()
+
+
+def upgrade(engine: Engine, revision: str = "head") -> None:
+    """Apply migrations up to `revision` on the engine's database (idempotent)."""
+    cfg = alembic_config()
+    with engine.begin() as conn:
+        cfg.attributes["connection"] = conn
+        command.upgrade(cfg, revision)
+
+
+def check_migrated(engine: Engine) -> None:
+    current, head = current_revision(engine), head_revision()
+    if current != head:
+        url = engine.url.render_as_string(hide_password=True)
+        state = "has no advplugin schema" if current is None else f"is at revision {current}"
+        raise NotMigratedError(
+            f"database {url} {state}, this advplugin needs revision {head}; "
+            f"run `advplugin db upgrade --database-url '{url}'` first"
+        )

@@ -1,0 +1,36 @@
+"""Gallery fixtures: one migrated gallery per backend (SQLite file, real PostgreSQL)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from sqlalchemy import text
+
+from advplugin.gallery import Gallery, make_engine
+
+
+def _empty_postgres(url: str) -> None:
+    """Drop everything in the per-session database so each test starts from nothing."""
+    engine = make_engine(url)
+    with engine.begin() as conn:
+        conn.execute(text("DROP SCHEMA public CASCADE"))
+        conn.execute(text("CREATE SCHEMA public"))
+    engine.dispose()
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def gallery_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'gallery.db'}"
+    url = request.getfixturevalue("postgres_url")
+    _empty_postgres(url)
+    return url
+
+
+@pytest.fixture
+def gallery(gallery_url: str) -> Iterator[Gallery]:
+    g = Gallery.open(gallery_url, upgrade=True)
+    yield g
+    g.close()
