@@ -80,7 +80,8 @@ class Protector(ABC):
                 f"scheme {self.scheme!r} needs a key (create one with `advplugin keygen`)"
             )
         self.dim = dim
-        self._key = key
+        # An unkeyed scheme ignores a key rather than recording a key id it does not use.
+        self._key = key if self.keyed else None
 
     @property
     def output_dim(self) -> int:
