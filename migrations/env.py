@@ -14,6 +14,11 @@ from sqlalchemy import create_engine
 
 from advplugin.gallery.models import Base
 
+try:  # tables of the migration/key-rotation jobs share the gallery's metadata and history
+    import advplugin.migration.models  # noqa: F401
+except ImportError:  # pragma: no cover - a tree without that package
+    pass
+
 config = context.config
 target_metadata = Base.metadata
 

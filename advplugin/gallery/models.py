@@ -57,7 +57,10 @@ class Collection(Base):
 
 class Subject(Base):
     __tablename__ = "subjects"
-    __table_args__ = (UniqueConstraint("collection_id", "name", name="uq_subjects_collection_name"),)
+    __table_args__ = (
+        UniqueConstraint("collection_id", "name", name="uq_subjects_collection_name"),
+        {"sqlite_autoincrement": True},
+    )
 
     id: Mapped[int] = mapped_column(BigId, primary_key=True)
     collection_id: Mapped[int] = mapped_column(ForeignKey("collections.id", ondelete="CASCADE"))
@@ -76,7 +79,12 @@ class Template(Base):
     (other extractor) or re-keyed (other key) row by row and mixed galleries are detected."""
 
     __tablename__ = "templates"
-    __table_args__ = (Index("ix_templates_collection_id_id", "collection_id", "id"),)
+    # AUTOINCREMENT on SQLite too: ids are never reused after a delete, so a FAISS id can
+    # never silently come to mean a different template.
+    __table_args__ = (
+        Index("ix_templates_collection_id_id", "collection_id", "id"),
+        {"sqlite_autoincrement": True},
+    )
 
     id: Mapped[int] = mapped_column(BigId, primary_key=True)
     subject_id: Mapped[int] = mapped_column(
@@ -108,7 +116,10 @@ class TemplateChange(Base):
     and the index write can never lose an enrolment or resurrect a deleted template."""
 
     __tablename__ = "template_changes"
-    __table_args__ = (Index("ix_template_changes_collection_id_seq", "collection_id", "seq"),)
+    __table_args__ = (
+        Index("ix_template_changes_collection_id_seq", "collection_id", "seq"),
+        {"sqlite_autoincrement": True},
+    )
 
     seq: Mapped[int] = mapped_column(BigId, primary_key=True)
     collection_id: Mapped[int] = mapped_column(Integer)

@@ -32,7 +32,8 @@ def upgrade() -> None:
     sa.Column('template_id', sa.BigInteger(), nullable=False),
     sa.Column('op', sa.String(length=8), nullable=False),
     sa.Column('created_at', sa.DateTime(timezone=True), nullable=False),
-    sa.PrimaryKeyConstraint('seq', name=op.f('pk_template_changes'))
+    sa.PrimaryKeyConstraint('seq', name=op.f('pk_template_changes')),
+    sqlite_autoincrement=True,
     )
     with op.batch_alter_table('template_changes', schema=None) as batch_op:
         batch_op.create_index('ix_template_changes_collection_id_seq', ['collection_id', 'seq'], unique=False)
@@ -56,7 +57,8 @@ def upgrade() -> None:
     sa.Column('created_at', sa.DateTime(timezone=True), nullable=False),
     sa.ForeignKeyConstraint(['collection_id'], ['collections.id'], name=op.f('fk_subjects_collection_id_collections'), ondelete='CASCADE'),
     sa.PrimaryKeyConstraint('id', name=op.f('pk_subjects')),
-    sa.UniqueConstraint('collection_id', 'name', name='uq_subjects_collection_name')
+    sa.UniqueConstraint('collection_id', 'name', name='uq_subjects_collection_name'),
+    sqlite_autoincrement=True,
     )
     op.create_table('templates',
     sa.Column('id', sa.BigInteger().with_variant(sa.Integer(), 'sqlite'), nullable=False),
@@ -75,7 +77,8 @@ def upgrade() -> None:
     sa.Column('updated_at', sa.DateTime(timezone=True), nullable=False),
     sa.ForeignKeyConstraint(['collection_id'], ['collections.id'], name=op.f('fk_templates_collection_id_collections'), ondelete='CASCADE'),
     sa.ForeignKeyConstraint(['subject_id'], ['subjects.id'], name=op.f('fk_templates_subject_id_subjects'), ondelete='CASCADE'),
-    sa.PrimaryKeyConstraint('id', name=op.f('pk_templates'))
+    sa.PrimaryKeyConstraint('id', name=op.f('pk_templates')),
+    sqlite_autoincrement=True,
     )
     with op.batch_alter_table('templates', schema=None) as batch_op:
         batch_op.create_index('ix_templates_collection_id_id', ['collection_id', 'id'], unique=False)
