@@ -13,7 +13,9 @@ import sys
 #: Modules that contribute commands, in the order `--help` lists them.
 COMMAND_MODULES = [
     "advplugin.cli.embed",
+    "advplugin.cli.db",
     "advplugin.cli.keys",
+    "advplugin.cli.migrate",
     "advplugin.cli.protect",
     "advplugin.cli.verify",
 ]

@@ -1,0 +1,363 @@
+"""Batch migration of raw embeddings into a protected gallery: validate, then stream.
+
+Per chunk: read (a background thread prefetches the next chunk), protect on all cores
+(threads: numpy's matrix products release the GIL, and threads share the one protector, so
+neither the key nor raw vectors are ever pickled to another process), then ONE gallery
+transaction holds the chunk's templates, their `migration_items` rows and the advanced job
+cursor. A run killed at any instant therefore leaves either the whole chunk or none of it,
+and the next run continues at the committed cursor: no duplicate, no gap.
+
+Memory is bounded by about three chunks of raw vectors (one being read, one queued, one
+being protected), whatever the size of the source.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import queue
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+import numpy as np
+from sqlalchemy import Connection, insert, select, update
+
+from advplugin.gallery.models import utcnow
+from advplugin.gallery.store import DEFAULT_COLLECTION, Gallery
+from advplugin.migration.models import MigrationItem, MigrationJob
+from advplugin.migration.sources import Chunk, Cursor, Source
+from advplugin.protectors import Protector
+
+MAX_EXAMPLES = 10  # bad rows named in a report
+
+
+# -- validation ----------------------------------------------------------------------------
+@dataclass
+class ValidationReport:
+    """What a dry run found; names rows by id, never shows values."""
+
+    source: str
+    rows: int = 0
+    dim: int | None = None
+    dims: dict[int, int] = field(default_factory=dict)
+    bad: int = 0
+    examples: list[tuple[str, str]] = field(default_factory=list)
+    subjects: int = 0
+    duplicate_ids: int = 0
+
+    @property
+    def ok(self) -> bool:
+        return self.bad == 0 and len(self.dims) <= 1 and self.duplicate_ids == 0
+
+    def problems(self) -> list[str]:
+        out = []
+        if len(self.dims) > 1:
+            out.append(f"vectors of several dimensions: {dict(sorted(self.dims.items()))} rows")
+        if self.bad:
+            shown = "; ".join(f"id {i}: {why}" for i, why in self.examples)
+            out.append(f"{self.bad} invalid rows (first: {shown})")
+        if self.duplicate_ids:
+            out.append(f"{self.duplicate_ids} duplicate ids")
+        return out
+
+
+def validate_source(
+    source: Source, *, chunk_size: int, after: Cursor = None, progress: bool = False
+) -> ValidationReport:
+    """One pass over the rows after `after`: dimension, NaN/inf, zero vectors, undecodable
+    values, duplicate ids, number of subjects."""
+    report = ValidationReport(source=source.describe())
+    subjects: set[str] = set()
+    seen_ids: set[str] = set()
+    check_ids = not hasattr(source, "distinct_ids")  # SQL counts distinct ids itself
+    with _progress(source.count(), 0, "validate", progress) as bar:
+        for chunk in source.chunks(chunk_size, after):
+            n_rows = len(chunk) + len(chunk.bad)
+            report.rows += n_rows
+            if len(chunk):
+                d = chunk.vectors.shape[1]
+                report.dims[d] = report.dims.get(d, 0) + len(chunk)
+            report.bad += len(chunk.bad)
+            report.examples.extend(chunk.bad[: MAX_EXAMPLES - len(report.examples)])
+            subjects.update(chunk.subjects)
+            if check_ids:
+                for i in chunk.ids:
+                    if i in seen_ids:
+                        report.duplicate_ids += 1
+                    seen_ids.add(i)
+            bar.update(n_rows)
+    if not check_ids and after is None:
+        report.duplicate_ids = source.count() - source.distinct_ids()  # type: ignore[attr-defined]
+    report.subjects = len(subjects)
+    if report.dims:
+        report.dim = max(report.dims, key=report.dims.__getitem__)
+    return report
+
+
+# -- jobs (checkpoints) --------------------------------------------------------------------
+def job_name(source: Source, collection: str, protector: Protector) -> str:
+    m = protector.metadata
+    text = json.dumps([source.name, collection, m.scheme, m.scheme_version, m.key_id])
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+@dataclass(frozen=True)
+class JobState:
+    id: int
+    cursor: Cursor
+    chunks: int
+    rows: int
+    state: str
+
+
+def load_job(gallery: Gallery, name: str) -> JobState | None:
+    with gallery.engine.connect() as conn:
+        r = conn.execute(select(MigrationJob).where(MigrationJob.name == name)).first()
+    if r is None:
+        return None
+    cursor = json.loads(r.cursor) if r.cursor is not None else None
+    return JobState(int(r.id), cursor, int(r.chunks), int(r.rows), r.state)
+
+
+def _ensure_job(
+    gallery: Gallery, name: str, source: Source, collection: str, protector: Protector
+) -> JobState:
+    job = load_job(gallery, name)
+    if job is not None:
+        return job
+    cid = gallery.collection_id(collection)
+    m = protector.metadata
+    with gallery.engine.begin() as conn:
+        conn.execute(
+            insert(MigrationJob).values(
+                name=name,
+                source=source.describe()[:1024],
+                collection_id=cid,
+                scheme=m.scheme,
+                key_id=m.key_id,
+                cursor=None,
+                chunks=0,
+                rows=0,
+                state="running",
+                created_at=utcnow(),
+                updated_at=utcnow(),
+            )
+        )
+    job = load_job(gallery, name)
+    assert job is not None
+    return job
+
+
+def set_job_state(gallery: Gallery, job_id: int, state: str) -> None:
+    with gallery.engine.begin() as conn:
+        conn.execute(
+            update(MigrationJob)
+            .where(MigrationJob.id == job_id)
+            .values(state=state, updated_at=utcnow())
+        )
+
+
+class _InTransaction(Gallery):
+    """The gallery seen from inside a write transaction the caller already holds, so that
+    `add_templates` (the gallery's own insert logic, change log included) commits together
+    with the migration's bookkeeping rows."""
+
+    def __init__(self, gallery: Gallery, conn: Connection) -> None:
+        super().__init__(gallery.engine)
+        self._collections = gallery._collections
+        self._conn = conn
+
+    @contextmanager
+    def _write(self) -> Iterator[Connection]:
+        yield self._conn
+
+    @contextmanager
+    def _read(self) -> Iterator[Connection]:
+        yield self._conn
+
+
+# -- parallel protection -------------------------------------------------------------------
+class ParallelProtect:
+    """Splits a chunk across threads sharing one protector (the key stays in this process)."""
+
+    def __init__(self, protector: Protector, workers: int | None = None) -> None:
+        self.protector = protector
+        self.workers = max(1, workers or os.cpu_count() or 1)
+        self._pool = ThreadPoolExecutor(self.workers, thread_name_prefix="protect")
+        protector.protect(np.ones((1, protector.dim), np.float32))  # build the transform once
+
+    def __call__(self, raw: np.ndarray) -> np.ndarray:
+        if self.workers == 1 or len(raw) < 2 * self.workers:
+            return self.protector.protect(raw)
+        parts = np.array_split(raw, self.workers)
+        return np.concatenate(list(self._pool.map(self.protector.protect, parts)))
+
+    def close(self) -> None:
+        self._pool.shutdown()
+
+
+def prefetch(chunks: Iterator[Chunk], depth: int = 1) -> Iterator[Chunk]:
+    """Read the next chunk in a background thread while the current one is processed."""
+    q: queue.Queue[object] = queue.Queue(maxsize=depth)
+    done = object()
+    stop = threading.Event()
+
+    def reader() -> None:
+        try:
+            for c in chunks:
+                while not stop.is_set():
+                    try:
+                        q.put(c, timeout=0.2)
+                        break
+                    except queue.Full:
+                        continue
+                if stop.is_set():
+                    return
+            q.put(done)
+        except BaseException as e:  # handed to the consumer, re-raised there
+            q.put(e)
+
+    t = threading.Thread(target=reader, name="migration-reader", daemon=True)
+    t.start()
+    try:
+        while True:
+            item = q.get()
+            if item is done:
+                return
+            if isinstance(item, BaseException):
+                raise item
+            yield item  # type: ignore[misc]
+    finally:
+        stop.set()
+
+
+@contextmanager
+def _progress(total: int, initial: int, what: str, enabled: bool) -> Iterator[object]:
+    """A tqdm bar on stderr: count, rate and ETA."""
+    from tqdm import tqdm
+
+    bar = tqdm(
+        total=total,
+        initial=initial,
+        desc=what,
+        unit="vec",
+        unit_scale=True,
+        smoothing=0.05,
+        mininterval=0.5,
+        file=sys.stderr,
+        disable=not enabled,
+    )
+    try:
+        yield bar
+    finally:
+        bar.close()
+
+
+# -- migration -----------------------------------------------------------------------------
+@dataclass
+class MigrationResult:
+    job_id: int
+    rows: int  # in the job in total, earlier runs included
+    written: int  # by this run
+    chunks: int
+    resumed_from: int  # rows that an earlier run had committed
+    seconds: float
+    state: str
+
+
+def migrate(
+    source: Source,
+    gallery: Gallery,
+    protector: Protector,
+    *,
+    collection: str = DEFAULT_COLLECTION,
+    extractor_name: str,
+    extractor_version: str,
+    chunk_size: int = 10_000,
+    workers: int | None = None,
+    progress: bool = False,
+    on_chunk: object = None,
+) -> MigrationResult:
+    """Protect every source row into `collection`, resuming an earlier run of the same job.
+
+    Call `validate_source` first (the CLI does): a chunk with invalid rows stops the run
+    before anything of that chunk is written.
+    """
+    if not protector.protects:
+        raise ValueError(
+            f"scheme {protector.metadata.scheme!r} does not protect; refusing to copy raw "
+            "embeddings into the gallery"
+        )
+    name = job_name(source, collection, protector)
+    job = _ensure_job(gallery, name, source, collection, protector)
+    cid = gallery.collection_id(collection)
+    start = time.perf_counter()
+    written, chunks, cursor = 0, job.chunks, job.cursor
+    protect = ParallelProtect(protector, workers)
+    total = source.count()
+    try:
+        with _progress(total, job.rows, "migrate", progress) as bar:
+            for chunk in prefetch(source.chunks(chunk_size, cursor)):
+                if chunk.bad:
+                    shown = "; ".join(f"id {i}: {why}" for i, why in chunk.bad[:MAX_EXAMPLES])
+                    raise ValueError(
+                        f"{len(chunk.bad)} invalid rows in the source (first: {shown}); "
+                        "nothing of this chunk was written, fix them and re-run"
+                    )
+                templates = protect(chunk.vectors) if len(chunk) else None
+                chunk.vectors = np.empty((0, 0), np.float32)  # drop the raw vectors now
+                chunks += 1
+                with gallery._write() as conn:
+                    ids: list[int] = []
+                    if templates is not None:
+                        ids = _InTransaction(gallery, conn).add_templates(
+                            chunk.subjects,
+                            templates,
+                            protection=protector.metadata,
+                            extractor_name=extractor_name,
+                            extractor_version=extractor_version,
+                            collection=collection,
+                        )
+                        conn.execute(
+                            insert(MigrationItem),
+                            [
+                                {"job_id": job.id, "source_id": s, "template_id": t}
+                                for s, t in zip(chunk.ids, ids, strict=True)
+                            ],
+                        )
+                    conn.execute(
+                        update(MigrationJob)
+                        .where(MigrationJob.id == job.id, MigrationJob.collection_id == cid)
+                        .values(
+                            cursor=json.dumps(chunk.cursor),
+                            chunks=chunks,
+                            rows=MigrationJob.rows + len(ids),
+                            state="running",
+                            updated_at=utcnow(),
+                        )
+                    )
+                written += len(ids)
+                bar.update(len(ids))  # type: ignore[attr-defined]
+                if callable(on_chunk):
+                    on_chunk(chunks, written)
+    finally:
+        protect.close()
+    final = load_job(gallery, name)
+    assert final is not None
+    if final.state == "running":
+        set_job_state(gallery, final.id, "done")
+    return MigrationResult(
+        job_id=final.id,
+        rows=final.rows,
+        written=written,
+        chunks=final.chunks,
+        resumed_from=job.rows,
+        seconds=time.perf_counter() - start,
+        state="done" if final.state == "running" else final.state,
+    )
