@@ -1,0 +1,17 @@
+# The same install CI runs (scripts/setup.sh: a venv with `pip install -e .[dev]`, torch pinned
+# to the 2.13.0 CPU build), then the service on embedded defaults. GPU extras are opt-in:
+#   docker build --build-arg EXTRAS=dev,gpu .
+FROM python:3.11-slim
+
+RUN apt-get update \
+    && apt-get install -y --no-install-recommends build-essential libgl1 libglib2.0-0 \
+    && rm -rf /var/lib/apt/lists/*
+
+WORKDIR /app
+COPY . /app
+RUN ./scripts/setup.sh
+
+ENV ADVPLUGIN_DATA_DIR=/data
+VOLUME ["/data"]
+EXPOSE 8000
+CMD [".venv/bin/advplugin", "serve", "--host", "0.0.0.0", "--port", "8000"]
