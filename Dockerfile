@@ -7,6 +7,8 @@ RUN apt-get update \
     && apt-get install -y --no-install-recommends build-essential libgl1 libglib2.0-0 \
     && rm -rf /var/lib/apt/lists/*
 
+ARG EXTRAS=dev
+ENV ADVPLUGIN_EXTRAS=${EXTRAS}
 WORKDIR /app
 COPY . /app
 RUN ./scripts/setup.sh

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Create .venv (if missing) and install advplugin with its dev extras. Idempotent: re-installs
+# Create .venv (if missing) and install advplugin with its extras ($ADVPLUGIN_EXTRAS, default dev). Idempotent: re-installs
 # only when setup.cfg changed since the last install. The same commands run in CI and Docker.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -8,11 +8,12 @@ if [ ! -x .venv/bin/python ]; then
     "$PY" -m venv .venv
 fi
 stamp=.venv/.advplugin-installed
-want="$(sha256sum setup.cfg pyproject.toml | sha256sum | cut -c1-16)"
+extras="${ADVPLUGIN_EXTRAS:-dev}"
+want="$(cat setup.cfg pyproject.toml <(echo "$extras") | sha256sum | cut -c1-16)"
 if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
     .venv/bin/python -m pip install --quiet --upgrade pip wheel setuptools
     # torch is pinned to the CPU build in setup.cfg (torch==2.13.0); a looser pin would pull
     # gigabytes of CUDA wheels.
-    .venv/bin/python -m pip install --quiet -e ".[dev]"
+    .venv/bin/python -m pip install --quiet -e ".[$extras]"
     echo "$want" > "$stamp"
 fi
