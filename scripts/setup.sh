@@ -11,9 +11,11 @@ stamp=.venv/.advplugin-installed
 extras="${ADVPLUGIN_EXTRAS:-dev}"
 want="$(cat setup.cfg pyproject.toml <(echo "$extras") | sha256sum | cut -c1-16)"
 if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
-    .venv/bin/python -m pip install --quiet --upgrade pip wheel setuptools
+    log=.venv/install.log
+    echo "installing advplugin[$extras] into .venv (log: $log) ..."
+    .venv/bin/python -m pip install --upgrade pip wheel setuptools > "$log" 2>&1 || { tail -40 "$log"; exit 1; }
     # torch is pinned to the CPU build in setup.cfg (torch==2.13.0); a looser pin would pull
     # gigabytes of CUDA wheels.
-    .venv/bin/python -m pip install --quiet -e ".[$extras]"
+    .venv/bin/python -m pip install -e ".[$extras]" >> "$log" 2>&1 || { tail -40 "$log"; exit 1; }
     echo "$want" > "$stamp"
 fi
