@@ -577,14 +577,20 @@ class Gallery:
         """Create an API key for a collection; returns the key, which is stored only hashed
         (show it once, it cannot be recovered)."""
         api_key = secrets.token_urlsafe(32)
+        self.create_api_key_hash(hash_api_key(api_key), name, collection=collection)
+        return api_key
+
+    def create_api_key_hash(
+        self, key_sha256: str, name: str = "default", *, collection: str = DEFAULT_COLLECTION
+    ) -> None:
+        """Register an API key chosen elsewhere (e.g. ADVPLUGIN_API_KEY) by its SHA-256."""
         cid = self.collection_id(collection)
         with self._write() as conn:
             conn.execute(
                 insert(ApiKey).values(
-                    collection_id=cid, name=name, key_sha256=hash_api_key(api_key), created_at=utcnow()
+                    collection_id=cid, name=name, key_sha256=key_sha256, created_at=utcnow()
                 )
             )
-        return api_key
 
     def api_key_hashes(self) -> list[tuple[str, str]]:
         """(sha256 hex, collection name) of every active API key."""

@@ -1,0 +1,72 @@
+"""`advplugin serve`: run the REST service with uvicorn on embedded defaults or ADVPLUGIN_*."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "serve",
+        help="run the REST service (/enroll, /identify, ...)",
+        description="Run the service. With no options it uses ./advplugin-data (SQLite gallery, "
+        "FAISS snapshots, a key file created 0600 on first start), the dlib extractor and the "
+        "best protection scheme available. Every option can also be set as ADVPLUGIN_<NAME>.",
+    )
+    add_arguments(p)
+    p.set_defaults(func=run)
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--host", help="bind address (default 127.0.0.1)")
+    p.add_argument("--port", type=int, help="port (default 8000)")
+    p.add_argument("--data-dir", type=Path, help="data folder (default ./advplugin-data)")
+    p.add_argument("--database-url", help="SQLAlchemy URL (default: SQLite in the data folder)")
+    p.add_argument("--key-file", type=Path, help="secret key file (default: DATA_DIR/key)")
+    p.add_argument("--mode", choices=["images", "templates"], help="images (default) or templates")
+    p.add_argument("--scheme", help="protection scheme (default: best available)")
+    p.add_argument("--index-kind", choices=["flat", "ivf", "hnsw"], help="FAISS index (default flat)")
+    p.add_argument("--log-level", default="info")
+
+
+def build_settings(args: argparse.Namespace):  # type: ignore[no-untyped-def]
+    from advplugin.settings import Settings
+
+    overrides = {
+        name: getattr(args, name)
+        for name in ("host", "port", "data_dir", "database_url", "key_file", "mode", "scheme", "index_kind")
+        if getattr(args, name, None) is not None
+    }
+    return Settings(**overrides)
+
+
+def run(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from advplugin.gallery.schema import NotMigratedError
+    from advplugin.service.app import create_app
+    from advplugin.service.state import ConfigurationError, ServiceState
+
+    logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
+    settings = build_settings(args)
+    # Check the configuration before binding the port, so a bad start fails with one line.
+    try:
+        ServiceState.start(settings).close()
+    except (NotMigratedError, ConfigurationError) as e:
+        print(f"advplugin serve: error: {e}", file=sys.stderr)
+        return 2
+    uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level=args.log_level)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="advplugin serve")
+    add_arguments(parser)
+    return run(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,221 @@
+"""/enroll, /identify, /verify: with images (the service extracts and protects) or with
+templates protected on the client (the service never sees an image or a raw embedding)."""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+import numpy as np
+from fastapi import APIRouter, File, Form, Query, UploadFile
+
+from advplugin.adapters import Detections
+from advplugin.gallery.store import SubjectNotFound
+from advplugin.images import ImageError, load_image
+from advplugin.service.deps import CollectionName, State
+from advplugin.service.errors import ServiceError
+from advplugin.service.schemas import (
+    Box,
+    EnrolledItem,
+    EnrolledTemplate,
+    EnrollResponse,
+    EnrollTemplatesRequest,
+    EnrollTemplatesResponse,
+    ErrorResponse,
+    FaceResult,
+    IdentifyResponse,
+    IdentifyTemplatesRequest,
+    Protection,
+    SubjectSimilarity,
+    VerifyResponse,
+)
+from advplugin.service.state import ServiceState, image_sha256
+
+ERRORS = {s: {"model": ErrorResponse} for s in (401, 404, 413, 422)}
+router = APIRouter(tags=["recognition"], responses=ERRORS)
+
+
+# -- helpers ---------------------------------------------------------------------------------------
+def _read_upload(state: ServiceState, file: UploadFile) -> bytes:
+    limit = state.settings.max_upload_bytes
+    data = file.file.read(limit + 1)
+    if len(data) > limit:
+        raise ServiceError(413, "too_large", f"upload is larger than {limit} bytes")
+    if not data:
+        raise ServiceError(422, "invalid_image", "the uploaded file is empty")
+    return data
+
+
+def _protected_faces(
+    state: ServiceState, data: bytes, *, largest_only: bool, max_faces: int
+) -> tuple[Detections, np.ndarray]:
+    """Detect, embed and protect; the raw embeddings never leave this function."""
+    if state.extractor is None:
+        raise ServiceError(
+            422, "images_disabled",
+            "this service runs in template mode (it holds no key): send protected templates "
+            "to /enroll/templates or /identify/templates",
+        )
+    try:
+        image = load_image(data, max_pixels=state.settings.max_pixels)
+    except ImageError as e:
+        raise ServiceError(422, "invalid_image", str(e)) from None
+    with state.extract_lock:
+        faces = state.extractor.extract(image, max_faces=max_faces, largest_only=largest_only)
+    if len(faces.detections) == 0:
+        raise ServiceError(422, "no_face", "no face found in the image")
+    return faces.detections, state.protect(faces.embeddings)
+
+
+def _box(det: Detections, i: int) -> Box:
+    x1, y1, x2, y2 = (round(float(v)) for v in det.boxes[i])
+    return Box(x_min=x1, y_min=y1, x_max=x2, y_max=y2, probability=float(det.scores[i]))
+
+
+def _check_subject(name: str) -> str:
+    name = name.strip()
+    if not name or len(name) > 255:
+        raise ServiceError(422, "invalid_subject", "subject must be 1 to 255 characters")
+    return name
+
+
+def _client_templates(state: ServiceState, protection: Protection, rows: list[list[float]]) -> np.ndarray:
+    """Check that client templates were made by the gallery's scheme, key and extractor."""
+    e = state.expected
+    if (protection.scheme, protection.scheme_version) != (e.scheme, e.scheme_version):
+        raise ServiceError(
+            422, "wrong_scheme",
+            f"templates must be protected with scheme {e.scheme} v{e.scheme_version}",
+        )
+    if protection.key_id != e.key_id:
+        raise ServiceError(422, "wrong_key", f"templates must be protected with key id {e.key_id}")
+    if protection.extractor_name != state.extractor_name:
+        raise ServiceError(422, "wrong_extractor", f"templates must come from extractor {state.extractor_name}")
+    if len(rows) > state.settings.max_templates_per_request:
+        raise ServiceError(
+            413, "too_many_templates", f"at most {state.settings.max_templates_per_request} templates per request"
+        )
+    if any(len(r) != e.output_dim for r in rows):
+        raise ServiceError(422, "wrong_dimension", f"templates must have dimension {e.output_dim}")
+    t = np.asarray(rows, dtype=np.float32)
+    norms = np.linalg.norm(t, axis=1)
+    if not np.isfinite(t).all() or (norms < 1e-12).any():
+        raise ServiceError(422, "invalid_template", "templates must be finite and non-zero")
+    return t
+
+
+def _identify(state: ServiceState, collection: str, templates: np.ndarray, k: int, threshold: float | None):
+    return state.matcher(collection).identify(templates, k=k, threshold=threshold)
+
+
+# -- images ----------------------------------------------------------------------------------------
+@router.post("/enroll", response_model=EnrollResponse, status_code=201)
+def enroll(
+    state: State,
+    collection: CollectionName,
+    file: Annotated[UploadFile, File(description="image (JPEG, PNG, ...)")],
+    subject: Annotated[str, Form(description="the person's name in this collection")],
+    faces: Annotated[
+        Literal["largest", "all"], Form(description="enrol only the largest face, or every face")
+    ] = "largest",
+) -> EnrollResponse:
+    """Enrol the face(s) of an image as protected templates of `subject` (created if new)."""
+    name = _check_subject(subject)
+    data = _read_upload(state, file)
+    det, templates = _protected_faces(
+        state, data, largest_only=faces == "largest", max_faces=state.settings.max_faces
+    )
+    digest = image_sha256(data)
+    ids = state.gallery.add_templates(
+        [name] * len(templates), templates, protection=state.expected,
+        extractor_name=state.extractor_name, extractor_version=state.extractor_version,
+        collection=collection, image_sha256=[digest] * len(templates),
+        images=[data] * len(templates) if state.settings.store_images else None,
+    )
+    state.after_write(collection)
+    return EnrollResponse(
+        subject=name,
+        templates=[EnrolledTemplate(template_id=t, box=_box(det, i)) for i, t in enumerate(ids)],
+    )
+
+
+@router.post("/identify", response_model=IdentifyResponse)
+def identify(
+    state: State,
+    collection: CollectionName,
+    file: Annotated[UploadFile, File(description="image (JPEG, PNG, ...)")],
+    limit: Annotated[int, Query(ge=0, description="faces to recognise, largest first; 0: all")] = 0,
+    prediction_count: Annotated[int, Query(ge=1, le=100, description="subjects per face")] = 1,
+    threshold: Annotated[float | None, Query(description="only subjects at least this similar")] = None,
+) -> IdentifyResponse:
+    """For every face (up to `limit`): its box and the most similar subjects."""
+    data = _read_upload(state, file)
+    max_faces = min(limit or state.settings.max_faces, state.settings.max_faces)
+    det, templates = _protected_faces(state, data, largest_only=False, max_faces=max_faces)
+    matches = _identify(state, collection, templates, prediction_count, threshold)
+    return IdentifyResponse(
+        result=[
+            FaceResult(
+                box=_box(det, i),
+                subjects=[SubjectSimilarity(subject=m.subject, similarity=m.similarity) for m in ms],
+            )
+            for i, ms in enumerate(matches)
+        ]
+    )
+
+
+@router.post("/verify", response_model=VerifyResponse)
+def verify(
+    state: State,
+    collection: CollectionName,
+    file: Annotated[UploadFile, File(description="image (JPEG, PNG, ...)")],
+    subject: Annotated[str, Form(description="the subject to compare with")],
+    threshold: Annotated[float | None, Form(description="decide verified = similarity >= threshold")] = None,
+) -> VerifyResponse:
+    """Similarity of the image's largest face to the subject's best template."""
+    name = _check_subject(subject)
+    data = _read_upload(state, file)
+    try:
+        state.gallery.get_subject(name, collection=collection)
+    except SubjectNotFound as e:
+        raise ServiceError(404, "unknown_subject", str(e)) from None
+    det, templates = _protected_faces(state, data, largest_only=True, max_faces=1)
+    m = state.matcher(collection).verify(templates[0], name)
+    return VerifyResponse(
+        subject=name, similarity=m.similarity,
+        verified=None if threshold is None else m.similarity >= threshold, box=_box(det, 0),
+    )
+
+
+# -- protected templates (client-side protection) --------------------------------------------------
+@router.post("/enroll/templates", response_model=EnrollTemplatesResponse, status_code=201)
+def enroll_templates(
+    state: State, collection: CollectionName, body: EnrollTemplatesRequest
+) -> EnrollTemplatesResponse:
+    """Enrol templates protected on the client with the gallery's scheme and key (the
+    service needs no key for this and never sees an image or a raw embedding)."""
+    names = [_check_subject(it.subject) for it in body.items]
+    templates = _client_templates(state, body.protection, [it.template for it in body.items])
+    ids = state.gallery.add_templates(
+        names, templates, protection=state.expected,
+        extractor_name=state.extractor_name, extractor_version=body.protection.extractor_version,
+        collection=collection,
+    )
+    state.after_write(collection)
+    return EnrollTemplatesResponse(
+        templates=[EnrolledItem(subject=n, template_id=i) for n, i in zip(names, ids, strict=True)]
+    )
+
+
+@router.post("/identify/templates", response_model=IdentifyResponse)
+def identify_templates(
+    state: State, collection: CollectionName, body: IdentifyTemplatesRequest
+) -> IdentifyResponse:
+    """Identify client-protected probe templates: the best subjects for each."""
+    templates = _client_templates(state, body.protection, body.templates)
+    matches = _identify(state, collection, templates, body.prediction_count, body.threshold)
+    return IdentifyResponse(
+        result=[
+            FaceResult(subjects=[SubjectSimilarity(subject=m.subject, similarity=m.similarity) for m in ms])
+            for ms in matches
+        ]
+    )

@@ -1,0 +1,52 @@
+"""/subjects: list (paginated), show, delete (from SQL and the index, in that order)."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import APIRouter, Query
+
+from advplugin.gallery.store import SubjectNotFound
+from advplugin.service.deps import CollectionName, State
+from advplugin.service.errors import ServiceError
+from advplugin.service.schemas import DeleteSubjectResponse, ErrorResponse, SubjectOut, SubjectPage
+
+router = APIRouter(
+    prefix="/subjects", tags=["subjects"],
+    responses={s: {"model": ErrorResponse} for s in (401, 404, 422)},
+)
+
+
+@router.get("", response_model=SubjectPage)
+def list_subjects(
+    state: State,
+    collection: CollectionName,
+    page: Annotated[int, Query(ge=0)] = 0,
+    size: Annotated[int, Query(ge=1, le=1000)] = 100,
+) -> SubjectPage:
+    rows = state.gallery.list_subjects(collection=collection, offset=page * size, limit=size)
+    return SubjectPage(
+        subjects=[SubjectOut(subject=r.name, template_count=r.template_count, created_at=r.created_at) for r in rows],
+        page=page, size=size, total=state.gallery.count_subjects(collection=collection),
+    )
+
+
+@router.get("/{name}", response_model=SubjectOut)
+def get_subject(state: State, collection: CollectionName, name: str) -> SubjectOut:
+    try:
+        r = state.gallery.get_subject(name, collection=collection)
+    except SubjectNotFound as e:
+        raise ServiceError(404, "unknown_subject", str(e)) from None
+    return SubjectOut(subject=r.name, template_count=r.template_count, created_at=r.created_at)
+
+
+@router.delete("/{name}", response_model=DeleteSubjectResponse)
+def delete_subject(state: State, collection: CollectionName, name: str) -> DeleteSubjectResponse:
+    """Delete the subject and every template of it. SQL commits first (with the change-log
+    rows), then the index applies them; after a crash in between, the restart replays them."""
+    try:
+        n = state.gallery.delete_subject(name, collection=collection)
+    except SubjectNotFound as e:
+        raise ServiceError(404, "unknown_subject", str(e)) from None
+    state.after_write(collection)
+    return DeleteSubjectResponse(subject=name, deleted_templates=n)
