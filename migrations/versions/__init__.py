@@ -1,0 +1,1 @@
+"""Alembic revisions of the gallery database (one file per revision)."""
