@@ -100,9 +100,9 @@ class Extractor(ABC):
         return Faces(det, emb)
 
     def fallback_box(self, height: int, width: int) -> Detections:
-        """A centre box with a 20 % margin on every side (40 % of each dimension in all), used
-        when no face is detected in a pre-cropped image (the LFW cache's convention)."""
-        box = np.array([[0.2 * width, 0.2 * height, 0.8 * width, 0.8 * height]], np.float32)
+        """A centred box spanning 40 % of the width and height, used when no face is
+        detected in a pre-cropped photo (the LFW cache's convention, reproduced exactly)."""
+        box = np.array([[0.3 * width, 0.3 * height, 0.7 * width, 0.7 * height]], np.float32)
         return Detections(box, np.zeros((1, 0, 2), np.float32), np.zeros(1, np.float32))
 
     def extract_central(self, image: np.ndarray) -> tuple[np.ndarray, bool]:
