@@ -15,6 +15,8 @@ COMMAND_MODULES = [
     "advplugin.cli.embed",
     "advplugin.cli.db",
     "advplugin.cli.keys",
+    "advplugin.cli.listing",
+    "advplugin.cli.serve",
     "advplugin.cli.migrate",
     "advplugin.cli.protect",
     "advplugin.cli.verify",

@@ -14,7 +14,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         description="Writes the same npz layout with protected templates in `embedding` and the "
         "protector metadata (scheme, version, key id, dimensions) in `protection`.",
     )
-    p.add_argument("--scheme", required=True, help="registered scheme (see `advplugin schemes`)")
+    p.add_argument("--scheme", required=True, help="registered scheme (see `advplugin list`)")
     p.add_argument("--key", help="key file (from `advplugin keygen`); required by keyed schemes")
     add_option_argument(p, "--option", "scheme")
     p.add_argument("--in", dest="input", required=True, help="input .npz of raw embeddings")
