@@ -5,6 +5,7 @@ optional (insightface) import it only when created, so the registry always lists
 """
 
 from advplugin.adapters import callable_adapter, dlib_adapter, onnx_adapter  # noqa: F401
+from advplugin.adapters import insightface_adapter  # noqa: F401
 from advplugin.adapters.base import (
     EXTRACTORS,
     Detections,
