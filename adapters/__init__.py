@@ -4,8 +4,12 @@ Importing this package registers every adapter; adapters whose third-party packa
 optional (insightface) import it only when created, so the registry always lists them.
 """
 
-from advplugin.adapters import callable_adapter, dlib_adapter, onnx_adapter  # noqa: F401
-from advplugin.adapters import insightface_adapter  # noqa: F401
+from advplugin.adapters import (  # noqa: F401
+    callable_adapter,
+    dlib_adapter,
+    insightface_adapter,
+    onnx_adapter,
+)
 from advplugin.adapters.base import (
     EXTRACTORS,
     Detections,

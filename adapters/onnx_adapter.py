@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Literal
 
 import numpy as np
+
 from advplugin.adapters.align import align_face, arcface_points_from_dlib68
 from advplugin.adapters.base import Detections, Extractor, register_extractor
 from advplugin.adapters.dlib_adapter import model_dir
@@ -26,6 +27,14 @@ def onnx_providers() -> list[str]:
 
     available = ort.get_available_providers()
     return [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in available]
+
+
+def _channel_values(value: float | tuple[float, float, float], what: str) -> np.ndarray:
+    """One number or one per channel, as float32 [3]; a clear error for anything else."""
+    arr = np.asarray(value, np.float32).reshape(-1)
+    if arr.size not in (1, 3) or not np.isfinite(arr).all():
+        raise ValueError(f"{what} must be one finite number or three (one per channel), got {arr.size} values")
+    return np.broadcast_to(arr, (3,)).copy()
 
 
 class OnnxExtractor(Extractor):
@@ -49,9 +58,15 @@ class OnnxExtractor(Extractor):
             raise FileNotFoundError(f"ONNX model {path} not found")
         if channels not in ("rgb", "bgr"):
             raise ValueError(f"channels must be 'rgb' or 'bgr', got {channels!r}")
+        mean_arr, std_arr = _channel_values(mean, "mean"), _channel_values(std, "std")
+        if (std_arr <= 0).any():
+            raise ValueError("std must be positive for every channel")
         options = ort.SessionOptions()
         options.intra_op_num_threads = threads
-        self._session = ort.InferenceSession(str(path), options, providers=onnx_providers())
+        try:
+            self._session = ort.InferenceSession(str(path), options, providers=onnx_providers())
+        except Exception as e:  # onnxruntime raises its own untyped errors for bad files
+            raise ValueError(f"{path.name} is not a loadable ONNX model ({type(e).__name__})") from None
         inp = self._session.get_inputs()[0]
         shape = inp.shape
         if len(shape) != 4 or shape[2] != shape[3] or not isinstance(shape[2], int):
@@ -62,8 +77,8 @@ class OnnxExtractor(Extractor):
         if not isinstance(out_dim, int):
             raise ValueError(f"{path.name}: output dimension must be static, got {out_dim}")
         self.dim = out_dim
-        self.mean = np.broadcast_to(np.asarray(mean, np.float32), (3,)).reshape(1, 3, 1, 1)
-        self.std = np.broadcast_to(np.asarray(std, np.float32), (3,)).reshape(1, 3, 1, 1)
+        self.mean = mean_arr.reshape(1, 3, 1, 1)
+        self.std = std_arr.reshape(1, 3, 1, 1)
         self.channels = channels
         digest = hashlib.sha256(path.read_bytes()).hexdigest()[:12]
         self.version = f"{path.stem}-{digest}"
