@@ -408,7 +408,12 @@ class _NpzSource(_RowArraySource):
         self._zip = zipfile.ZipFile(self.path)
         self._member = self._zip.open(vector_key + ".npy")
         version = np.lib.format.read_magic(self._member)
-        shape, fortran, dtype = np.lib.format._read_array_header(self._member, version)
+        read_header = (
+            np.lib.format.read_array_header_1_0
+            if version == (1, 0)
+            else np.lib.format.read_array_header_2_0
+        )
+        shape, fortran, dtype = read_header(self._member)
         if len(shape) != 2 or fortran or dtype.kind != "f":
             raise ValueError(f"{self.path}:{vector_key} must be a C-ordered float array [N, D]")
         if shape[0] != len(self.subjects):
@@ -447,10 +452,12 @@ class FaissSource(_RowArraySource):
         if mapping is None:
             raise ValueError("a FAISS source needs --mapping (FAISS id -> subject)")
         try:
-            index = faiss.read_index(str(self.path), faiss.IO_FLAG_MMAP | faiss.IO_FLAG_READ_ONLY)
+            loaded = faiss.read_index(str(self.path), faiss.IO_FLAG_MMAP | faiss.IO_FLAG_READ_ONLY)
         except RuntimeError:
-            index = faiss.read_index(str(self.path))
-        index = faiss.downcast_index(index)
+            loaded = faiss.read_index(str(self.path))
+        # `loaded` owns the C++ index: keep it alive as long as the downcast views of it.
+        self._owner = loaded
+        index = faiss.downcast_index(loaded)
         if not hasattr(index, "id_map"):
             raise ValueError(
                 f"{self.path} has no id map ({type(index).__name__}); wrap it in IndexIDMap2 "
@@ -473,7 +480,7 @@ class FaissSource(_RowArraySource):
         return self.inner.reconstruct_n(start, stop - start)
 
     def purge(self) -> str:
-        del self.index, self.inner
+        del self.index, self.inner, self._owner
         return _delete_file(self.path)
 
 
