@@ -140,6 +140,7 @@ def run_migrate(args: argparse.Namespace) -> int:
         if args.dry_run:
             print("dry run: nothing written")
             return 0
+        sys.stdout.flush()  # the plan reaches a log even if the run is killed
         try:
             result = migrate(
                 source,
