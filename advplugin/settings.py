@@ -1,6 +1,6 @@
 """Typed settings of the gallery and the service, from environment variables (`ADVPLUGIN_*`).
 
-With nothing set, everything lives in one data folder (`./advplugin-data`): the SQLite
+With nothing set, everything lives in one data folder (`./.advplugin/data`, git-ignored): the SQLite
 gallery, the FAISS snapshots and the key file (created 0600 on first start), with the
 `dlib` extractor and the best protection scheme this installation has.
 """
@@ -35,7 +35,7 @@ class Settings(BaseSettings):
 
     model_config = SettingsConfigDict(env_prefix="ADVPLUGIN_", extra="ignore")
 
-    data_dir: Path = Path("advplugin-data")
+    data_dir: Path = Path(".advplugin/data")
     database_url: str | None = Field(None, description="SQLAlchemy URL; default: SQLite in data_dir")
     key_file: Path | None = Field(None, description="default: data_dir/key (created 0600 if missing)")
     index_dir: Path | None = Field(None, description="FAISS snapshots; default: data_dir/index")

@@ -12,7 +12,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "serve",
         help="run the REST service (/enroll, /identify, ...)",
-        description="Run the service. With no options it uses ./advplugin-data (SQLite gallery, "
+        description="Run the service. With no options it uses ./.advplugin/data (SQLite gallery, "
         "FAISS snapshots, a key file created 0600 on first start), the dlib extractor and the "
         "best protection scheme available. Every option can also be set as ADVPLUGIN_<NAME>.",
     )
@@ -23,7 +23,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--host", help="bind address (default 127.0.0.1)")
     p.add_argument("--port", type=int, help="port (default 8000)")
-    p.add_argument("--data-dir", type=Path, help="data folder (default ./advplugin-data)")
+    p.add_argument("--data-dir", type=Path, help="data folder (default ./.advplugin/data)")
     p.add_argument("--database-url", help="SQLAlchemy URL (default: SQLite in the data folder)")
     p.add_argument("--key-file", type=Path, help="secret key file (default: DATA_DIR/key)")
     p.add_argument("--mode", choices=["images", "templates"], help="images (default) or templates")
@@ -54,11 +54,12 @@ def run(args: argparse.Namespace) -> int:
     settings = build_settings(args)
     # Check the configuration before binding the port, so a bad start fails with one line.
     try:
-        ServiceState.start(settings).close()
+        state = ServiceState.start(settings)
     except (NotMigratedError, ConfigurationError) as e:
         print(f"advplugin serve: error: {e}", file=sys.stderr)
         return 2
-    uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level=args.log_level)
+    app = create_app(state=state)
+    uvicorn.run(app, host=settings.host, port=settings.port, log_level=args.log_level)
     return 0
 
 

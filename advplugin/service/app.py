@@ -64,12 +64,14 @@ class _BodyTooLarge(Exception):
     pass
 
 
-def create_app(settings: Settings | None = None) -> FastAPI:
-    settings = settings or Settings()
+def create_app(settings: Settings | None = None, *, state: ServiceState | None = None) -> FastAPI:
+    """The app; `state` is an already started `ServiceState` (so `advplugin serve` can report
+    a bad configuration before binding the port without starting everything twice)."""
+    settings = state.settings if state is not None else settings or Settings()
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        app.state.service = ServiceState.start(settings)
+        app.state.service = state if state is not None else ServiceState.start(settings)
         try:
             yield
         finally:

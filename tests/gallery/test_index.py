@@ -1,0 +1,92 @@
+"""The FAISS index as a cache of SQL: snapshots, replay after a crash, all index kinds."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from advplugin.gallery import Gallery
+from advplugin.gallery.index import IndexConfig, TemplateIndex
+from advplugin.gallery.matcher import Matcher
+from advplugin.keys import Key
+from advplugin.protectors import create_protector
+
+KINDS = ["flat", "ivf", "hnsw"]
+
+
+@pytest.fixture
+def protector(key: Key):
+    return create_protector("xnn", key=key, dim=64)
+
+
+def _add(gallery: Gallery, protector, names: list[str], seed: int) -> tuple[list[int], np.ndarray]:
+    t = protector.protect(np.random.default_rng(seed).normal(size=(len(names), 64)).astype(np.float32))
+    ids = gallery.add_templates(
+        names, t, protection=protector.metadata, extractor_name="test", extractor_version="0"
+    )
+    return ids, t
+
+
+def _index(gallery: Gallery, kind: str, tmp_path) -> TemplateIndex:
+    return TemplateIndex(
+        gallery, 64, config=IndexConfig(kind=kind, ivf_nprobe=64), snapshot_path=tmp_path / f"{kind}.npz"
+    )
+
+
+def _sql_ids(gallery: Gallery) -> np.ndarray:
+    return np.concatenate([b.ids for b in gallery.iter_templates()] or [np.zeros(0, np.int64)])
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_crash_between_sql_commit_and_index_write(gallery: Gallery, protector, tmp_path, kind) -> None:
+    ids, t = _add(gallery, protector, [f"s{i % 30}" for i in range(90)], seed=0)
+    index = _index(gallery, kind, tmp_path)
+    index.load()
+    index.save()  # snapshot at this point, then "crash": SQL changes the index never applied
+    new_ids, new_t = _add(gallery, protector, ["late1", "late2"], seed=1)
+    gallery.delete_subject("s0")  # ids[0], ids[30], ids[60]
+    gallery.replace_templates(ids[1:2], new_t[:1], key_id=protector.metadata.key_id)
+
+    restarted = _index(gallery, kind, tmp_path)
+    assert restarted.load() is True  # the snapshot was used, then the changes replayed
+    np.testing.assert_array_equal(restarted.ids(), _sql_ids(gallery))
+    _, hits = restarted.search(np.concatenate([new_t, t[[0, 30]]]), 1)
+    assert hits[0, 0] in (new_ids[0], ids[1]) and hits[1, 0] == new_ids[1]
+    assert not np.isin(hits[2:], [ids[0], ids[30], ids[60]]).any()
+    # The replaced template is found by its new vector only.
+    assert restarted.search(t[1:2], 1)[0][0, 0] < 0.99
+    np.testing.assert_allclose(restarted.vectors(np.array([ids[1]])), new_t[:1], atol=1e-5)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_matcher_ranks_subjects_with_protector_scores(gallery: Gallery, protector, tmp_path, kind) -> None:
+    ids, t = _add(gallery, protector, [f"s{i % 40}" for i in range(120)], seed=2)
+    index = _index(gallery, kind, tmp_path)
+    index.load()
+    matcher = Matcher(gallery, index, protector.score)
+    res = matcher.identify(t[:10], k=3)
+    assert [r[0].subject for r in res] == [f"s{i}" for i in range(10)]
+    assert all(abs(r[0].similarity - 1.0) < 1e-4 for r in res)
+    assert all(len({m.subject for m in r}) == 3 for r in res)  # subjects, not templates
+    assert matcher.identify(t[:3], k=3, threshold=1.5) == [[], [], []]
+    m = matcher.verify(t[5], "s5")
+    assert m.template_id == ids[5] and m.similarity > 0.999
+
+
+def test_snapshot_of_another_database_or_corrupt_is_rebuilt(tmp_path, protector) -> None:
+    a = Gallery.open(f"sqlite:///{tmp_path / 'a.db'}", upgrade=True)
+    b = Gallery.open(f"sqlite:///{tmp_path / 'b.db'}", upgrade=True)
+    _add(a, protector, ["x", "y", "z"], seed=3)
+    _add(b, protector, ["p", "q"], seed=4)
+    snap = tmp_path / "snap.npz"
+    ia = TemplateIndex(a, 64, snapshot_path=snap)
+    ia.load()
+    ia.save()
+    ib = TemplateIndex(b, 64, snapshot_path=snap)
+    assert ib.load() is False  # a's snapshot must not be used for b
+    np.testing.assert_array_equal(ib.ids(), _sql_ids(b))
+    snap.write_bytes(b"not a snapshot")
+    ia2 = TemplateIndex(a, 64, snapshot_path=snap)
+    assert ia2.load() is False and ia2.size == 3
+    a.close()
+    b.close()
