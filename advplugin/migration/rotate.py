@@ -7,8 +7,9 @@ also logs the change for the FAISS index). The key id column is itself the check
 whatever still carries K1 is what is left, so an interrupted rotation simply re-runs, and a
 row is never rotated twice (the transaction refuses rows not under K1).
 
-While a rotation runs, the gallery holds templates under both keys. `KeyRing` serves that
-state: it protects each probe under every key of the ring and scores each template with the
+While a rotation runs, the gallery holds templates under both keys, and the FAISS index
+follows chunk by chunk (it replays `template_changes`). `KeyRing` serves that state: it
+protects each probe under every key of the ring, and compares each template only with the
 probe protected under the template's own key id. `xnn` keeps cosine scores exactly, so the
 answers before, during and after the rotation are the same.
 """
@@ -16,15 +17,18 @@ answers before, during and after the rotation are the same.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
+from sqlalchemy import select
 
-from advplugin.gallery.store import Gallery, TemplateBatch
+from advplugin.gallery.index import TemplateIndex
+from advplugin.gallery.matcher import Match
+from advplugin.gallery.models import Template
+from advplugin.gallery.store import Gallery
 from advplugin.keys import Key
 from advplugin.migration.pipeline import _progress
-from advplugin.migration.verify import TopK
 from advplugin.protectors import KeyRotation, Protector, create_protector, xnn_rotation
 
 
@@ -120,32 +124,58 @@ def rotate_key(
 
 
 class KeyRing:
-    """Matching while a gallery holds templates under several keys (during a rotation)."""
+    """Identification while a gallery holds templates under several keys (mid-rotation).
 
-    def __init__(self, protectors: Sequence[Protector]) -> None:
+    Uses the collection's FAISS index like `Matcher`: the probe is protected under every key
+    of the ring and searched once per key; a candidate counts only for the probe protected
+    under the candidate's own key id (a probe under K1 says nothing about a template under
+    K2), and is scored by that key's protector. The best template per subject wins.
+    """
+
+    def __init__(
+        self,
+        gallery: Gallery,
+        index: TemplateIndex,
+        protectors: Sequence[Protector],
+        *,
+        candidates: int = 50,
+    ) -> None:
+        self.gallery = gallery
+        self.index = index
         self.protectors = {p.metadata.key_id: p for p in protectors}
         if len(self.protectors) != len(protectors):
             raise ValueError("two protectors of the key ring have the same key id")
+        self.candidates = candidates
 
-    def search(
-        self, raw_probes: np.ndarray, batches: Iterable[TemplateBatch], k: int = 1
-    ) -> tuple[np.ndarray, np.ndarray, list[list[str]]]:
-        """Top-k (scores [P, k], template ids [P, k], subjects) over the batches; each
-        template is scored against the probe protected under that template's key id.
-        Templates under a key outside the ring are skipped (they cannot match)."""
-        probes = {kid: p.protect(raw_probes) for kid, p in self.protectors.items()}
-        top = TopK(len(raw_probes), k)
-        subject_of: dict[int, str] = {}
-        for batch in batches:
-            keys = np.array(batch.key_id, dtype=object)
-            for kid, protected in probes.items():
-                rows = np.flatnonzero(keys == kid)
-                if not len(rows):
+    def identify(self, raw_probes: np.ndarray, *, k: int = 1) -> list[list[Match]]:
+        best: list[dict[str, Match]] = [{} for _ in range(len(raw_probes))]
+        for kid, protector in self.protectors.items():
+            probes = protector.protect(raw_probes)
+            _, ids = self.index.search(probes, max(self.candidates, 5 * k))
+            valid = np.unique(ids[ids >= 0]).tolist()
+            owner = _template_keys(self.gallery, valid)
+            subjects = self.gallery.template_subjects(valid)
+            for p, row in enumerate(ids):
+                cand = [
+                    int(i)
+                    for i in row
+                    if i >= 0 and owner.get(int(i)) == kid and int(i) in subjects
+                ]
+                if not cand:
                     continue
-                top.update(
-                    self.protectors[kid].score(protected, batch.vectors[rows]), batch.ids[rows]
-                )
-                subject_of.update({int(batch.ids[r]): batch.subjects[r] for r in rows})
-        ids = np.array([[-1 if i is None else int(i) for i in row] for row in top.labels], np.int64)
-        subjects = [[subject_of.get(int(i), "") for i in row] for row in ids]
-        return top.scores, ids, subjects
+                sims = protector.score(probes[p : p + 1], self.index.vectors(np.array(cand)))[0]
+                for tid, sim in zip(cand, sims.tolist(), strict=True):
+                    name = subjects[tid]
+                    if name not in best[p] or sim > best[p][name].similarity:
+                        best[p][name] = Match(name, float(sim), tid)
+        return [sorted(b.values(), key=lambda m: -m.similarity)[:k] for b in best]
+
+
+def _template_keys(gallery: Gallery, ids: list[int]) -> dict[int, str | None]:
+    """Key id of each template: which probe protection may be compared with it."""
+    out: dict[int, str | None] = {}
+    with gallery.engine.connect() as conn:
+        for i in range(0, len(ids), 500):
+            q = select(Template.id, Template.key_id).where(Template.id.in_(ids[i : i + 500]))
+            out.update({int(t): kid for t, kid in conn.execute(q)})
+    return out
