@@ -51,7 +51,7 @@ COPY_COSINE = 0.999
 def _require_insightface() -> Any:
     try:
         import insightface
-    except ImportError as e:  # pragma: no cover - depends on the installed extras
+    except ImportError as e:
         raise ImportError(
             "the insightface adapter needs the optional extra: pip install 'advplugin[insightface]'"
         ) from e

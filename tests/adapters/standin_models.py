@@ -45,6 +45,8 @@ TEMPLATE_SIDES = {8: 96, 16: 128, 32: 176}
 #: cross-correlation with the mean face reaches NCC_AT_HALF.
 NCC_AT_HALF = 0.35
 GAIN = 12.0
+#: Windows whose grey level varies less than this (input scaled to about -1..1) never score.
+MIN_STD = 0.03
 OPSET = 13
 
 
@@ -111,17 +113,25 @@ def _ncc_branch(nodes: list, inits: list, template: np.ndarray, stride: int) -> 
         numpy_helper.from_array(np.full((1, 1, kh, kw), 1.0 / t.size, np.float32), p + "avg"),
         numpy_helper.from_array(np.array([float(t.size)], np.float32), p + "n"),
     ]
-    conv = {"strides": [stride, stride], "pads": pads}
+    inits += [
+        numpy_helper.from_array(np.array([0, 0, pads[0], pads[1], 0, 0, pads[2], pads[3]], np.int64), p + "pads"),
+        numpy_helper.from_array(np.array([t.size * MIN_STD**2], np.float32), p + "floor"),
+    ]
+    conv = {"strides": [stride, stride]}
     nodes += [
-        # ncc = sum(t * x) / sqrt(n * var(x)) over each window (t has zero mean, unit norm)
-        helper.make_node("Conv", ["gray", p + "tmpl"], [p + "num"], **conv),
-        helper.make_node("Conv", ["gray", p + "avg"], [p + "mean"], **conv),
-        helper.make_node("Conv", ["gray_sq", p + "avg"], [p + "meansq"], **conv),
+        # Replicate the border (zero padding would put a false edge around every image).
+        helper.make_node("Pad", ["gray", p + "pads"], [p + "x"], mode="edge"),
+        helper.make_node("Mul", [p + "x", p + "x"], [p + "x2"]),
+        # ncc = sum(t * x) / sqrt(n * var(x)) over each window (t has zero mean, unit norm);
+        # the floor keeps flat, featureless windows (std < MIN_STD) from scoring.
+        helper.make_node("Conv", [p + "x", p + "tmpl"], [p + "num"], **conv),
+        helper.make_node("Conv", [p + "x", p + "avg"], [p + "mean"], **conv),
+        helper.make_node("Conv", [p + "x2", p + "avg"], [p + "meansq"], **conv),
         helper.make_node("Mul", [p + "mean", p + "mean"], [p + "mean2"]),
         helper.make_node("Sub", [p + "meansq", p + "mean2"], [p + "var"]),
         helper.make_node("Relu", [p + "var"], [p + "varpos"]),
         helper.make_node("Mul", [p + "varpos", p + "n"], [p + "energy"]),
-        helper.make_node("Add", [p + "energy", "eps"], [p + "energy_eps"]),
+        helper.make_node("Add", [p + "energy", p + "floor"], [p + "energy_eps"]),
         helper.make_node("Sqrt", [p + "energy_eps"], [p + "norm"]),
         helper.make_node("Div", [p + "num", p + "norm"], [p + "ncc"]),
         helper.make_node("Sub", [p + "ncc", "ncc_half"], [p + "shift"]),
@@ -152,7 +162,6 @@ def build_template_detector(path: Path, template: np.ndarray) -> Path:
     """Write the stand-in SCRFD-layout detector for a 112x112 grey mean face."""
     nodes: list = []
     inits = [
-        numpy_helper.from_array(np.array([1e-3], np.float32), "eps"),
         numpy_helper.from_array(np.array([NCC_AT_HALF], np.float32), "ncc_half"),
         numpy_helper.from_array(np.array([GAIN], np.float32), "gain"),
         numpy_helper.from_array(np.array([0.0], np.float32), "zero"),
@@ -160,7 +169,6 @@ def build_template_detector(path: Path, template: np.ndarray) -> Path:
     ]
     nodes += [
         helper.make_node("ReduceMean", ["input.1"], ["gray"], axes=[1], keepdims=1),
-        helper.make_node("Mul", ["gray", "gray"], ["gray_sq"]),
     ]
     branches = [_ncc_branch(nodes, inits, template, s) for s in sorted(TEMPLATE_SIDES)]
     widths = (1, 4, 10)
