@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import numpy as np
+
 from advplugin.adapters.base import Detections, Extractor, register_extractor
 
 

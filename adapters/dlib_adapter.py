@@ -16,6 +16,7 @@ from functools import cache
 from pathlib import Path
 
 import numpy as np
+
 from advplugin.adapters.base import Detections, Extractor, register_extractor
 
 

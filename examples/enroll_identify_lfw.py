@@ -15,8 +15,8 @@ from collections import defaultdict
 from pathlib import Path
 
 import numpy as np
-from advplugin.adapters import create_extractor
 
+from advplugin.adapters import create_extractor
 from advplugin.images import load_image
 from advplugin.keys import load_key, write_key
 from advplugin.protectors import create_protector
