@@ -184,11 +184,19 @@ class _InTransaction(Gallery):
 
 # -- parallel protection -------------------------------------------------------------------
 class ParallelProtect:
-    """Splits a chunk across threads sharing one protector (the key stays in this process)."""
+    """Splits a chunk across threads sharing one protector (the key stays in this process).
+
+    BLAS is limited to one thread per call meanwhile: N threads each running a
+    single-threaded matrix product use N cores without the oversubscription of N threads
+    each starting a multi-threaded BLAS (which on a busy machine is slower than one core).
+    """
 
     def __init__(self, protector: Protector, workers: int | None = None) -> None:
+        from threadpoolctl import threadpool_limits
+
         self.protector = protector
         self.workers = max(1, workers or os.cpu_count() or 1)
+        self._blas = threadpool_limits(limits=1, user_api="blas")
         self._pool = ThreadPoolExecutor(self.workers, thread_name_prefix="protect")
         protector.protect(np.ones((1, protector.dim), np.float32))  # build the transform once
 
@@ -200,6 +208,7 @@ class ParallelProtect:
 
     def close(self) -> None:
         self._pool.shutdown()
+        self._blas.restore_original_limits()
 
 
 def prefetch(chunks: Iterator[Chunk], depth: int = 1) -> Iterator[Chunk]:

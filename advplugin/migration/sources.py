@@ -19,7 +19,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, BinaryIO, Literal
 
 import numpy as np
 
@@ -351,6 +351,36 @@ def _subjects_for(ids: np.ndarray, mapping: dict[str, str], what: str) -> np.nda
     return np.array([mapping[str(i)] for i in ids])
 
 
+class _NpyStream:
+    """Rows of a `.npy` stream (a file, or a member of an `.npz` zip) read by seek + read:
+    only the rows asked for are ever in memory (no mmap either, whose touched pages would
+    stay resident and make the memory bound a fiction)."""
+
+    def __init__(self, f: BinaryIO, what: str) -> None:
+        self.f = f
+        version = np.lib.format.read_magic(f)
+        read_header = (
+            np.lib.format.read_array_header_1_0
+            if version == (1, 0)
+            else np.lib.format.read_array_header_2_0
+        )
+        shape, fortran, dtype = read_header(f)
+        if len(shape) != 2 or fortran or dtype.kind != "f":
+            raise ValueError(f"{what} must be a C-ordered float array [N, D]")
+        self.n, self.dim = shape
+        self.dtype = dtype
+        self.offset = f.tell()
+
+    def rows(self, start: int, stop: int) -> np.ndarray:
+        row_bytes = self.dim * self.dtype.itemsize
+        self.f.seek(self.offset + start * row_bytes)
+        buf = self.f.read((stop - start) * row_bytes)
+        return np.frombuffer(buf, dtype=self.dtype).reshape(stop - start, self.dim)
+
+    def close(self) -> None:
+        self.f.close()
+
+
 class _NpySource(_RowArraySource):
     def __init__(
         self, path: str | os.PathLike[str], *, mapping: str | None = None, **_: Any
@@ -358,21 +388,19 @@ class _NpySource(_RowArraySource):
         self.path = Path(path)
         if mapping is None:
             raise ValueError("a .npy source needs --mapping (row number -> subject)")
-        # mmap: only the pages of the current chunk are read into memory.
-        self.array = np.load(self.path, mmap_mode="r", allow_pickle=False)
-        if self.array.ndim != 2:
-            raise ValueError(
-                f"{self.path}: expected a 2-D array [N, D], got {self.array.ndim} dimensions"
-            )
-        self.ids = np.arange(len(self.array))
+        self._stream = _NpyStream(open(self.path, "rb"), str(self.path))
+        self.ids = np.arange(self._stream.n)
         self.subjects = _subjects_for(self.ids, read_mapping(mapping), "row")
         self.name = f"npy:{self.path.resolve()}"
 
     def _rows(self, start: int, stop: int) -> np.ndarray:
-        return np.asarray(self.array[start:stop])
+        return self._stream.rows(start, stop)
+
+    def close(self) -> None:
+        self._stream.close()
 
     def purge(self) -> str:
-        del self.array
+        self.close()
         return _delete_file(self.path)
 
 
@@ -406,30 +434,18 @@ class _NpzSource(_RowArraySource):
                 else np.arange(len(self.subjects))
             )
         self._zip = zipfile.ZipFile(self.path)
-        self._member = self._zip.open(vector_key + ".npy")
-        version = np.lib.format.read_magic(self._member)
-        read_header = (
-            np.lib.format.read_array_header_1_0
-            if version == (1, 0)
-            else np.lib.format.read_array_header_2_0
-        )
-        shape, fortran, dtype = read_header(self._member)
-        if len(shape) != 2 or fortran or dtype.kind != "f":
-            raise ValueError(f"{self.path}:{vector_key} must be a C-ordered float array [N, D]")
-        if shape[0] != len(self.subjects):
-            raise ValueError(f"{self.path}: {shape[0]} vectors but {len(self.subjects)} subjects")
-        self._data_offset = self._member.tell()
-        self._dtype, self._dim = dtype, shape[1]
+        self._stream = _NpyStream(self._zip.open(vector_key + ".npy"), f"{self.path}:{vector_key}")
+        if self._stream.n != len(self.subjects):
+            raise ValueError(
+                f"{self.path}: {self._stream.n} vectors but {len(self.subjects)} subjects"
+            )
         self.name = f"npz:{self.path.resolve()}#{vector_key}"
 
     def _rows(self, start: int, stop: int) -> np.ndarray:
-        row_bytes = self._dim * self._dtype.itemsize
-        self._member.seek(self._data_offset + start * row_bytes)
-        buf = self._member.read((stop - start) * row_bytes)
-        return np.frombuffer(buf, dtype=self._dtype).reshape(stop - start, self._dim)
+        return self._stream.rows(start, stop)
 
     def close(self) -> None:
-        self._member.close()
+        self._stream.close()
         self._zip.close()
 
     def purge(self) -> str:
