@@ -139,15 +139,17 @@ def _wrap_batch(state: _Protection, original: Callable[..., Any]) -> Callable[..
     return protected
 
 
-def _wrap_get(state: _Protection, original: Callable[..., Any]) -> Callable[..., np.ndarray]:
+def _wrap_get(state: _Protection, original: Callable[..., Any]) -> Callable[..., np.ndarray | None]:
     """get(img, face): sets `face.embedding` to the template and returns it."""
 
-    def protected(img: np.ndarray, face: Any, *args: Any, **kwargs: Any) -> np.ndarray:
+    def protected(img: np.ndarray, face: Any, *args: Any, **kwargs: Any) -> np.ndarray | None:
         with state.raw():  # the original may call get_feat: let it return the raw vector once
             out = original(img, face, *args, **kwargs)
         raw = face.get("embedding") if isinstance(face, dict) else getattr(face, "embedding", None)
         if raw is None:
             raw = out
+        if raw is None:  # the model chose not to embed this face
+            return None
         raw = np.asarray(raw, dtype=np.float32).ravel()
         if state.raw_mode:  # the extractor's own call: it protects downstream
             return raw

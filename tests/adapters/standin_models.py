@@ -51,11 +51,17 @@ OPSET = 13
 
 
 def insightface_sample_images() -> list[np.ndarray]:
-    """RGB photos shipped with the insightface package (used where LFW is absent)."""
+    """RGB photos shipped with the insightface package (used where LFW is absent): Tom Hanks'
+    ArcFace-aligned 112x112 crop framed like an LFW 250x250 photo (same face size and place,
+    border replicated), and t1.jpg, a group photo with small faces."""
     import insightface
 
     folder = Path(insightface.__file__).parent / "data" / "images"
-    return [cv2.cvtColor(cv2.imread(str(folder / n)), cv2.COLOR_BGR2RGB) for n in INSIGHTFACE_SAMPLES]
+    face, group = (cv2.cvtColor(cv2.imread(str(folder / n)), cv2.COLOR_BGR2RGB) for n in INSIGHTFACE_SAMPLES)
+    side, left, top = 127, 62, 52  # where LFW deep-funneled photos have the ArcFace frame
+    face = cv2.resize(face, (side, side), interpolation=cv2.INTER_CUBIC)
+    framed = cv2.copyMakeBorder(face, top, 250 - side - top, left, 250 - side - left, cv2.BORDER_REPLICATE)
+    return [framed, group]
 
 
 @cache
