@@ -1,6 +1,9 @@
 #!/usr/bin/env bash
-# Set up (if needed) and run the main job on embedded defaults (dlib + xnn, local files).
+# Set up (if needed) and start the REST service on embedded defaults: data in ./.advplugin/data
+# (SQLite gallery, FAISS snapshot, key file created 0600 on first start, API key in
+# .advplugin/data/api-key), dlib extractor, best protection scheme available (xnn today).
+# Options and ADVPLUGIN_* variables are passed through, e.g. ./scripts/run.sh --port 9000.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ./scripts/setup.sh
-exec .venv/bin/python examples/enroll_identify_lfw.py "$@"
+exec .venv/bin/advplugin serve "$@"

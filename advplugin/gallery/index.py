@@ -57,6 +57,22 @@ def gpu_count() -> int:
     return faiss.get_num_gpus() if hasattr(faiss, "get_num_gpus") else 0
 
 
+def new_faiss_index(dim: int, config: IndexConfig, n_expected: int = 0) -> faiss.Index:
+    """An empty index of the configured kind (inner product; IVF still untrained)."""
+    c = config
+    if c.kind == "flat":
+        return faiss.IndexIDMap2(faiss.IndexFlatIP(dim))
+    if c.kind == "hnsw":
+        inner = faiss.IndexHNSWFlat(dim, c.hnsw_m, faiss.METRIC_INNER_PRODUCT)
+        inner.hnsw.efSearch = c.hnsw_ef_search
+        return faiss.IndexIDMap2(inner)
+    nlist = c.ivf_nlist or max(1, int(4 * np.sqrt(max(n_expected, 1))))
+    ivf = faiss.IndexIVFFlat(faiss.IndexFlatIP(dim), dim, nlist, faiss.METRIC_INNER_PRODUCT)
+    ivf.nprobe = c.ivf_nprobe
+    ivf.set_direct_map_type(faiss.DirectMap.Hashtable)
+    return ivf
+
+
 class TemplateIndex:
     """The search index of one collection. Thread-safe: a lock guards every operation."""
 
@@ -85,18 +101,7 @@ class TemplateIndex:
 
     # -- construction --------------------------------------------------------------------------
     def _empty(self, n_expected: int) -> faiss.Index:
-        d, c = self.dim, self.config
-        if c.kind == "flat":
-            return faiss.IndexIDMap2(faiss.IndexFlatIP(d))
-        if c.kind == "hnsw":
-            inner = faiss.IndexHNSWFlat(d, c.hnsw_m, faiss.METRIC_INNER_PRODUCT)
-            inner.hnsw.efSearch = c.hnsw_ef_search
-            return faiss.IndexIDMap2(inner)
-        nlist = c.ivf_nlist or max(1, int(4 * np.sqrt(max(n_expected, 1))))
-        ivf = faiss.IndexIVFFlat(faiss.IndexFlatIP(d), d, nlist, faiss.METRIC_INNER_PRODUCT)
-        ivf.nprobe = c.ivf_nprobe
-        ivf.set_direct_map_type(faiss.DirectMap.Hashtable)
-        return ivf
+        return new_faiss_index(self.dim, self.config, n_expected)
 
     def _fingerprint(self) -> str:
         """Identifies the database + collection a snapshot belongs to (no secrets: the URL

@@ -54,6 +54,9 @@ class ServiceState:
     # -- start / stop ------------------------------------------------------------------------------
     @classmethod
     def start(cls, settings: Settings) -> ServiceState:
+        import faiss
+
+        faiss.omp_set_num_threads(max(1, settings.search_threads))
         state = cls(settings)
         state._open_gallery()
         try:

@@ -1,0 +1,284 @@
+"""Service and gallery benchmark: one command, prints tables.
+
+    .venv/bin/python benchmarks/service_bench.py            # ~3 minutes on 2 CPU cores
+    .venv/bin/python benchmarks/service_bench.py --quick    # smaller sizes
+
+1. /enroll and /identify over real HTTP (uvicorn subprocess, SQLite, dlib, xnn): latency and
+   throughput, against the same extraction + protection done in-process in the same run.
+2. Protected-template endpoints (/enroll/templates, /identify/templates) over HTTP.
+3. Protected search (Matcher: FAISS + protector re-scoring + SQL names) vs raw FAISS search
+   of raw embeddings, same gallery (all lfw-dev images), same queries: the ratio.
+4. Gallery size vs search latency and index memory for flat/IVF/HNSW, with recall@1 of
+   IVF/HNSW against exact search. Large galleries are LFW templates plus distractors made
+   from them (template + Gaussian noise, renormalised), so neighbours are realistic.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import secrets
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import faiss
+import httpx
+import numpy as np
+
+from advplugin.adapters import create_extractor
+from advplugin.embedding_files import load_embedding_set
+from advplugin.gallery import Gallery
+from advplugin.gallery.index import IndexConfig, TemplateIndex, new_faiss_index
+from advplugin.gallery.matcher import Matcher
+from advplugin.images import load_image
+from advplugin.keys import load_key, write_key
+from advplugin.protectors import create_protector
+from advplugin.protectors.base import l2_normalize
+
+REPO = Path(__file__).resolve().parents[1]
+FACE_DATA = Path(os.environ.get("ADVPLUGIN_FACE_DATA", REPO.parent / "shared" / "data"))
+
+
+def table(title: str, header: list[str], rows: list[list[object]]) -> None:
+    print(f"\n## {title}\n")
+    print("| " + " | ".join(header) + " |")
+    print("|" + "---|" * len(header))
+    for r in rows:
+        print("| " + " | ".join(f"{v:.3g}" if isinstance(v, float) else str(v) for v in r) + " |")
+
+
+def pct(values: list[float], q: float) -> float:
+    return float(np.percentile(values, q)) * 1000
+
+
+def first_vs_rest(identity: np.ndarray, path: np.ndarray) -> tuple[list[int], list[int]]:
+    order = np.argsort(path, kind="stable")
+    by_id: dict[str, list[int]] = {}
+    for i in order:
+        by_id.setdefault(str(identity[i]), []).append(int(i))
+    g, p = [], []
+    for n in sorted(by_id):
+        if len(by_id[n]) >= 2:
+            g.append(by_id[n][0])
+            p.extend(by_id[n][1:])
+    return g, p
+
+
+def start_server(workdir: Path, env: dict[str, str]) -> tuple[subprocess.Popen, str]:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    log = open(workdir / "server.log", "ab")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "advplugin.service", "--port", str(port), "--log-level", "warning"],
+        cwd=workdir, env={**os.environ, **env}, stdout=log, stderr=subprocess.STDOUT,
+    )
+    url = f"http://127.0.0.1:{port}"
+    for _ in range(600):
+        try:
+            if httpx.get(url + "/health", timeout=1).status_code == 200:
+                return proc, url
+        except httpx.TransportError:
+            time.sleep(0.2)
+    raise RuntimeError("server did not start")
+
+
+def timed(fn, items) -> list[float]:
+    out = []
+    for it in items:
+        t = time.perf_counter()
+        fn(it)
+        out.append(time.perf_counter() - t)
+    return out
+
+
+def throughput(fn, items, workers: int) -> float:
+    chunks = [items[i::workers] for i in range(workers)]
+    t = time.perf_counter()
+    threads = [threading.Thread(target=lambda c=c: [fn(x) for x in c]) for c in chunks]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+    return len(items) / (time.perf_counter() - t)
+
+
+def bench_http(tmp: Path, cache, n_images: int) -> None:
+    key_path = tmp / "key"
+    write_key(key_path)
+    api_key = secrets.token_urlsafe(24)
+    proc, url = start_server(tmp, {
+        "ADVPLUGIN_DATA_DIR": str(tmp / "data"), "ADVPLUGIN_KEY_FILE": str(key_path),
+        "ADVPLUGIN_API_KEY": api_key, "ADVPLUGIN_SCHEME": "xnn",
+    })
+    try:
+        client = httpx.Client(base_url=url, headers={"x-api-key": api_key}, timeout=120)
+        g_idx, p_idx = first_vs_rest(cache.identity, cache.path)
+        files = [FACE_DATA / "lfw-dev" / str(cache.path[i]) for i in g_idx[:n_images]]
+        probes = [FACE_DATA / "lfw-dev" / str(cache.path[i]) for i in p_idx[:n_images]]
+        data = {f: f.read_bytes() for f in files + probes}
+
+        # Baseline in this run: the same work in-process (decode, detect, embed, protect).
+        extractor = create_extractor("dlib")
+        protector = create_protector("xnn", key=load_key(key_path), dim=128)
+        base = timed(lambda f: protector.protect(extractor.extract(load_image(data[f]), largest_only=True).embeddings),
+                     probes)
+
+        def enroll(f: Path) -> None:
+            r = client.post("/enroll", files={"file": ("i.jpg", data[f])}, data={"subject": f.parent.name})
+            assert r.status_code in (201, 422), r.text
+
+        def identify(f: Path) -> None:
+            r = client.post("/identify", files={"file": ("i.jpg", data[f])}, params={"limit": 1})
+            assert r.status_code in (200, 422), r.text
+
+        t_enroll = timed(enroll, files)
+        t_ident = timed(identify, probes)
+        tput = throughput(identify, probes, 2)
+        m = protector.metadata
+        prot = {"scheme": m.scheme, "scheme_version": m.scheme_version, "key_id": m.key_id,
+                "extractor_name": "dlib", "extractor_version": "cache"}
+        gal = protector.protect(cache.embedding[g_idx])
+        for s in range(0, len(g_idx), 1000):
+            client.post("/enroll/templates", json={"protection": prot, "items": [
+                {"subject": str(cache.identity[i]), "template": t.tolist()}
+                for i, t in zip(g_idx[s:s + 1000], gal[s:s + 1000], strict=True)]}).raise_for_status()
+        prb = protector.protect(cache.embedding[p_idx[:200]])
+        t_tid = timed(lambda t: client.post("/identify/templates", json={
+            "protection": prot, "templates": [t.tolist()]}).raise_for_status(), prb)
+        t_ten = timed(lambda t: client.post("/enroll/templates", json={
+            "protection": prot, "items": [{"subject": "bench", "template": t.tolist()}]}).raise_for_status(), prb[:100])
+        n_gallery = client.get("/status").json()["template_count"]
+        b50 = pct(base, 50)
+        table(
+            f"HTTP latency (SQLite, dlib + xnn, flat index; gallery {len(files)} then {n_gallery} templates)",
+            ["operation", "n", "p50 ms", "p95 ms", "p50 vs in-process extract+protect"],
+            [
+                ["in-process extract + protect (baseline)", len(base), b50, pct(base, 95), 1.0],
+                ["POST /enroll (image)", len(t_enroll), pct(t_enroll, 50), pct(t_enroll, 95), pct(t_enroll, 50) / b50],
+                ["POST /identify (image)", len(t_ident), pct(t_ident, 50), pct(t_ident, 95), pct(t_ident, 50) / b50],
+                ["POST /enroll/templates (1 template)", len(t_ten), pct(t_ten, 50), pct(t_ten, 95), "-"],
+                ["POST /identify/templates (1 probe)", len(t_tid), pct(t_tid, 50), pct(t_tid, 95), "-"],
+            ],
+        )
+        table("HTTP throughput (2 client threads, 2 CPU cores)", ["operation", "requests/s", "in-process baseline /s"],
+              [["POST /identify (image)", tput, 1 / statistics.mean(base)]])
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(30)
+
+
+def bench_protected_vs_raw(tmp: Path, cache) -> None:
+    key_path = tmp / "key2"
+    protector = create_protector("xnn", key=write_key(key_path), dim=128)
+    g = Gallery.open(f"sqlite:///{tmp / 'bench.db'}", upgrade=True)
+    templates = protector.protect(cache.embedding)
+    g.add_templates([str(s) for s in cache.identity], templates, protection=protector.metadata,
+                    extractor_name="dlib", extractor_version="cache")
+    index = TemplateIndex(g, 128)
+    index.load()
+    matcher = Matcher(g, index, protector.score)
+    raw = faiss.IndexFlatIP(128)
+    raw.add(l2_normalize(cache.embedding))
+    rng = np.random.default_rng(0)
+    q = rng.choice(len(cache.embedding), 300, replace=False)
+    raw_q, prot_q = l2_normalize(cache.embedding[q]), templates[q]
+    t_raw = timed(lambda i: raw.search(raw_q[i : i + 1], 1), range(len(q)))
+    t_idx = timed(lambda i: index.search(prot_q[i : i + 1], 1), range(len(q)))
+    t_match = timed(lambda i: matcher.identify(prot_q[i : i + 1], k=1), range(len(q)))
+    same = float(np.mean(raw.search(raw_q, 1)[1][:, 0] == index.search(prot_q, 1)[1][:, 0] - 1))
+    r = pct(t_raw, 50)
+    table(
+        f"Protected vs raw search ({len(templates)} lfw-dev templates, 1 query at a time)",
+        ["search", "p50 ms", "ratio to raw FAISS"],
+        [
+            ["raw FAISS IndexFlatIP on raw embeddings (baseline)", r, 1.0],
+            ["protected TemplateIndex.search (FAISS on templates)", pct(t_idx, 50), pct(t_idx, 50) / r],
+            ["protected Matcher.identify (+ re-score + SQL names)", pct(t_match, 50), pct(t_match, 50) / r],
+        ],
+    )
+    print(f"\ntop-1 neighbour identical for raw and protected search: {same:.2%} of queries")
+    g.close()
+
+
+def bench_scaling(cache, sizes: list[int], hnsw_sizes: list[int]) -> None:
+    protector = create_protector("xnn", key=load_key_or_new(), dim=128)
+    base = protector.protect(cache.embedding)
+    g_idx, p_idx = first_vs_rest(cache.identity, cache.path)
+    queries = protector.protect(cache.embedding[p_idx[:300]])
+    rng = np.random.default_rng(1)
+    rows, recall_rows = [], []
+    for n in sizes:
+        extra = n - len(g_idx)
+        src = base[rng.integers(0, len(base), extra)]
+        noise = rng.normal(scale=0.35 / np.sqrt(128), size=src.shape).astype(np.float32)
+        gallery = np.concatenate([base[g_idx], l2_normalize(src + noise)])
+        ids = np.arange(len(gallery), dtype=np.int64)
+        exact = None
+        for kind in ("flat", "ivf", "hnsw"):
+            if kind == "hnsw" and n not in hnsw_sizes:
+                continue
+            nlist = int(min(4 * np.sqrt(n), 1024))
+            cfg = IndexConfig(kind=kind, ivf_nlist=nlist, ivf_nprobe=16, hnsw_m=32, hnsw_ef_search=128)
+            t = time.perf_counter()
+            index = new_faiss_index(128, cfg, n)
+            if kind == "ivf":
+                index.train(gallery[rng.choice(n, min(n, 40 * nlist), replace=False)])
+            index.add_with_ids(gallery, ids)
+            build = time.perf_counter() - t
+            lat = timed(lambda i, index=index: index.search(queries[i : i + 1], 10), range(100))
+            top1 = index.search(queries, 1)[1][:, 0]
+            if kind == "flat":
+                exact = top1
+            recall = float(np.mean(top1 == exact))
+            mem = faiss.serialize_index(index).nbytes / 2**20
+            rows.append([kind, n, build, pct(lat, 50), pct(lat, 95), mem])
+            if kind != "flat":
+                recall_rows.append([kind, n, f"nlist={nlist}, nprobe=16" if kind == "ivf" else "M=32, efSearch=128",
+                                    recall])
+            del index
+    table("Gallery size vs search latency (top-10, 1 query) and index memory",
+          ["index", "templates", "build s", "p50 ms", "p95 ms", "memory MiB"], rows)
+    table("Recall@1 of approximate indexes against exact search (300 lfw-dev probes)",
+          ["index", "templates", "parameters", "recall@1 vs flat"], recall_rows)
+
+
+def load_key_or_new():
+    from advplugin.keys import Key
+
+    return Key.generate()
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true")
+    p.add_argument("--skip-http", action="store_true")
+    args = p.parse_args()
+    cache = load_embedding_set(FACE_DATA / "lfw-dev-dlib128.npz")
+    # One OpenMP thread, as the service uses (Settings.search_threads), for baseline and
+    # protected alike: single-query searches lose badly to OpenMP spin-waiting on busy cores.
+    faiss.omp_set_num_threads(1)
+    print(f"# advplugin service benchmark ({os.cpu_count()} CPU cores, load average "
+          f"{os.getloadavg()[0]:.1f}, faiss {faiss.__version__}, 1 search thread, "
+          f"{faiss.get_num_gpus() if hasattr(faiss, 'get_num_gpus') else 0} GPUs)")
+    with tempfile.TemporaryDirectory() as d:
+        tmp = Path(d)
+        if not args.skip_http:
+            bench_http(tmp, cache, 10 if args.quick else 30)
+        bench_protected_vs_raw(tmp, cache)
+    if args.quick:
+        bench_scaling(cache, [10_000, 100_000], [10_000])
+    else:
+        bench_scaling(cache, [10_000, 100_000, 1_000_000], [10_000, 50_000])
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
