@@ -76,10 +76,10 @@ def _holds_vector(value: Any, raw: np.ndarray) -> bool:
     if flat.size % raw.size:
         return False
     rows = flat.reshape(-1, raw.size)
-    norms = np.linalg.norm(rows, axis=1) * np.linalg.norm(raw)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        cosine = rows @ raw / norms
-    return bool(np.any(np.nan_to_num(cosine) > COPY_COSINE))
+    norms = np.linalg.norm(rows, axis=1)
+    nonzero = norms > 0
+    cosine = rows[nonzero] @ raw / (norms[nonzero] * np.linalg.norm(raw))
+    return bool(np.any(cosine > COPY_COSINE))
 
 
 def _scrub(face: Any, raw: np.ndarray) -> None:
@@ -90,7 +90,7 @@ def _scrub(face: Any, raw: np.ndarray) -> None:
     for key in keys:
         stored = face.get(key) if isinstance(face, dict) else None
         attr = getattr(face, "__dict__", {}).get(key)
-        if _holds_vector(stored, raw) or _holds_vector(attr, raw):
+        if _holds_vector(stored, raw) or (attr is not stored and _holds_vector(attr, raw)):
             if isinstance(face, dict):
                 dict.pop(face, key, None)
             face.__dict__.pop(key, None)
