@@ -14,6 +14,7 @@ from __future__ import annotations
 import pickle
 import subprocess
 import sys
+import threading
 from collections.abc import Callable
 from pathlib import Path
 
@@ -100,10 +101,14 @@ def make_app(model_dir: tuple[Path, bool]) -> Callable[..., FaceAnalysis]:
     return make
 
 
+@pytest.fixture(scope="session")
+def embedding_dim(make_app: Callable[..., FaceAnalysis]) -> int:
+    return make_app().models["recognition"].output_shape[-1]
+
+
 @pytest.fixture
-def protector(model_dir: tuple[Path, bool], make_app: Callable[..., FaceAnalysis]):
-    dim = make_app().models["recognition"].output_shape[-1]
-    return create_protector("xnn", key=Key.generate(), dim=dim)
+def protector(embedding_dim: int):
+    return create_protector("xnn", key=Key.generate(), dim=embedding_dim)
 
 
 def bgr(image: np.ndarray) -> np.ndarray:
@@ -296,6 +301,32 @@ def test_extractor_gives_the_deployments_raw_embeddings_even_from_a_protected_ap
     np.testing.assert_allclose(
         app.get(bgr(img))[0].embedding, protector.protect(raw_faces[0].embedding[None])[0], atol=1e-6
     )
+
+
+def test_extractor_raw_path_does_not_leak_into_concurrent_app_get(make_app, protector, people):
+    """The extractor's raw switch is per thread: app.get in another thread at the same time
+    still returns templates."""
+    plain, app = make_app(), make_app()
+    protect_face_analysis(app, protector)
+    extractor = create_extractor("insightface", app=app)
+    img = photos(people)[0]
+    expected = protector.protect(plain.get(bgr(img))[0].embedding[None])[0]
+    results: list[np.ndarray] = []
+    start = threading.Barrier(2)
+
+    def extract_loop() -> None:
+        start.wait()
+        for _ in range(15):
+            extractor.extract(img)
+
+    worker = threading.Thread(target=extract_loop)
+    worker.start()
+    start.wait()
+    while worker.is_alive() or len(results) < 15:
+        results.append(app.get(bgr(img))[0].embedding)
+    worker.join()
+    for embedding in results:
+        np.testing.assert_allclose(embedding, expected, atol=1e-6)
 
 
 def test_stand_in_detector_follows_the_face(make_app, people):
