@@ -13,6 +13,7 @@ import sys
 #: Modules that contribute commands, in the order `--help` lists them.
 COMMAND_MODULES = [
     "advplugin.cli.embed",
+    "advplugin.cli.evaluate",
     "advplugin.cli.db",
     "advplugin.cli.keys",
     "advplugin.cli.listing",
