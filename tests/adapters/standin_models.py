@@ -164,6 +164,15 @@ def _ncc_branch(nodes: list, inits: list, template: np.ndarray, stride: int) -> 
     return p + "score", p + "bbox", p + "kps"
 
 
+def save_graph(graph: onnx.GraphProto, path: Path) -> Path:
+    """Check and write a graph as an opset-13, IR-8 model (what onnxruntime and insightface load)."""
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)], producer_name="advplugin-tests")
+    model.ir_version = 8
+    onnx.checker.check_model(model)
+    onnx.save(model, str(path))
+    return path
+
+
 def build_template_detector(path: Path, template: np.ndarray) -> Path:
     """Write the stand-in SCRFD-layout detector for a 112x112 grey mean face."""
     nodes: list = []
@@ -191,11 +200,7 @@ def build_template_detector(path: Path, template: np.ndarray) -> Path:
         outputs,
         inits,
     )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)], producer_name="advplugin-tests")
-    model.ir_version = 8
-    onnx.checker.check_model(model)
-    onnx.save(model, str(path))
-    return path
+    return save_graph(graph, path)
 
 
 def build_random_recognizer(path: Path, dim: int = 128, seed: int = 0) -> Path:
@@ -220,11 +225,7 @@ def build_random_recognizer(path: Path, dim: int = 128, seed: int = 0) -> Path:
         [helper.make_tensor_value_info("fc1", TensorProto.FLOAT, ["N", dim])],
         inits,
     )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)], producer_name="advplugin-tests")
-    model.ir_version = 8
-    onnx.checker.check_model(model)
-    onnx.save(model, str(path))
-    return path
+    return save_graph(graph, path)
 
 
 def build_model_dir(folder: Path, template_images: list[np.ndarray]) -> tuple[Path, bool]:

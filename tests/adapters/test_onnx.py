@@ -9,7 +9,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
@@ -17,7 +16,7 @@ from advplugin.adapters import create_extractor
 from advplugin.adapters.align import ARCFACE_TEMPLATE, align_face
 from advplugin.adapters.onnx_adapter import OnnxExtractor
 from advplugin.images import load_image
-from tests.adapters.standin_models import MOBILEFACE
+from tests.adapters.standin_models import MOBILEFACE, save_graph
 
 N_IDENTITIES = 6
 PER_PERSON = 2
@@ -73,10 +72,7 @@ def build_onnx(path: Path, input_shape: list, *, dynamic_output: bool = False) -
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, out_shape)],
         [numpy_helper.from_array(np.ones((3, 4), np.float32), "w")],
     )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
-    model.ir_version = 8
-    onnx.save(model, str(path))
-    return path
+    return save_graph(graph, path)
 
 
 def test_same_person_scores_higher_than_different_people(lfw_embeddings):
