@@ -44,7 +44,7 @@ from advplugin.protectors.base import Protector
 STATE_ATTR = "_advplugin_protection"
 #: Recognition-model methods that return embeddings (insightface 0.7 - 2.1 ArcFaceONNX).
 EMBEDDING_METHODS = ("get", "get_feat", "forward")
-#: Cosine above which a stored value counts as a copy (possibly rescaled) of the raw vector.
+#: |Cosine| above which stored numbers count as a copy (rescaled, negated) of the raw vector.
 COPY_COSINE = 0.999
 
 
@@ -64,22 +64,37 @@ def _embedding_dim(model: Any) -> int | None:
     return dim if isinstance(dim, int) else None
 
 
+def _as_numbers(value: Any) -> np.ndarray | None:
+    """The numbers in an array, a list of numbers or raw bytes (float32), flattened; None
+    for anything else."""
+    if isinstance(value, bytes | bytearray | memoryview):
+        data = bytes(value)
+        return np.frombuffer(data[: len(data) // 4 * 4], dtype=np.float32)
+    if isinstance(value, list | tuple) and value and all(isinstance(v, int | float | np.number) for v in value):
+        value = np.asarray(value)
+    if isinstance(value, np.ndarray) and value.dtype.kind in "fciu":
+        return value.real.astype(np.float64).ravel()
+    return None
+
+
 def _holds_vector(value: Any, raw: np.ndarray) -> bool:
-    """Whether `value` contains `raw` (or a rescaled copy), at any depth or row."""
+    """Whether `value` contains `raw` or a rescaled, negated or requantised copy of it (|cosine|
+    above COPY_COSINE), at any offset, inside arrays, number lists, bytes, lists and dicts."""
     if isinstance(value, dict):
         return any(_holds_vector(v, raw) for v in value.values())
-    if isinstance(value, list | tuple):
-        return any(_holds_vector(v, raw) for v in value)
-    if not isinstance(value, np.ndarray) or value.dtype.kind not in "fc" or value.size < raw.size:
+    flat = _as_numbers(value)
+    if flat is None:
+        return isinstance(value, list | tuple) and any(_holds_vector(v, raw) for v in value)
+    d = raw.size
+    if flat.size < d:
         return False
-    flat = value.real.astype(np.float64).ravel()
-    if flat.size % raw.size:
-        return False
-    rows = flat.reshape(-1, raw.size)
-    norms = np.linalg.norm(rows, axis=1)
-    nonzero = norms > 0
-    cosine = rows[nonzero] @ raw / (norms[nonzero] * np.linalg.norm(raw))
-    return bool(np.any(cosine > COPY_COSINE))
+    flat = np.nan_to_num(flat, nan=0.0, posinf=0.0, neginf=0.0)
+    unit = raw.astype(np.float64) / np.linalg.norm(raw)
+    dots = np.correlate(flat, unit, mode="valid")  # one dot product per window of d values
+    energy = np.cumsum(np.concatenate([[0.0], flat * flat]))
+    norms = np.sqrt(np.maximum(energy[d:] - energy[:-d], 0.0))
+    nonzero = norms > 1e-12
+    return bool(np.any(np.abs(dots[nonzero]) / norms[nonzero] > COPY_COSINE))
 
 
 def _scrub(face: Any, raw: np.ndarray) -> None:
