@@ -73,6 +73,8 @@ class OnnxExtractor(Extractor):
             raise ValueError(f"{path.name}: expected a square NCHW input, got {shape}")
         self.input_size = int(shape[2])
         self._input_name = inp.name
+        # Some exports fix the batch size (often 1); feed them that many crops at a time.
+        self._batch = shape[0] if isinstance(shape[0], int) and shape[0] > 0 else None
         out_dim = self._session.get_outputs()[0].shape[-1]
         if not isinstance(out_dim, int):
             raise ValueError(f"{path.name}: output dimension must be static, got {out_dim}")
@@ -114,9 +116,18 @@ class OnnxExtractor(Extractor):
         x = crops.astype(np.float32)
         if self.channels == "bgr":
             x = x[..., ::-1]
-        x = (x.transpose(0, 3, 1, 2) - self.mean) / self.std
-        out = self._session.run(None, {self._input_name: np.ascontiguousarray(x, np.float32)})[0]
-        return np.asarray(out, np.float32).reshape(len(crops), self.dim)
+        x = np.ascontiguousarray((x.transpose(0, 3, 1, 2) - self.mean) / self.std, np.float32)
+        if self._batch is None:
+            out = self._session.run(None, {self._input_name: x})[0]
+            return np.asarray(out, np.float32).reshape(len(crops), self.dim)
+        outs = []
+        for start in range(0, len(x), self._batch):
+            chunk = x[start : start + self._batch]
+            n = len(chunk)
+            if n < self._batch:  # pad the last chunk to the fixed batch size
+                chunk = np.concatenate([chunk, np.zeros((self._batch - n, *chunk.shape[1:]), np.float32)])
+            outs.append(np.asarray(self._session.run(None, {self._input_name: chunk})[0], np.float32)[:n])
+        return np.concatenate(outs).reshape(len(crops), self.dim)
 
 
 @register_extractor("onnx")

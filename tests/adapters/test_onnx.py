@@ -109,6 +109,19 @@ def test_preprocessing_settings_change_what_the_model_sees(model_path, extractor
     assert not np.allclose(default.embed_aligned(crops), rgb, atol=1e-3)
 
 
+def test_models_with_a_fixed_batch_size_embed_any_number_of_faces(tmp_path):
+    """Some exports fix the batch dimension (1 or more): crops go in that many at a time."""
+    rng = np.random.default_rng(2)
+    crops = rng.integers(0, 256, (5, 112, 112, 3), dtype=np.uint8)
+    # build_onnx's model: per-channel mean of the normalised crop, times a 3x4 matrix of ones.
+    pooled = (crops.astype(np.float64) - 127.5) / 127.5
+    expected = np.repeat(pooled.mean(axis=(1, 2)).sum(axis=1, keepdims=True), 4, axis=1)
+    for batch in (1, 2):
+        model = build_onnx(tmp_path / f"b{batch}.onnx", [batch, 3, 112, 112])
+        fixed = create_extractor("onnx", model_path=model)
+        np.testing.assert_allclose(fixed.embed_aligned(crops), expected, atol=1e-6)
+
+
 def test_alignment_matches_insightface_norm_crop():
     """align.py against an independent implementation of the same ArcFace warp."""
     face_align = pytest.importorskip("insightface.utils.face_align")
