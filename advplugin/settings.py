@@ -60,6 +60,9 @@ class Settings(BaseSettings):
     #: OpenMP threads per FAISS search. 1: requests already run in parallel threads, and
     #: OpenMP spin-waiting on busy cores made single-query searches 30x slower in measurements.
     search_threads: int = 1
+    #: Max staleness (s) of searches w.r.t. writes made by *other* processes (workers, a
+    #: key rotation); this process's own writes are searchable before their response.
+    index_sync_interval: float = 0.05
     snapshot_every: int = Field(1000, description="write the FAISS snapshot after this many changes")
 
     max_upload_bytes: int = 10 * 1024 * 1024

@@ -182,7 +182,7 @@ def bench_protected_vs_raw(tmp: Path, cache) -> None:
     templates = protector.protect(cache.embedding)
     g.add_templates([str(s) for s in cache.identity], templates, protection=protector.metadata,
                     extractor_name="dlib", extractor_version="cache")
-    index = TemplateIndex(g, 128)
+    index = TemplateIndex(g, 128, config=IndexConfig(sync_interval=0.05))  # as the service
     index.load()
     matcher = Matcher(g, index, protector.score)
     raw = faiss.IndexFlatIP(128)
@@ -276,7 +276,7 @@ def main() -> int:
     if args.quick:
         bench_scaling(cache, [10_000, 100_000], [10_000])
     else:
-        bench_scaling(cache, [10_000, 100_000, 1_000_000], [10_000, 50_000])
+        bench_scaling(cache, [10_000, 50_000, 100_000, 1_000_000], [10_000, 50_000])
     return 0
 
 

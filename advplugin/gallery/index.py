@@ -2,7 +2,8 @@
 
 Inner product on L2-normalised protected templates (= cosine, what `Protector.score` does):
 - `flat` (default): `IndexIDMap2(IndexFlatIP)`, exact;
-- `ivf`: `IndexIVFFlat` with a hash-table direct map (ids, removal and reconstruction work);
+- `ivf`: `IndexIVFFlat` with a hash-table direct map (ids, removal and reconstruction work),
+  trained at (re)build time and retrained when the gallery has grown fourfold since;
 - `hnsw`: `IndexIDMap2(IndexHNSWFlat)`; HNSW cannot remove vectors, so deletions become
   tombstones filtered at search time and an update of an existing vector (key rotation)
   schedules a rebuild. The index is rebuilt when tombstones pass 10 %.
@@ -24,6 +25,7 @@ import json
 import logging
 import os
 import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -47,6 +49,10 @@ class IndexConfig:
     hnsw_m: int = 32
     hnsw_ef_search: int = 128
     use_gpu: bool = True
+    #: Searches re-read the SQL change log at most this often (seconds). Writes made through
+    #: this process are applied at once (`catch_up` after each commit); the interval only
+    #: bounds how stale a search may be for changes made by *other* processes.
+    sync_interval: float = 0.0
 
     def __post_init__(self) -> None:
         if self.kind not in ("flat", "ivf", "hnsw"):
@@ -98,6 +104,8 @@ class TemplateIndex:
         self._dirty = False  # hnsw: an existing vector changed; rebuild before searching
         self._gpu_index: faiss.Index | None = None
         self._changes_since_snapshot = 0
+        self._trained_on = 0  # ivf: templates the centroids were trained on
+        self._synced = 0.0  # monotonic time of the last catch-up
 
     # -- construction --------------------------------------------------------------------------
     def _empty(self, n_expected: int) -> faiss.Index:
@@ -118,6 +126,7 @@ class TemplateIndex:
             index = self._empty(n)
             if self.config.kind == "ivf":
                 index.train(self._training_sample(index.nlist))
+                self._trained_on = n
             max_id = 0
             for batch in self.gallery.iter_templates(collection=self.collection, chunk_size=20_000):
                 index.add_with_ids(l2_normalize(batch.vectors), batch.ids)
@@ -151,6 +160,7 @@ class TemplateIndex:
             return self._catch_up_locked()
 
     def _catch_up_locked(self) -> int:
+        self._synced = time.monotonic()
         applied = 0
         while True:
             changes = self.gallery.changes_since(self.last_seq, collection=self.collection)
@@ -166,6 +176,8 @@ class TemplateIndex:
             self._changes_since_snapshot += applied
             if self._dirty or len(self._tombstones) > _TOMBSTONE_LIMIT * max(self._index.ntotal, 1):
                 self.rebuild()
+            elif self.config.kind == "ivf" and self.size >= 1000 and self.size > 4 * self._trained_on:
+                self.rebuild()  # the gallery outgrew its centroids: retrain (geometric, so rare)
         return applied
 
     def _apply(self, touched: list[int], current: dict[int, tuple[str, np.ndarray]]) -> None:
@@ -204,7 +216,8 @@ class TemplateIndex:
         """Top-k (cosine, ids) per probe; ids are -1 where fewer than k templates exist."""
         q = l2_normalize(np.ascontiguousarray(probes, np.float32))
         with self._lock:
-            self._catch_up_locked()
+            if time.monotonic() - self._synced >= self.config.sync_interval:
+                self._catch_up_locked()
             if self.size == 0:
                 return np.zeros((len(q), k), np.float32), np.full((len(q), k), -1, np.int64)
             extra = len(self._tombstones)
@@ -254,6 +267,7 @@ class TemplateIndex:
                 "version": SNAPSHOT_VERSION, "kind": self.config.kind, "dim": self.dim,
                 "last_seq": self.last_seq, "fingerprint": self._fingerprint(),
                 "max_id": self._max_id, "tombstones": sorted(self._tombstones),
+                "trained_on": self._trained_on,
             }
             blob = faiss.serialize_index(self._index)
             self._changes_since_snapshot = 0
@@ -316,6 +330,7 @@ class TemplateIndex:
         self.last_seq = int(meta["last_seq"])
         self._max_id = int(meta.get("max_id", 0))
         self._tombstones = {int(i) for i in meta.get("tombstones", [])}
+        self._trained_on = int(meta.get("trained_on", 0))
         self._dirty = False
         self._gpu_index = None
         return True

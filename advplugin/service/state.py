@@ -172,6 +172,7 @@ class ServiceState:
                     config=IndexConfig(
                         kind=s.index_kind, ivf_nlist=s.ivf_nlist, ivf_nprobe=s.ivf_nprobe,
                         hnsw_m=s.hnsw_m, hnsw_ef_search=s.hnsw_ef_search, use_gpu=s.use_gpu,
+                        sync_interval=s.index_sync_interval,
                     ),
                     snapshot_path=s.resolved_index_dir / f"collection-{cid}-{s.index_kind}.npz",
                 )
@@ -197,12 +198,18 @@ class ServiceState:
         if not api_key or len(api_key) > 256:
             return None
         digest = hash_api_key(api_key).encode()
+        age = time.monotonic() - self._api_keys_loaded
+        if age > 5.0:  # revocations take effect within seconds
+            self._reload_api_keys()
         found = self._match(digest)
-        if found is None and time.monotonic() - self._api_keys_loaded > 1.0:
-            self._api_keys = self.gallery.api_key_hashes()  # a key created since start
-            self._api_keys_loaded = time.monotonic()
+        if found is None and age > 1.0:  # a key created since the last load
+            self._reload_api_keys()
             found = self._match(digest)
         return found
+
+    def _reload_api_keys(self) -> None:
+        self._api_keys = self.gallery.api_key_hashes()
+        self._api_keys_loaded = time.monotonic()
 
     def _match(self, digest: bytes) -> str | None:
         found = None
