@@ -88,8 +88,12 @@ def _holds_vector(value: Any, raw: np.ndarray) -> bool:
     d = raw.size
     if flat.size < d:
         return False
+    # Non-finite entries compare as 0, so a vector with a NaN still matches its copies.
     flat = np.nan_to_num(flat, nan=0.0, posinf=0.0, neginf=0.0)
-    unit = raw.astype(np.float64) / np.linalg.norm(raw)
+    clean = np.nan_to_num(raw.astype(np.float64), nan=0.0, posinf=0.0, neginf=0.0)
+    if not clean.any():
+        return False
+    unit = clean / np.linalg.norm(clean)
     dots = np.correlate(flat, unit, mode="valid")  # one dot product per window of d values
     energy = np.cumsum(np.concatenate([[0.0], flat * flat]))
     norms = np.sqrt(np.maximum(energy[d:] - energy[:-d], 0.0))
@@ -97,18 +101,24 @@ def _holds_vector(value: Any, raw: np.ndarray) -> bool:
     return bool(np.any(np.abs(dots[nonzero]) / norms[nonzero] > COPY_COSINE))
 
 
-def _scrub(face: Any, raw: np.ndarray) -> None:
+def _scrub(face: Any, raw: np.ndarray, *, skip: str = "embedding") -> None:
     """Remove every entry of a `Face` (a dict whose items are mirrored as attributes)
-    that holds the raw vector, under whatever key a recognition model put it."""
+    that holds the raw vector, under whatever key a recognition model put it. `skip` is the
+    key the caller overwrites next anyway."""
     keys = set(face.keys()) if isinstance(face, dict) else set()
     keys |= set(getattr(face, "__dict__", {}))
+    keys.discard(skip)
     for key in keys:
         stored = face.get(key) if isinstance(face, dict) else None
         attr = getattr(face, "__dict__", {}).get(key)
         if _holds_vector(stored, raw) or (attr is not stored and _holds_vector(attr, raw)):
-            if isinstance(face, dict):
-                dict.pop(face, key, None)
-            face.__dict__.pop(key, None)
+            _drop(face, key)
+
+
+def _drop(face: Any, key: str) -> None:
+    if isinstance(face, dict):
+        dict.pop(face, key, None)
+    getattr(face, "__dict__", {}).pop(key, None)
 
 
 class _Protection:
@@ -168,8 +178,13 @@ def _wrap_get(state: _Protection, original: Callable[..., Any]) -> Callable[...,
         raw = np.asarray(raw, dtype=np.float32).ravel()
         if state.raw_mode:  # the extractor's own call: it protects downstream
             return raw
+        try:
+            template = state.protect_rows(raw[None, :])[0]
+        except Exception:  # e.g. a NaN vector: fail, but never leave the raw vector behind
+            _drop(face, "embedding")
+            _scrub(face, raw)
+            raise
         _scrub(face, raw)
-        template = state.protect_rows(raw[None, :])[0]
         face.embedding = template
         return template
 

@@ -262,6 +262,31 @@ def test_copies_of_the_raw_vector_under_other_keys_are_removed(make_app, protect
         assert key not in face and getattr(face, key) is None
 
 
+class BrokenArcFace(ArcFaceONNX):
+    """A recognition model whose vector has a NaN (a faulty export) and which keeps a copy:
+    protection fails, and the rest of the raw vector must not stay behind."""
+
+    def get(self, img, face):
+        vec = super().get(img, face).copy()
+        vec[0] = np.nan
+        face.embedding = vec
+        face.copy_of_it = vec * 2.0
+        return vec
+
+
+def test_a_failed_protection_leaves_no_vector_on_the_face(make_app, protector, people):
+    app = make_app()
+    real = app.models["recognition"]
+    broken = BrokenArcFace(model_file=real.model_file, session=real.session)
+    protect_recognition_model(broken, protector)
+    det = app.get(bgr(photos(people)[0]))[0]
+    face = Face(bbox=det.bbox, kps=det.kps, det_score=det.det_score)
+    with pytest.raises(ValueError, match="NaN"):
+        broken.get(bgr(photos(people)[0]), face)
+    assert sorted(face.keys()) == ["bbox", "det_score", "kps"]
+    assert face.embedding is None and face.copy_of_it is None
+
+
 def test_wrapped_app_cannot_be_pickled(make_app, protector):
     app = protect_face_analysis(make_app(), protector)
     with pytest.raises((TypeError, AttributeError, pickle.PicklingError)):
