@@ -142,9 +142,16 @@ class _Protection:
         finally:
             self._local.depth -= 1
 
-    def protect_rows(self, raw: Any) -> np.ndarray:
-        arr = np.asarray(raw, dtype=np.float32)
-        return self.protector.protect(arr.reshape(1 if arr.ndim < 2 else arr.shape[0], -1))
+    def try_protect(self, raw: Any) -> tuple[np.ndarray | None, str | None]:
+        """(templates, None), or (None, why) when the protector refuses the vectors (NaN, wrong
+        dimension). Callers raise a fresh error once their own references to the raw vectors
+        are gone: an exception's traceback keeps every frame's locals alive for whoever logs
+        it (error trackers record them), so none of its frames may hold a raw vector."""
+        try:
+            arr = np.asarray(raw, dtype=np.float32)
+            return self.protector.protect(arr.reshape(1 if arr.ndim < 2 else arr.shape[0], -1)), None
+        except (ValueError, TypeError) as e:
+            return None, f"cannot protect the embedding: {e}"
 
     def restore(self, obj: Any) -> None:
         """Put back the instance attributes the wrapping replaced (usually none: methods)."""
@@ -158,7 +165,13 @@ def _wrap_batch(state: _Protection, original: Callable[..., Any]) -> Callable[..
 
     def protected(*args: Any, **kwargs: Any) -> np.ndarray:
         out = original(*args, **kwargs)
-        return out if state.raw_mode else state.protect_rows(out)
+        if state.raw_mode:
+            return out
+        templates, error = state.try_protect(out)
+        if templates is None:
+            del out
+            raise ValueError(error)
+        return templates
 
     protected.__doc__ = original.__doc__
     return protected
@@ -178,15 +191,15 @@ def _wrap_get(state: _Protection, original: Callable[..., Any]) -> Callable[...,
         raw = np.asarray(raw, dtype=np.float32).ravel()
         if state.raw_mode:  # the extractor's own call: it protects downstream
             return raw
-        try:
-            template = state.protect_rows(raw[None, :])[0]
-        except Exception:  # e.g. a NaN vector: fail, but never leave the raw vector behind
+        templates, error = state.try_protect(raw[None, :])
+        if templates is None:  # e.g. a NaN vector: fail, leaving the raw vector nowhere
             _drop(face, "embedding")
             _scrub(face, raw)
-            raise
+            del raw, out
+            raise ValueError(error)
         _scrub(face, raw)
-        face.embedding = template
-        return template
+        face.embedding = templates[0]
+        return templates[0]
 
     protected.__doc__ = original.__doc__
     return protected

@@ -134,7 +134,7 @@ def holds_vector(value: object, raw: np.ndarray) -> bool:
             return any(holds_vector(v, raw) for v in value)
     if not isinstance(value, np.ndarray) or value.dtype.kind not in "fiu":
         return False
-    flat = value.astype(np.float64).ravel()
+    flat = np.nan_to_num(value.astype(np.float64).ravel())
     unit = raw / np.linalg.norm(raw)
     for start in range(0, flat.size - raw.size + 1):
         window = flat[start : start + raw.size]
@@ -274,17 +274,27 @@ class BrokenArcFace(ArcFaceONNX):
         return vec
 
 
-def test_a_failed_protection_leaves_no_vector_on_the_face(make_app, protector, people):
+def test_a_failed_protection_leaves_the_raw_vector_neither_on_the_face_nor_in_the_traceback(make_app, protector, people):
     app = make_app()
     real = app.models["recognition"]
     broken = BrokenArcFace(model_file=real.model_file, session=real.session)
+    broken.input_mean, broken.input_std = real.input_mean, real.input_std
     protect_recognition_model(broken, protector)
     det = app.get(bgr(photos(people)[0]))[0]
     face = Face(bbox=det.bbox, kps=det.kps, det_score=det.det_score)
-    with pytest.raises(ValueError, match="NaN"):
+    with pytest.raises(ValueError, match="NaN") as failure:
         broken.get(bgr(photos(people)[0]), face)
     assert sorted(face.keys()) == ["bbox", "det_score", "kps"]
     assert face.embedding is None and face.copy_of_it is None
+    # Nor in the exception: no frame of its traceback (below this test's own) holds it.
+    raw = np.nan_to_num(make_app().get(bgr(photos(people)[0]))[0].embedding.astype(np.float64))
+    raw[0] = 0.0
+    tb = failure.value.__traceback__.tb_next
+    while tb is not None:
+        for name, value in tb.tb_frame.f_locals.items():
+            assert not holds_vector(value, raw), f"{tb.tb_frame.f_code.co_name}: local {name} holds the raw vector"
+        tb = tb.tb_next
+    assert failure.value.__cause__ is None and failure.value.__context__ is None
 
 
 def test_wrapped_app_cannot_be_pickled(make_app, protector):
