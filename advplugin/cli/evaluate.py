@@ -61,6 +61,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--no-cache", action="store_true", help="compute everything, write no cache")
     p.add_argument("--epochs", type=int, help="decoder training epochs (default 6; --quick 2)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--threads", type=int, default=2, help="torch and onnxruntime threads (default 2)"
+    )
     p.add_argument("--out", required=True, type=Path, help="report folder")
     p.add_argument(
         "--quick", action="store_true", help="a small run (few people, tiny decoder) for tests"
@@ -103,6 +106,7 @@ def run(args: argparse.Namespace) -> int:
         quick=args.quick,
         decoder=decoder,
         seed=args.seed,
+        threads=args.threads,
         out=args.out,
         progress=not args.no_progress,
     )

@@ -156,7 +156,8 @@ def unlinkability(
     s = score_matrix(score_fn, templates_key1, templates_key2)
     mated, non_mated = genuine_impostor(s, identity, identity, max_impostors=max_impostors, rng=rng)
     centres, local, _ = local_linkability(mated, non_mated)
-    m_hist, edges = np.histogram(mated, 60, density=True)
+    edges = np.linspace(min(mated.min(), non_mated.min()), max(mated.max(), non_mated.max()), 61)
+    m_hist, _ = np.histogram(mated, edges, density=True)
     n_hist, _ = np.histogram(non_mated, edges, density=True)
     return {
         "d_sys": d_sys(mated, non_mated),

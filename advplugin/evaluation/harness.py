@@ -56,6 +56,7 @@ class EvalConfig:
     max_reconstructions: int = 3000
     mlp_epochs: int = 40
     seed: int = 0
+    threads: int = 2
     progress: bool = True
 
 
@@ -73,11 +74,20 @@ class Stages:
 
 
 def run_evaluation(config: EvalConfig) -> dict[str, object]:
+    """Run every measurement and write the report; torch's thread count is restored after."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(config.threads)
+    try:
+        return _run(config)
+    finally:
+        torch.set_num_threads(before)
+
+
+def _run(config: EvalConfig) -> dict[str, object]:
     from advplugin.adapters import create_extractor
     from advplugin.evaluation.report import write_report
     from advplugin.protectors import create_protector
 
-    torch.set_num_threads(2)
     rng = np.random.default_rng(config.seed)
     stages = Stages()
     if config.quick:

@@ -3,6 +3,7 @@ independent scorer model."""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -10,6 +11,18 @@ import pytest
 from advplugin.evaluation.data import list_images
 
 SCORER = Path(__file__).resolve().parents[2].parent / "shared" / "models" / "mobileface.onnx"
+
+
+@pytest.fixture(autouse=True)
+def one_torch_thread() -> Iterator[None]:
+    """The networks here are tiny: one thread avoids oversubscribing a shared machine (two
+    threads competing with other jobs made them several times slower)."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="session")

@@ -37,17 +37,6 @@ def people(lfw_cache: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     }
 
 
-@pytest.fixture(autouse=True)
-def one_torch_thread():
-    """The MLP is tiny: one thread avoids oversubscribing a machine shared with other jobs."""
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def _rng() -> np.random.Generator:
     return np.random.default_rng(0)
 
