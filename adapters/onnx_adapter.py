@@ -11,8 +11,9 @@ Preprocessing is configurable because models differ: `mean`/`std` per channel (a
 from __future__ import annotations
 
 import hashlib
+from functools import cache
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 
@@ -27,6 +28,15 @@ def onnx_providers() -> list[str]:
 
     available = ort.get_available_providers()
     return [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in available]
+
+
+@cache
+def shape_predictor_68() -> Any:
+    """dlib's 68-point model (100 MB, seconds to load): loaded once per process, on first
+    use, so that extractors used only on aligned crops never pay for it. Read-only."""
+    import dlib
+
+    return dlib.shape_predictor(str(model_dir() / "shape_predictor_68_face_landmarks.dat"))
 
 
 def _channel_values(value: float | tuple[float, float, float], what: str) -> np.ndarray:
@@ -87,9 +97,6 @@ class OnnxExtractor(Extractor):
         self.upsample = upsample
         self._dlib = dlib
         self._detector = dlib.get_frontal_face_detector()
-        self._shapes = dlib.shape_predictor(
-            str(model_dir() / "shape_predictor_68_face_landmarks.dat")
-        )
 
     def detect(self, image: np.ndarray) -> Detections:
         rects, scores, _ = self._detector.run(image, self.upsample, 0.0)
@@ -101,7 +108,7 @@ class OnnxExtractor(Extractor):
 
     def _arcface_points(self, image: np.ndarray, box: np.ndarray) -> np.ndarray:
         x1, y1, x2, y2 = (round(v) for v in box)
-        shape = self._shapes(image, self._dlib.rectangle(x1, y1, x2, y2))
+        shape = shape_predictor_68()(image, self._dlib.rectangle(x1, y1, x2, y2))
         return arcface_points_from_dlib68(np.array([(p.x, p.y) for p in shape.parts()]))
 
     def embed(self, image: np.ndarray, detections: Detections) -> np.ndarray:
