@@ -1,0 +1,191 @@
+"""`advface`: adversarial latent noise against feature -> face decoders (after AdvFace,
+Wang et al., CVPR 2023), then a keyed orthogonal transform.
+
+The operator trains a *shadow decoder* (dlib embedding -> aligned face) that plays the
+attacker, and an *amortised noise generator* g that moves every embedding, within a drift
+budget, in the direction that most changes what the shadow decoder draws, while keeping the
+pairwise cosine structure (so genuine pairs stay matched). See `advface_train` and
+docs/schemes/advface.md for the data, losses and measured numbers.
+
+    u = x / ||x||,   n = g(u) projected orthogonal to u,   a = a_max * sigmoid(g_a(u))
+    t = cos(a) u + sin(a) n / ||n||          # cosine(x, t) = cos(a) >= min_cosine exactly
+    template = T_key t                       # xnn transform under a key derived for advface
+
+The budget holds by construction, not by training, so no input can drift further than
+`min_cosine`. The noise is a deterministic function of the input (no sampling), so the same
+key always gives the same template. The keyed transform (a sub-key of the gallery key, so an
+`xnn` gallery under the same key is not the same space) makes templates unlinkable across
+keys; `transform="none"` drops it and exists only to measure what an attacker who holds the
+key faces - the noise alone.
+
+Honest scope: the noise is a fixed function, so an attacker who can enrol images of people
+they know (the adaptive attacker) can train a decoder on protected templates and learn to
+undo it; the measured figures are in the model card.
+
+Inference is numpy (a three-layer float32 MLP, the geometry in float64): no torch import and well over 10k templates
+per second on one core. Optional `refine_steps` run a few gradient steps per template against
+the shipped shadow decoder (torch), trading speed for disruption.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from functools import cached_property
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+
+from advplugin.keys import Key
+from advplugin.protectors.base import Protector, l2_normalize, register_scheme
+from advplugin.protectors.xnn import XNNProtector
+
+WEIGHTS_DIR = Path(__file__).with_name("weights")
+#: Trained weights per embedding dimension (only dlib's 128-d exist).
+WEIGHTS = {128: "advface-dlib128-v1.npz"}
+
+Transform = Literal["xnn", "none"]
+
+
+@dataclass(frozen=True)
+class AdvFaceConfig:
+    transform: Transform = "xnn"
+    refine_steps: int = 0
+    refine_lr: float = 0.005
+    weights: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.transform not in ("xnn", "none"):
+            raise ValueError(f"advface transform must be 'xnn' or 'none', got {self.transform!r}")
+        if not isinstance(self.refine_steps, int) or not 0 <= self.refine_steps <= 100:
+            raise ValueError("advface refine_steps must be an integer from 0 to 100")
+        if not 0 < float(self.refine_lr) <= 1:
+            raise ValueError("advface refine_lr must be in (0, 1]")
+
+
+def weights_path(dim: int, override: str | None = None) -> Path:
+    if override is not None:
+        return Path(override)
+    if dim not in WEIGHTS:
+        have = ", ".join(f"{d} ({name})" for d, name in WEIGHTS.items())
+        raise ValueError(
+            f"advface has no trained weights for dimension {dim}; weights exist for: {have}. "
+            "Train them with `python -m advplugin.protectors.advface_train`"
+        )
+    return WEIGHTS_DIR / WEIGHTS[dim]
+
+
+@dataclass(frozen=True)
+class NoiseGenerator:
+    """The trained generator g as plain arrays (numpy inference; training is in torch with
+    the same formulas in `advface_train.torch_noisy`)."""
+
+    layers: tuple[tuple[np.ndarray, np.ndarray], ...]  # (weight [in, out], bias [out])
+    max_angle: float  # radians: arccos(min_cosine)
+
+    @property
+    def min_cosine(self) -> float:
+        return float(np.cos(self.max_angle))
+
+    def direction_and_angle(self, u: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Unit noise direction orthogonal to each unit input, and its angle (radians)."""
+        h = (u * np.sqrt(u.shape[1])).astype(np.float32)
+        for i, (w, b) in enumerate(self.layers):
+            h = h @ w + b
+            if i < len(self.layers) - 1:
+                h = np.maximum(h, 0.0)
+        d, logit = h[:, :-1].astype(np.float64), h[:, -1].astype(np.float64)
+        n = d - np.sum(d * u, axis=1, keepdims=True) * u
+        n /= np.linalg.norm(n, axis=1, keepdims=True) + 1e-12
+        return n, self.max_angle / (1.0 + np.exp(-logit))
+
+    def __call__(self, u: np.ndarray) -> np.ndarray:
+        n, angle = self.direction_and_angle(u)
+        return np.cos(angle)[:, None] * u + np.sin(angle)[:, None] * n
+
+
+def load_weights(path: Path) -> tuple[NoiseGenerator, dict[str, np.ndarray], dict[str, object]]:
+    """Generator, shadow-decoder state (for refinement) and the training record."""
+    if not path.is_file():
+        raise ValueError(f"advface weights {path} not found")
+    with np.load(path, allow_pickle=False) as data:
+        n_layers = int(data["n_layers"])
+        layers = tuple(
+            (data[f"g{i}_w"].astype(np.float32), data[f"g{i}_b"].astype(np.float32))
+            for i in range(n_layers)
+        )
+        decoder = {k[len("dec/") :]: data[k] for k in data.files if k.startswith("dec/")}
+        record = json.loads(str(data["record"]))
+        generator = NoiseGenerator(layers, float(data["max_angle"]))
+    return generator, decoder, record
+
+
+class AdvFaceProtector(Protector):
+    scheme = "advface"
+    scheme_version = 1
+    # Measured drop on lfw-dev pairs is in docs/schemes/advface.md; this is the promise.
+    accuracy_tolerance = 0.01
+
+    def __init__(self, *, dim: int, key: Key | None, config: AdvFaceConfig | None = None) -> None:
+        super().__init__(dim=dim, key=key)
+        self.config = config or AdvFaceConfig()
+        self._weights = weights_path(dim, self.config.weights)
+        generator, _, record = load_weights(self._weights)
+        if generator.layers[0][0].shape[0] != dim:
+            raise ValueError(f"advface weights {self._weights.name} are not for dimension {dim}")
+        self.generator = generator
+        self.record = record
+        if self.config.refine_steps:
+            # Per-template steps ignore the pairwise structure the generator keeps.
+            self.accuracy_tolerance = 0.02  # type: ignore[misc]
+
+    @property
+    def min_cosine(self) -> float:
+        return self.generator.min_cosine
+
+    @cached_property
+    def _keyed(self) -> XNNProtector | None:
+        """The xnn transform under a sub-key: the same gallery key used for `xnn` and
+        `advface` must not put both galleries in one space."""
+        if self.config.transform == "none":
+            return None
+        assert self._key is not None
+        sub = Key(self._key.derive(f"advface/v{self.scheme_version}/xnn", 32))
+        return XNNProtector(dim=self.dim, key=sub)
+
+    def noisy(self, raw: np.ndarray) -> np.ndarray:
+        """Unit embeddings moved by the adversarial noise, before the keyed transform."""
+        u = raw.astype(np.float64)
+        u /= np.linalg.norm(u, axis=1, keepdims=True)
+        if self.config.refine_steps:
+            return self._refined(u)
+        return self.generator(u)
+
+    def _refined(self, u: np.ndarray) -> np.ndarray:
+        from advplugin.protectors.advface_train import refine
+
+        _, decoder, _ = load_weights(self._weights)
+        return refine(
+            u,
+            self.generator,
+            decoder,
+            self.record,
+            steps=self.config.refine_steps,
+            lr=float(self.config.refine_lr),
+        )
+
+    def _protect(self, raw: np.ndarray) -> np.ndarray:
+        t = self.noisy(raw).astype(np.float32)
+        if self._keyed is None:
+            return l2_normalize(t)
+        return self._keyed._protect(t)
+
+
+@register_scheme("advface")
+def _create_advface(*, dim: int, key: Key | None, **config: object) -> AdvFaceProtector:
+    try:
+        cfg = AdvFaceConfig(**config)  # type: ignore[arg-type]
+    except TypeError as e:
+        raise ValueError(f"bad advface option: {e}") from None
+    return AdvFaceProtector(dim=dim, key=key, config=cfg)

@@ -1,0 +1,126 @@
+"""What `advface` promises beyond the contract suite (which runs on it too): the drift budget
+holds for any input, the noise is a deterministic function of the embedding, the keyed
+transform keeps scores, the noise disrupts the shadow decoder more than random noise of the
+same size on people it never saw, and dimensions without weights fail clearly."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from advplugin.evaluation.data import identity_in_test
+from advplugin.evaluation.pairs_report import cosine_scores
+from advplugin.keys import Key
+from advplugin.protectors import create_protector
+from advplugin.protectors.advface import AdvFaceProtector, load_weights, weights_path
+
+DIM = 128
+
+
+def unit(x: np.ndarray) -> np.ndarray:
+    x = x.astype(np.float64)
+    return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+
+@pytest.fixture(scope="module")
+def heldout(lfw_cache: dict[str, np.ndarray]) -> np.ndarray:
+    """Raw embeddings of people on the evaluation's test side: never seen in training."""
+    test = np.array([identity_in_test(str(i), 0.5) for i in lfw_cache["identity"]])
+    return lfw_cache["embedding"][test][:600]
+
+
+def noise_only(key: Key) -> AdvFaceProtector:
+    p = create_protector("advface", key=key, dim=DIM, transform="none")
+    assert isinstance(p, AdvFaceProtector)
+    return p
+
+
+def test_drift_stays_within_budget_for_any_input(key: Key) -> None:
+    p = noise_only(key)
+    rng = np.random.default_rng(3)
+    # Far outside the training distribution too: the bound is by construction.
+    raw = np.concatenate([rng.normal(size=(300, DIM)), rng.normal(size=(300, DIM)) * 50 + 3])
+    cos = np.sum(unit(raw) * unit(p.protect(raw.astype(np.float32))), axis=1)
+    assert cos.min() >= p.min_cosine - 1e-5
+    assert cos.max() < 0.9999  # noise was added
+
+
+def test_noise_on_real_faces_uses_the_budget(key: Key, heldout: np.ndarray) -> None:
+    p = noise_only(key)
+    cos = np.sum(unit(heldout) * unit(p.protect(heldout)), axis=1)
+    assert cos.min() >= p.min_cosine - 1e-5
+    assert cos.mean() < 0.99  # the templates really moved away from the embeddings
+
+
+def test_noise_is_deterministic_and_per_row(key: Key, heldout: np.ndarray) -> None:
+    p = noise_only(key)
+    batch = p.protect(heldout[:50])
+    again = create_protector("advface", key=Key.generate(), dim=DIM, transform="none")
+    np.testing.assert_array_equal(batch, again.protect(heldout[:50]))  # noise needs no key
+    singles = np.concatenate([p.protect(v) for v in heldout[:50]])
+    np.testing.assert_allclose(singles, batch, atol=1e-6)  # a row never depends on its batch
+
+
+def test_keyed_transform_keeps_the_noisy_scores(key: Key, heldout: np.ndarray) -> None:
+    keyed, plain = create_protector("advface", key=key, dim=DIM), noise_only(key)
+    t_keyed, t_plain = keyed.protect(heldout), plain.protect(heldout)
+    np.testing.assert_allclose(
+        keyed.score(t_keyed, t_keyed), cosine_scores(t_plain, t_plain), atol=2e-5
+    )
+    # ...and lies in another space than an `xnn` gallery under the same key.
+    xnn = create_protector("xnn", key=key, dim=DIM).protect(heldout)
+    assert np.abs(np.sum(unit(xnn) * unit(t_keyed), axis=1)).max() < 0.5
+
+
+def test_genuine_pairs_stay_ahead_of_impostors(key: Key, heldout: np.ndarray) -> None:
+    """Rank-1 over held-out people barely changes when both sides carry the noise."""
+    p = noise_only(key)
+    raw_s = cosine_scores(heldout, heldout)
+    prot_s = cosine_scores(p.protect(heldout), p.protect(heldout))
+    np.fill_diagonal(raw_s, -2)
+    np.fill_diagonal(prot_s, -2)
+    raw_top, prot_top = raw_s.argmax(1), prot_s.argmax(1)
+    agree = (raw_top == prot_top).mean()
+    assert agree > 0.9
+
+
+def test_disrupts_the_shadow_decoder_more_than_random_noise(key: Key, heldout: np.ndarray) -> None:
+    torch = pytest.importorskip("torch")
+    from advplugin.protectors.advface_train import disruption, random_noise_at, shadow_decoder
+
+    generator, state, record = load_weights(weights_path(DIM))
+    decoder = shadow_decoder(state, record)
+    u = unit(heldout[:200])
+    _, angle = generator.direction_and_angle(u)
+    torch.manual_seed(0)
+    adversarial = disruption(decoder, u, generator(u))
+    random = disruption(decoder, u, random_noise_at(u, angle, np.random.default_rng(0)))
+    assert adversarial > 1.5 * random
+
+
+def test_refinement_increases_disruption_within_budget(key: Key, heldout: np.ndarray) -> None:
+    pytest.importorskip("torch")
+    from advplugin.protectors.advface_train import disruption, shadow_decoder
+
+    _, state, record = load_weights(weights_path(DIM))
+    decoder = shadow_decoder(state, record)
+    plain = create_protector("advface", key=key, dim=DIM, transform="none")
+    refined = create_protector("advface", key=key, dim=DIM, transform="none", refine_steps=5)
+    u = unit(heldout[:32])
+    t0, t1 = plain.noisy(heldout[:32]), refined.noisy(heldout[:32])
+    assert np.sum(u * t1, axis=1).min() >= plain.min_cosine - 1e-5
+    assert disruption(decoder, u, t1) > disruption(decoder, u, t0)
+
+
+def test_dimension_without_weights_is_a_clear_error(key: Key) -> None:
+    with pytest.raises(ValueError, match=r"no trained weights for dimension 512.*128"):
+        create_protector("advface", key=key, dim=512)
+
+
+def test_bad_options(key: Key) -> None:
+    with pytest.raises(ValueError, match="transform"):
+        create_protector("advface", key=key, dim=DIM, transform="rot13")
+    with pytest.raises(ValueError, match="option"):
+        create_protector("advface", key=key, dim=DIM, colour="blue")
+    with pytest.raises(ValueError, match="needs a key"):
+        create_protector("advface", key=None, dim=DIM)
