@@ -162,14 +162,17 @@ class AdvFaceProtector(Protector):
             return self._refined(u)
         return self.generator(u)
 
+    @cached_property
+    def _shadow_decoder_state(self) -> dict[str, np.ndarray]:
+        return load_weights(self._weights)[1]
+
     def _refined(self, u: np.ndarray) -> np.ndarray:
         from advplugin.protectors.advface_train import refine
 
-        _, decoder, _ = load_weights(self._weights)
         return refine(
             u,
             self.generator,
-            decoder,
+            self._shadow_decoder_state,
             self.record,
             steps=self.config.refine_steps,
             lr=float(self.config.refine_lr),
