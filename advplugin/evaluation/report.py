@@ -203,13 +203,32 @@ def render_markdown(report: dict) -> str:
             [
                 f"`{label}`",
                 _num(ul["d_sys"]),
+                _num(ul["d_sys_floor"]),
+                f"{ul['mated_mean']:+.4f} / {ul['non_mated_mean']:+.4f}",
                 str(ul["mated_pairs"]),
                 str(ul["non_mated_pairs"]),
                 "< 0.05" if row["protects"] else "baseline",
                 _met(ul["d_sys"] < 0.05 if row["protects"] else None),
             ]
         )
-    out += _table(["scheme", "D_sys", "mated", "non-mated", "goal", "met"], link_rows)
+    out += _table(
+        [
+            "scheme",
+            "D_sys",
+            "estimator floor",
+            "mean score mated / non-mated",
+            "mated",
+            "non-mated",
+            "goal",
+            "met",
+        ],
+        link_rows,
+    )
+    out += [
+        "The floor is D_sys between two samples of one distribution (non-mated scores) at these "
+        "sample counts: a D_sys above it is a real difference between mated and non-mated scores.",
+        "",
+    ]
     out += [
         "![unlinkability](unlinkability.png)",
         "",
