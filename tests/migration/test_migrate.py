@@ -34,6 +34,12 @@ def offline_top1(rows, probe_rows: np.ndarray, protector) -> tuple[np.ndarray, n
     return subjects[np.argmax(s_raw, axis=1)], subjects[np.argmax(s_prot, axis=1)]
 
 
+def _migrate(source, gallery, protector, **options):
+    return migrate(
+        source, gallery, protector, extractor_name="dlib", extractor_version="test", **options
+    )
+
+
 def item_map(gallery: Gallery, job_id: int) -> dict[str, int]:
     with gallery.engine.connect() as conn:
         q = sa.select(MigrationItem.source_id, MigrationItem.template_id).where(
@@ -53,15 +59,7 @@ def test_lfw_table_migrates_exactly_and_verify_equals_offline_agreement(
     source = open_source(src_url, **SOURCE_ARGS)
     gallery = Gallery.open(database_url(target, "gallery"), upgrade=True)
     try:
-        result = migrate(
-            source,
-            gallery,
-            protector,
-            extractor_name="dlib",
-            extractor_version="test",
-            chunk_size=3000,
-            workers=2,
-        )
+        result = _migrate(source, gallery, protector, chunk_size=3000, workers=2)
         assert result.written == result.rows == len(lfw_rows) and result.chunks == 4
 
         # Exactly the source's rows: each source id became one template, and that template
@@ -94,14 +92,7 @@ def test_lfw_table_migrates_exactly_and_verify_equals_offline_agreement(
         assert report.counts_ok and report.passed
 
         # Idempotent: the same job again writes nothing.
-        again = migrate(
-            source,
-            gallery,
-            protector,
-            extractor_name="dlib",
-            extractor_version="test",
-            chunk_size=3000,
-        )
+        again = _migrate(source, gallery, protector, chunk_size=3000)
         assert again.written == 0 and again.rows == len(lfw_rows)
         assert gallery.count_templates() == len(lfw_rows)
     finally:
@@ -119,7 +110,7 @@ def test_verify_fails_when_the_gallery_does_not_answer_like_the_source(
     source = open_source(src_url, **SOURCE_ARGS)
     gallery = Gallery.open(database_url("sqlite", "gallery"), upgrade=True)
     try:
-        result = migrate(source, gallery, k1, extractor_name="dlib", extractor_version="t")
+        result = _migrate(source, gallery, k1)
         kwargs = dict(job_id=result.job_id, collection="default", samples=300)
         good = verify_migration(source, gallery, k1, **kwargs)
         assert good.passed
@@ -183,6 +174,13 @@ def test_cli_dry_run_then_verify_gated_purge(
         with g.engine.connect() as conn:
             assert conn.scalar(sa.select(sa.func.count()).select_from(MigrationJob)) == 0
 
+    # The `none` baseline would copy raw embeddings into the gallery: refused.
+    raw_copy = [a if a != "xnn" else "none" for a in args]
+    assert main(raw_copy) == 2
+    assert "does not protect" in capsys.readouterr().err
+    with Gallery.open(gallery_url) as g:
+        assert g.count_templates(collection=None) == 0
+
     # Verify that cannot pass -> no purge, source untouched.
     assert main([*args, "--verify", "--purge-source", "--min-agreement", "1.01"]) == 1
     out = capsys.readouterr().out
@@ -191,8 +189,10 @@ def test_cli_dry_run_then_verify_gated_purge(
     with engine.connect() as conn:
         assert conn.exec_driver_sql("SELECT count(vec) FROM faces").scalar() == n
 
-    assert main([*args, "--verify", "--purge-source"]) == 0
-    out = capsys.readouterr().out
+    with_progress = [a for a in args if a != "--no-progress"]
+    assert main([*with_progress, "--verify", "--purge-source"]) == 0
+    out, err = capsys.readouterr()
+    assert "validate: 100%" in err and "vec/s" in err  # progress bar with rate
     assert "migrated: 0 rows" in out  # already done: nothing written twice
     assert "verify: PASSED" in out
     assert f"purge: set vec to NULL on {n} rows" in out
