@@ -1,7 +1,8 @@
 """Shared fixtures. Tests mirror the package layout (tests/protectors, tests/adapters, ...).
 
-Face data comes from $ADVPLUGIN_FACE_DATA (default ../shared/data). Where it is absent, the
-`face_data` fixture skips the test with a reason; tests that need no data still run.
+Face data comes from $ADVPLUGIN_FACE_DATA (default ../shared/data), shared models from
+$ADVPLUGIN_MODELS_DIR (default: `models/` beside the face data). Where they are absent, the
+fixtures skip the test with a reason; tests that need no data still run.
 PostgreSQL: `postgres_url` creates a fresh database per test session on the server at
 $ADVPLUGIN_TEST_POSTGRES_URL (default postgresql+psycopg://postgres@127.0.0.1:5432/test) and
 drops it afterwards, so concurrent runs never see each other's rows.
@@ -21,6 +22,8 @@ from advplugin.keys import Key
 
 REPO = Path(__file__).resolve().parents[1]
 FACE_DATA = Path(os.environ.get("ADVPLUGIN_FACE_DATA", REPO.parent / "shared" / "data"))
+#: Shared recognition models (mobileface.onnx): beside the face data unless told otherwise.
+SHARED_MODELS = Path(os.environ.get("ADVPLUGIN_MODELS_DIR", FACE_DATA.parent / "models"))
 POSTGRES_URL = os.environ.get(
     "ADVPLUGIN_TEST_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test"
 )

@@ -33,9 +33,8 @@ from onnx import TensorProto, helper, numpy_helper
 
 from advplugin.adapters.align import ARCFACE_TEMPLATE, align_face, arcface_points_from_dlib68
 from advplugin.adapters.onnx_adapter import shape_predictor_68
+from tests.conftest import SHARED_MODELS
 
-REPO = Path(__file__).resolve().parents[2]
-SHARED_MODELS = REPO.parent / "shared" / "models"
 MOBILEFACE = SHARED_MODELS / "mobileface.onnx"
 INSIGHTFACE_SAMPLES = ("Tom_Hanks_54745.png", "t1.jpg")
 
