@@ -9,8 +9,9 @@ from pathlib import Path
 import pytest
 
 from advplugin.evaluation.data import list_images
+from tests.conftest import SHARED_MODELS
 
-SCORER = Path(__file__).resolve().parents[2].parent / "shared" / "models" / "mobileface.onnx"
+SCORER = SHARED_MODELS / "mobileface.onnx"
 
 
 @pytest.fixture(autouse=True)
