@@ -9,7 +9,7 @@ before they get here (the service checks their metadata).
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 import numpy as np
@@ -37,6 +37,21 @@ class Match:
     subject: str
     similarity: float
     template_id: int
+
+
+def best_subjects(
+    scored: Iterable[tuple[int, str, float]], *, k: int, threshold: float | None = None
+) -> list[Match]:
+    """The best `k` subjects of (template id, subject, similarity) candidates, each subject by
+    its best template, best first, only those >= threshold when one is given."""
+    best: dict[str, Match] = {}
+    for tid, name, sim in scored:
+        if name not in best or sim > best[name].similarity:
+            best[name] = Match(name, float(sim), int(tid))
+    ranked = sorted(best.values(), key=lambda m: -m.similarity)
+    if threshold is not None:
+        ranked = [m for m in ranked if m.similarity >= threshold]
+    return ranked[:k]
 
 
 class Matcher:
@@ -73,15 +88,8 @@ class Matcher:
                 results.append([])
                 continue
             sims = self.score(probes[p : p + 1], self.index.vectors(cand))[0]
-            best: dict[str, Match] = {}
-            for tid, s in zip(cand.tolist(), sims.tolist(), strict=True):
-                name = subjects[tid]
-                if name not in best or s > best[name].similarity:
-                    best[name] = Match(name, float(s), tid)
-            ranked = sorted(best.values(), key=lambda m: -m.similarity)
-            if threshold is not None:
-                ranked = [m for m in ranked if m.similarity >= threshold]
-            results.append(ranked[:k])
+            scored = ((t, subjects[t], s) for t, s in zip(cand.tolist(), sims.tolist(), strict=True))
+            results.append(best_subjects(scored, k=k, threshold=threshold))
         return results
 
     def verify(self, probe: np.ndarray, subject: str) -> Match:

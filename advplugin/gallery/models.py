@@ -81,9 +81,11 @@ class Template(Base):
     __tablename__ = "templates"
     # AUTOINCREMENT on SQLite too: ids are never reused after a delete, so a FAISS id can
     # never silently come to mean a different template.
+    # PostgreSQL: keep the ~2 KiB vectors inline in the row (revision 0003, which also sets
+    # the vector column's STORAGE EXTERNAL: SQLAlchemy has no option for that).
     __table_args__ = (
         Index("ix_templates_collection_id_id", "collection_id", "id"),
-        {"sqlite_autoincrement": True},
+        {"sqlite_autoincrement": True, "postgresql_with": {"toast_tuple_target": 8160}},
     )
 
     id: Mapped[int] = mapped_column(BigId, primary_key=True)

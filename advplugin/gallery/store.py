@@ -12,24 +12,30 @@ that are not float32-compatible [N, dim] and never logs or echoes vector values.
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import secrets
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime
+from typing import NamedTuple
 
 import numpy as np
 from sqlalchemy import (
     Connection,
+    DateTime,
     Engine,
+    String,
     bindparam,
     create_engine,
     delete,
     event,
     func,
     insert,
+    literal,
     select,
+    text,
     update,
 )
 
@@ -47,6 +53,37 @@ from advplugin.protectors.base import ProtectorMetadata, validate_embeddings
 DEFAULT_COLLECTION = "default"
 _PG_WRITE_LOCK = 0x61647670  # "advp": one advisory lock id for all gallery writers
 _IN_CHUNK = 500  # ids per IN (...) clause, well under every driver's parameter limit
+
+# PostgreSQL bulk insert of one chunk in one statement: the vectors travel as ONE bytea
+# parameter (binary, no escaping) cut into rows by the server, the other per-row values as
+# arrays, per-chunk values once. No per-row SQL text is built or parsed on either side.
+_PG_INSERT_TEMPLATES = text(
+    """
+    INSERT INTO templates (id, subject_id, collection_id, vector, dim, scheme, scheme_version,
+        key_id, extractor_name, extractor_version, image_sha256, image, created_at, updated_at)
+    SELECT u.id, u.subject_id, :collection_id,
+        substring(CAST(:vectors AS BYTEA) FROM CAST((u.n - 1) * :nbytes + 1 AS INTEGER)
+                  FOR CAST(:nbytes AS INTEGER)),
+        :dim, :scheme, :scheme_version, :key_id, :extractor_name, :extractor_version,
+        u.image_sha256, u.image, :created_at, :updated_at
+    FROM unnest(CAST(:id AS BIGINT[]), CAST(:subject_id AS BIGINT[]),
+                CAST(:image_sha256 AS VARCHAR[]), CAST(:image AS BYTEA[]))
+        WITH ORDINALITY AS u(id, subject_id, image_sha256, image, n)
+    ORDER BY u.n
+    """
+)
+
+_PG_INSERT_SUBJECTS = text(
+    "INSERT INTO subjects (collection_id, name, created_at) "
+    "SELECT :cid, unnest(CAST(:names AS VARCHAR[])), :now"
+)
+# One unique-index probe per name, whatever the planner's statistics say: with `name IN
+# (...)` a bulk load that outran autovacuum's ANALYZE got a plan that filtered every subject
+# of the collection against the whole list, a cost that grew with the table (O(N^2) overall).
+_PG_FIND_SUBJECTS = text(
+    "SELECT n.name, s.id FROM unnest(CAST(:names AS VARCHAR[])) AS n(name) "
+    "CROSS JOIN LATERAL (SELECT id FROM subjects WHERE collection_id = :cid AND name = n.name) AS s"
+)
 
 
 class SubjectNotFound(KeyError):
@@ -74,6 +111,12 @@ class TemplateBatch:
 
     def __repr__(self) -> str:
         return f"TemplateBatch(n={len(self)}, ids={int(self.ids[0]) if len(self) else None}..)"
+
+
+class StoredTemplate(NamedTuple):
+    subject: str
+    key_id: str | None
+    vector: np.ndarray  # float32 [dim], protected
 
 
 @dataclass(frozen=True)
@@ -149,6 +192,7 @@ class Gallery:
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
         self._collections: dict[str, int] = {}
+        self._conn: Connection | None = None  # set on the view `transaction()` yields
 
     # -- opening ---------------------------------------------------------------------------
     @classmethod
@@ -168,7 +212,8 @@ class Gallery:
         return cls(engine)
 
     def close(self) -> None:
-        self.engine.dispose()
+        if self._conn is None:  # a transaction's view does not own the engine
+            self.engine.dispose()
 
     def __enter__(self) -> Gallery:
         return self
@@ -181,8 +226,34 @@ class Gallery:
         return self.engine.dialect.name
 
     @contextmanager
+    def transaction(self) -> Iterator[Gallery]:
+        """ONE serialised write transaction around several gallery calls and the caller's own
+        statements: yields a view of this gallery whose methods (`add_templates`, ...) all run
+        in it, and whose `connection` takes the caller's SQL. Everything commits together or
+        not at all. Why: a batch migration must commit a chunk's templates, their change-log
+        rows and its own checkpoint atomically, or a crash could duplicate or lose a chunk.
+        Inside a transaction, `transaction()` joins it."""
+        if self._conn is not None:
+            yield self
+            return
+        with self._write() as conn:
+            view = copy.copy(self)
+            view._conn = conn
+            yield view
+
+    @property
+    def connection(self) -> Connection:
+        """The connection of the current `transaction()` (for the caller's own statements)."""
+        if self._conn is None:
+            raise RuntimeError("Gallery.connection exists only inside `with gallery.transaction()`")
+        return self._conn
+
+    @contextmanager
     def _write(self) -> Iterator[Connection]:
         """One serialised write transaction (see the module docstring for why)."""
+        if self._conn is not None:
+            yield self._conn
+            return
         with self.engine.connect() as conn:
             conn = conn.execution_options(gallery_write=True)
             with conn.begin():
@@ -192,6 +263,9 @@ class Gallery:
 
     @contextmanager
     def _read(self) -> Iterator[Connection]:
+        if self._conn is not None:
+            yield self._conn
+            return
         with self.engine.connect() as conn, conn.begin():
             yield conn
 
@@ -211,6 +285,8 @@ class Gallery:
                     cid = conn.scalar(
                         insert(Collection).values(name=name, created_at=utcnow()).returning(Collection.id)
                     )
+                    if self._conn is not None:
+                        return int(cid)  # not cached: the transaction may still roll back
         self._collections[name] = int(cid)
         return int(cid)
 
@@ -252,49 +328,97 @@ class Gallery:
         now = utcnow()
         with self._write() as conn:
             subject_ids = self._subject_ids(conn, cid, subjects, create=True)
-            rows = [
-                {
-                    "subject_id": subject_ids[name],
-                    "collection_id": cid,
-                    "vector": _to_bytes(vec),
-                    "dim": protection.output_dim,
-                    "scheme": protection.scheme,
-                    "scheme_version": protection.scheme_version,
-                    "key_id": protection.key_id,
-                    "extractor_name": extractor_name,
-                    "extractor_version": extractor_version,
-                    "image_sha256": image_sha256[i] if image_sha256 is not None else None,
-                    "image": images[i] if images is not None else None,
-                    "created_at": now,
-                    "updated_at": now,
-                }
-                for i, (name, vec) in enumerate(zip(subjects, vectors, strict=True))
-            ]
-            result = conn.execute(
-                insert(Template).returning(Template.id, sort_by_parameter_order=True), rows
+            ids = self._next_template_ids(conn, len(vectors))
+            columns = {
+                "id": ids,
+                "subject_id": [subject_ids[name] for name in subjects],
+                "image_sha256": list(image_sha256) if image_sha256 is not None else [None] * len(ids),
+                "image": list(images) if images is not None else [None] * len(ids),
+            }
+            shared = {
+                "collection_id": cid,
+                "dim": protection.output_dim,
+                "scheme": protection.scheme,
+                "scheme_version": protection.scheme_version,
+                "key_id": protection.key_id,
+                "extractor_name": extractor_name,
+                "extractor_version": extractor_version,
+                "created_at": now,
+                "updated_at": now,
+            }
+            if self.dialect == "postgresql":
+                conn.execute(
+                    _PG_INSERT_TEMPLATES,
+                    columns | shared | {"vectors": _to_bytes(vectors), "nbytes": 4 * vectors.shape[1]},
+                )
+            else:  # SQLite: the driver's executemany, one prepared statement
+                columns["vector"] = [_to_bytes(v) for v in vectors]
+                names = list(columns)
+                rows = [dict(zip(names, r, strict=True)) | shared for r in zip(*columns.values(), strict=True)]
+                conn.execute(insert(Template), rows)
+            # One change-log statement for the chunk: the rows just inserted, read back in
+            # the server. The id range holds no one else's rows (ids come from our
+            # allocation, under the write lock).
+            conn.execute(
+                insert(TemplateChange).from_select(
+                    ["collection_id", "template_id", "op", "created_at"],
+                    select(
+                        Template.collection_id, Template.id, literal("upsert", String),
+                        literal(now, DateTime(timezone=True)),
+                    )
+                    .where(Template.collection_id == cid, Template.id.between(ids[0], ids[-1]))
+                    .order_by(Template.id),
+                )
             )
-            ids = [int(r[0]) for r in result]
-            self._log(conn, cid, ids, "upsert", now)
         return ids
+
+    def _next_template_ids(self, conn: Connection, n: int) -> list[int]:
+        """Allocate `n` new template ids, ascending. Allocating first and inserting with
+        explicit ids lets a chunk go in as one bulk statement without RETURNING (whose
+        per-row fallback on SQLite and client-side query parsing on psycopg dominated
+        the insert time). Ids are still never reused: PostgreSQL takes them from the
+        column's sequence; on SQLite, inside the `BEGIN IMMEDIATE` write transaction,
+        they continue after both the largest id and AUTOINCREMENT's high-water mark."""
+        if self.dialect == "postgresql":
+            q = text(
+                "SELECT nextval(pg_get_serial_sequence('templates', 'id')) "
+                "FROM generate_series(1, :n)"
+            )
+            return sorted(int(i) for i in conn.scalars(q, {"n": n}))
+        last = conn.scalar(
+            text(
+                "SELECT max(coalesce((SELECT seq FROM sqlite_sequence WHERE name = 'templates'), 0), "
+                "coalesce((SELECT max(id) FROM templates), 0))"
+            )
+        )
+        return list(range(int(last) + 1, int(last) + 1 + n))
 
     def _subject_ids(
         self, conn: Connection, cid: int, names: Sequence[str], *, create: bool
     ) -> dict[str, int]:
         wanted = sorted(set(names))
+        found = self._find_subjects(conn, cid, wanted)
+        missing = [n for n in wanted if n not in found]
+        if missing and create:
+            # Bulk insert without RETURNING, then read the ids back (see _next_template_ids).
+            now = utcnow()
+            if self.dialect == "postgresql":
+                conn.execute(_PG_INSERT_SUBJECTS, {"cid": cid, "names": missing, "now": now})
+            else:
+                rows = [{"collection_id": cid, "name": n, "created_at": now} for n in missing]
+                conn.execute(insert(Subject), rows)
+            found.update(self._find_subjects(conn, cid, missing))
+        return found
+
+    def _find_subjects(self, conn: Connection, cid: int, names: Sequence[str]) -> dict[str, int]:
+        if self.dialect == "postgresql":
+            return {n: int(i) for n, i in conn.execute(_PG_FIND_SUBJECTS, {"cid": cid, "names": list(names)})}
         found: dict[str, int] = {}
-        for part in _chunks(wanted):
+        for part in _chunks(names):
             q = select(Subject.name, Subject.id).where(
                 Subject.collection_id == cid, Subject.name.in_(part)
             )
             found.update({n: int(i) for n, i in conn.execute(q)})
-        missing = [n for n in wanted if n not in found]
-        if missing and create:
-            now = utcnow()
-            result = conn.execute(
-                insert(Subject).returning(Subject.name, Subject.id, sort_by_parameter_order=True),
-                [{"collection_id": cid, "name": n, "created_at": now} for n in missing],
-            )
-            found.update({n: int(i) for n, i in result})
         return found
 
     def _log(self, conn: Connection, cid: int, ids: Sequence[int], op: str, now: datetime) -> None:
@@ -358,16 +482,22 @@ class Gallery:
 
     def get_templates(self, ids: Sequence[int]) -> dict[int, tuple[str, np.ndarray]]:
         """{template id: (subject name, protected vector)} for the ids that still exist."""
-        out: dict[int, tuple[str, np.ndarray]] = {}
+        return {i: (r.subject, r.vector) for i, r in self.template_rows(ids).items()}
+
+    def template_rows(self, ids: Sequence[int]) -> dict[int, StoredTemplate]:
+        """{template id: (subject, key id, vector)} for the ids that still exist, read in one
+        snapshot: a vector is always paired with the key id it is under (mid-rotation, a
+        vector from one read and a key id from another could disagree)."""
+        out: dict[int, StoredTemplate] = {}
         with self._read() as conn:
             for part in _chunks([int(i) for i in ids]):
                 q = (
-                    select(Template.id, Subject.name, Template.vector, Template.dim)
+                    select(Template.id, Subject.name, Template.key_id, Template.vector, Template.dim)
                     .join(Subject, Subject.id == Template.subject_id)
                     .where(Template.id.in_(part))
                 )
                 for r in conn.execute(q):
-                    out[int(r.id)] = (r.name, _from_bytes(r.vector, r.dim))
+                    out[int(r.id)] = StoredTemplate(r.name, r.key_id, _from_bytes(r.vector, r.dim))
         return out
 
     def template_subjects(self, ids: Sequence[int]) -> dict[int, str]:
@@ -515,6 +645,36 @@ class Gallery:
                 }
                 for r in conn.execute(q)
             ]
+
+    def has_templates(self, *, key_id: str | None, collection: str | None = DEFAULT_COLLECTION) -> bool:
+        """Whether any template is under `key_id` (an indexed probe, unlike counting): how a
+        service notices that a key rotation has finished."""
+        cond = Template.key_id.is_(None) if key_id is None else Template.key_id == key_id
+        q = select(Template.id).where(cond).limit(1)
+        if collection is not None:
+            q = q.where(Template.collection_id == self.collection_id(collection))
+        with self._read() as conn:
+            return conn.scalar(q) is not None
+
+    def key_ids_changed(
+        self, after_seq: int, upto_seq: int, *, collection: str = DEFAULT_COLLECTION
+    ) -> set[str | None]:
+        """Key ids of the templates touched by changes `after_seq < seq <= upto_seq`. A
+        running service reads only the changes since it last looked, so it notices a key
+        rotation started by another process without scanning the gallery."""
+        cid = self.collection_id(collection)
+        q = (
+            select(Template.key_id)
+            .distinct()
+            .join(TemplateChange, TemplateChange.template_id == Template.id)
+            .where(
+                TemplateChange.collection_id == cid,
+                TemplateChange.seq > after_seq,
+                TemplateChange.seq <= upto_seq,
+            )
+        )
+        with self._read() as conn:
+            return set(conn.scalars(q))
 
     def list_subjects(
         self, *, collection: str = DEFAULT_COLLECTION, offset: int = 0, limit: int = 100

@@ -26,7 +26,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import numpy as np
-from sqlalchemy import Connection, insert, select, update
+from sqlalchemy import insert, select, update
 
 from advplugin.gallery.models import utcnow
 from advplugin.gallery.store import DEFAULT_COLLECTION, Gallery
@@ -161,25 +161,6 @@ def set_job_state(gallery: Gallery, job_id: int, state: str) -> None:
             .where(MigrationJob.id == job_id)
             .values(state=state, updated_at=utcnow())
         )
-
-
-class _InTransaction(Gallery):
-    """The gallery seen from inside a write transaction the caller already holds, so that
-    `add_templates` (the gallery's own insert logic, change log included) commits together
-    with the migration's bookkeeping rows."""
-
-    def __init__(self, gallery: Gallery, conn: Connection) -> None:
-        super().__init__(gallery.engine)
-        self._collections = gallery._collections
-        self._conn = conn
-
-    @contextmanager
-    def _write(self) -> Iterator[Connection]:
-        yield self._conn
-
-    @contextmanager
-    def _read(self) -> Iterator[Connection]:
-        yield self._conn
 
 
 # -- parallel protection -------------------------------------------------------------------
@@ -322,10 +303,13 @@ def migrate(
                 templates = protect(chunk.vectors) if len(chunk) else None
                 chunk.vectors = np.empty((0, 0), np.float32)  # drop the raw vectors now
                 chunks += 1
-                with gallery._write() as conn:
+                # One transaction: the chunk's templates (and their change-log rows), its
+                # item rows and the advanced cursor commit together or not at all.
+                with gallery.transaction() as tx:
+                    conn = tx.connection
                     ids: list[int] = []
                     if templates is not None:
-                        ids = _InTransaction(gallery, conn).add_templates(
+                        ids = tx.add_templates(
                             chunk.subjects,
                             templates,
                             protection=protector.metadata,

@@ -17,16 +17,14 @@ answers before, during and after the rotation are the same.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
-from sqlalchemy import select
 
 from advplugin.gallery.index import TemplateIndex
-from advplugin.gallery.matcher import Match
-from advplugin.gallery.models import Template
-from advplugin.gallery.store import Gallery
+from advplugin.gallery.matcher import Match, best_subjects
+from advplugin.gallery.store import DEFAULT_COLLECTION, Gallery
 from advplugin.keys import Key
 from advplugin.migration.pipeline import _progress
 from advplugin.protectors import KeyRotation, Protector, create_protector, xnn_rotation
@@ -126,10 +124,12 @@ def rotate_key(
 class KeyRing:
     """Identification while a gallery holds templates under several keys (mid-rotation).
 
-    Uses the collection's FAISS index like `Matcher`: the probe is protected under every key
-    of the ring and searched once per key; a candidate counts only for the probe protected
-    under the candidate's own key id (a probe under K1 says nothing about a template under
-    K2), and is scored by that key's protector. The best template per subject wins.
+    Uses the collection's FAISS index like `Matcher`: the probe, protected under every key of
+    the ring, is searched once per key; a candidate counts only for the probe protected under
+    the candidate's own key id (a probe under K1 says nothing about a template under K2), and
+    is scored by that key's protector against its vector read from SQL together with its key
+    id (the index may lag a chunk behind; SQL pairs each vector with its true key). The best
+    template per subject wins.
     """
 
     def __init__(
@@ -138,6 +138,7 @@ class KeyRing:
         index: TemplateIndex,
         protectors: Sequence[Protector],
         *,
+        collection: str = DEFAULT_COLLECTION,
         candidates: int = 50,
     ) -> None:
         self.gallery = gallery
@@ -145,37 +146,65 @@ class KeyRing:
         self.protectors = {p.metadata.key_id: p for p in protectors}
         if len(self.protectors) != len(protectors):
             raise ValueError("two protectors of the key ring have the same key id")
+        self.collection = collection
         self.candidates = candidates
+        self._rotations: dict[tuple[str | None, str | None], KeyRotation] = {}
 
-    def identify(self, raw_probes: np.ndarray, *, k: int = 1) -> list[list[Match]]:
-        best: list[dict[str, Match]] = [{} for _ in range(len(raw_probes))]
-        for kid, protector in self.protectors.items():
-            probes = protector.protect(raw_probes)
-            _, ids = self.index.search(probes, max(self.candidates, 5 * k))
-            valid = np.unique(ids[ids >= 0]).tolist()
-            owner = _template_keys(self.gallery, valid)
-            subjects = self.gallery.template_subjects(valid)
+    def protect(self, raw_probes: np.ndarray) -> dict[str | None, np.ndarray]:
+        """The probes protected under every key of the ring."""
+        return {kid: p.protect(raw_probes) for kid, p in self.protectors.items()}
+
+    def convert(self, templates: np.ndarray, key_id: str | None) -> dict[str | None, np.ndarray]:
+        """Templates protected under one key of the ring, re-keyed to every other key (`xnn`
+        without raw embeddings, as the rotation itself does)."""
+        out = {}
+        for kid, p in self.protectors.items():
+            if kid == key_id:
+                out[kid] = templates
+                continue
+            if (key_id, kid) not in self._rotations:
+                self._rotations[key_id, kid] = xnn_rotation(self.protectors[key_id], p)
+            out[kid] = self._rotations[key_id, kid].apply(templates)
+        return out
+
+    def identify(
+        self, raw_probes: np.ndarray, *, k: int = 1, threshold: float | None = None
+    ) -> list[list[Match]]:
+        return self.identify_protected(self.protect(raw_probes), k=k, threshold=threshold)
+
+    def identify_protected(
+        self, probes: Mapping[str | None, np.ndarray], *, k: int = 1, threshold: float | None = None
+    ) -> list[list[Match]]:
+        """`probes[key_id]`: the same probes protected under each key of the ring."""
+        n = len(next(iter(probes.values())))
+        scored: list[list[tuple[int, str, float]]] = [[] for _ in range(n)]
+        for kid, templates in probes.items():
+            protector = self.protectors[kid]
+            _, ids = self.index.search(templates, max(self.candidates, 5 * k))
+            rows = self.gallery.template_rows(np.unique(ids[ids >= 0]).tolist())
             for p, row in enumerate(ids):
-                cand = [
-                    int(i)
-                    for i in row
-                    if i >= 0 and owner.get(int(i)) == kid and int(i) in subjects
-                ]
+                cand = [int(i) for i in row if int(i) in rows and rows[int(i)].key_id == kid]
                 if not cand:
                     continue
-                sims = protector.score(probes[p : p + 1], self.index.vectors(np.array(cand)))[0]
-                for tid, sim in zip(cand, sims.tolist(), strict=True):
-                    name = subjects[tid]
-                    if name not in best[p] or sim > best[p][name].similarity:
-                        best[p][name] = Match(name, float(sim), tid)
-        return [sorted(b.values(), key=lambda m: -m.similarity)[:k] for b in best]
+                gallery = np.stack([rows[i].vector for i in cand])
+                sims = protector.score(templates[p : p + 1], gallery)[0]
+                scored[p].extend(zip(cand, (rows[i].subject for i in cand), sims.tolist(), strict=True))
+        return [best_subjects(s, k=k, threshold=threshold) for s in scored]
 
-
-def _template_keys(gallery: Gallery, ids: list[int]) -> dict[int, str | None]:
-    """Key id of each template: which probe protection may be compared with it."""
-    out: dict[int, str | None] = {}
-    with gallery.engine.connect() as conn:
-        for i in range(0, len(ids), 500):
-            q = select(Template.id, Template.key_id).where(Template.id.in_(ids[i : i + 500]))
-            out.update({int(t): kid for t, kid in conn.execute(q)})
-    return out
+    def verify(self, probes: Mapping[str | None, np.ndarray], subject: str) -> Match:
+        """The best similarity of one probe (protected under each key) to any template of
+        `subject`, each template compared under its own key. SubjectNotFound if absent."""
+        ids = self.gallery.subject_template_ids(subject, collection=self.collection)
+        if not ids:
+            self.gallery.get_subject(subject, collection=self.collection)  # raises if absent
+            return Match(subject, float("-inf"), -1)
+        scored: list[tuple[int, str, float]] = []
+        rows = self.gallery.template_rows(ids)
+        for kid, probe in probes.items():
+            mine = [i for i in ids if i in rows and rows[i].key_id == kid]
+            if mine:
+                vecs = np.stack([rows[i].vector for i in mine])
+                sims = self.protectors[kid].score(probe.reshape(1, -1), vecs)[0]
+                scored.extend((i, subject, s) for i, s in zip(mine, sims.tolist(), strict=True))
+        best = best_subjects(scored, k=1)
+        return best[0] if best else Match(subject, float("-inf"), -1)
