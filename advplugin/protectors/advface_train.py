@@ -12,8 +12,8 @@ few minutes.
 
 Losses of the generator (the shadow decoder is frozen):
 - disruption: mean L1 distance between the shadow decoder's faces from the clean and from the
-  noisy embedding, plus the same through the shadow-feature loop (noisy face -> shadow
-  encoder -> feature -> face), to be maximised;
+  noisy embedding, to be maximised (DESIGN's second, shadow-feature loop through an image ->
+  feature encoder is not implemented: it did not fit the CPU budget);
 - recognition: squared change of every pairwise cosine in the batch (batches hold two images
   of each of half their people, so genuine pairs are always present), to be minimised;
 - the drift budget needs no loss: the construction in `advface.NoiseGenerator` bounds it.
