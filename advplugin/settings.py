@@ -13,9 +13,12 @@ from typing import Literal
 from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-#: Schemes the embedded default prefers, best first; the first one registered is used. The
-#: learned schemes rank above `xnn` because they also resist a key-compromise reconstruction.
-SCHEME_PREFERENCE = ("xnn-d", "advface", "xnn")
+#: Schemes the embedded default prefers, best first; the first one registered is used.
+#: `xnn` leads on measurement (docs/evaluation, docs/schemes/advface.md): accuracy exactly
+#: that of raw embeddings, 10x faster protection than `advface`, and keys that rotate on a
+#: live gallery; `advface` resists only the non-adaptive attacker who holds the key, and
+#: both fall to the adaptive attacker. Choose `advface` explicitly with ADVPLUGIN_SCHEME.
+SCHEME_PREFERENCE = ("xnn", "advface")
 
 IndexKind = Literal["flat", "ivf", "hnsw"]
 
@@ -38,6 +41,9 @@ class Settings(BaseSettings):
     data_dir: Path = Path(".advplugin/data")
     database_url: str | None = Field(None, description="SQLAlchemy URL; default: SQLite in data_dir")
     key_file: Path | None = Field(None, description="default: data_dir/key (created 0600 if missing)")
+    #: During a key rotation (images mode): the key being retired. `key_file` is then the new
+    #: key; templates still under this one are matched with it (docs/migration.md).
+    previous_key_file: Path | None = Field(None, description="the old key while a key rotation runs")
     index_dir: Path | None = Field(None, description="FAISS snapshots; default: data_dir/index")
 
     #: "images": the service holds the key, extracts and protects uploads. "templates": it

@@ -26,6 +26,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data-dir", type=Path, help="data folder (default ./.advplugin/data)")
     p.add_argument("--database-url", help="SQLAlchemy URL (default: SQLite in the data folder)")
     p.add_argument("--key-file", type=Path, help="secret key file (default: DATA_DIR/key)")
+    p.add_argument(
+        "--previous-key-file", type=Path,
+        help="during a key rotation: the old key (then --key-file is the new one)",
+    )
     p.add_argument("--mode", choices=["images", "templates"], help="images (default) or templates")
     p.add_argument("--scheme", help="protection scheme (default: best available)")
     p.add_argument("--index-kind", choices=["flat", "ivf", "hnsw"], help="FAISS index (default flat)")
@@ -37,7 +41,10 @@ def build_settings(args: argparse.Namespace):  # type: ignore[no-untyped-def]
 
     overrides = {
         name: getattr(args, name)
-        for name in ("host", "port", "data_dir", "database_url", "key_file", "mode", "scheme", "index_kind")
+        for name in (
+            "host", "port", "data_dir", "database_url", "key_file", "previous_key_file", "mode",
+            "scheme", "index_kind",
+        )
         if getattr(args, name, None) is not None
     }
     return Settings(**overrides)

@@ -159,6 +159,13 @@ class TemplateIndex:
         with self._lock:
             return self._catch_up_locked()
 
+    def sync(self) -> None:
+        """Catch up unless that was done less than `sync_interval` ago: the staleness bound
+        searches promise for other processes' writes, without a SQL query per search."""
+        with self._lock:
+            if time.monotonic() - self._synced >= self.config.sync_interval:
+                self._catch_up_locked()
+
     def _catch_up_locked(self) -> int:
         self._synced = time.monotonic()
         applied = 0
@@ -216,8 +223,7 @@ class TemplateIndex:
         """Top-k (cosine, ids) per probe; ids are -1 where fewer than k templates exist."""
         q = l2_normalize(np.ascontiguousarray(probes, np.float32))
         with self._lock:
-            if time.monotonic() - self._synced >= self.config.sync_interval:
-                self._catch_up_locked()
+            self.sync()
             if self.size == 0:
                 return np.zeros((len(q), k), np.float32), np.full((len(q), k), -1, np.int64)
             extra = len(self._tombstones)

@@ -28,9 +28,9 @@ from advplugin.service.schemas import (
     SubjectSimilarity,
     VerifyResponse,
 )
-from advplugin.service.state import ServiceState, image_sha256
+from advplugin.service.state import KeyView, ServiceState, image_sha256
 
-ERRORS = {s: {"model": ErrorResponse} for s in (401, 404, 413, 422)}
+ERRORS = {s: {"model": ErrorResponse} for s in (401, 404, 413, 422, 503)}
 router = APIRouter(tags=["recognition"], responses=ERRORS)
 
 
@@ -45,10 +45,20 @@ def _read_upload(state: ServiceState, file: UploadFile) -> bytes:
     return data
 
 
+def _keys(state: ServiceState, collection: str) -> KeyView:
+    """The keys to match this collection with; 503 when some templates are under a key this
+    service does not hold (a key rotation it was not started for): answers would be wrong."""
+    view = state.keys(collection)
+    if view.unknown:
+        raise ServiceError(503, "key_rotation", state.key_mismatch_message(view.unknown))
+    return view
+
+
 def _protected_faces(
-    state: ServiceState, data: bytes, *, largest_only: bool, max_faces: int
-) -> tuple[Detections, np.ndarray]:
-    """Detect, embed and protect; the raw embeddings never leave this function."""
+    state: ServiceState, data: bytes, view: KeyView, *, largest_only: bool, max_faces: int
+) -> tuple[Detections, dict[str | None, np.ndarray]]:
+    """Detect, embed and protect under every key of `view` (during a key rotation: the new
+    and the previous key); the raw embeddings never leave this function."""
     if state.extractor is None:
         raise ServiceError(
             422, "images_disabled",
@@ -63,7 +73,7 @@ def _protected_faces(
         faces = state.extractor.extract(image, max_faces=max_faces, largest_only=largest_only)
     if len(faces.detections) == 0:
         raise ServiceError(422, "no_face", "no face found in the image")
-    return faces.detections, state.protect(faces.embeddings)
+    return faces.detections, state.protect_for(view, faces.embeddings)
 
 
 def _box(det: Detections, i: int) -> Box:
@@ -103,10 +113,6 @@ def _client_templates(state: ServiceState, protection: Protection, rows: list[li
     return t
 
 
-def _identify(state: ServiceState, collection: str, templates: np.ndarray, k: int, threshold: float | None):
-    return state.matcher(collection).identify(templates, k=k, threshold=threshold)
-
-
 # -- images ----------------------------------------------------------------------------------------
 @router.post("/enroll", response_model=EnrollResponse, status_code=201)
 def enroll(
@@ -121,9 +127,12 @@ def enroll(
     """Enrol the face(s) of an image as protected templates of `subject` (created if new)."""
     name = _check_subject(subject)
     data = _read_upload(state, file)
-    det, templates = _protected_faces(
-        state, data, largest_only=faces == "largest", max_faces=state.settings.max_faces
+    # Enrolments use the current key only (during a rotation: the new key).
+    view = KeyView(current=state.expected.key_id, previous=None, unknown=[])
+    det, protected = _protected_faces(
+        state, data, view, largest_only=faces == "largest", max_faces=state.settings.max_faces
     )
+    templates = protected[view.current]
     digest = image_sha256(data)
     ids = state.gallery.add_templates(
         [name] * len(templates), templates, protection=state.expected,
@@ -150,8 +159,9 @@ def identify(
     """For every face (up to `limit`): its box and the most similar subjects."""
     data = _read_upload(state, file)
     max_faces = min(limit or state.settings.max_faces, state.settings.max_faces)
-    det, templates = _protected_faces(state, data, largest_only=False, max_faces=max_faces)
-    matches = _identify(state, collection, templates, prediction_count, threshold)
+    view = _keys(state, collection)
+    det, probes = _protected_faces(state, data, view, largest_only=False, max_faces=max_faces)
+    matches = state.identify(view, collection, probes, k=prediction_count, threshold=threshold)
     return IdentifyResponse(
         result=[
             FaceResult(
@@ -178,8 +188,9 @@ def verify(
         state.gallery.get_subject(name, collection=collection)
     except SubjectNotFound as e:
         raise ServiceError(404, "unknown_subject", str(e)) from None
-    det, templates = _protected_faces(state, data, largest_only=True, max_faces=1)
-    m = state.matcher(collection).verify(templates[0], name)
+    view = _keys(state, collection)
+    det, probes = _protected_faces(state, data, view, largest_only=True, max_faces=1)
+    m = state.verify(view, collection, probes, name)
     return VerifyResponse(
         subject=name, similarity=m.similarity,
         verified=None if threshold is None else m.similarity >= threshold, box=_box(det, 0),
@@ -212,7 +223,9 @@ def identify_templates(
 ) -> IdentifyResponse:
     """Identify client-protected probe templates: the best subjects for each."""
     templates = _client_templates(state, body.protection, body.templates)
-    matches = _identify(state, collection, templates, body.prediction_count, body.threshold)
+    view = _keys(state, collection)
+    probes = state.convert_for(view, collection, templates)
+    matches = state.identify(view, collection, probes, k=body.prediction_count, threshold=body.threshold)
     return IdentifyResponse(
         result=[
             FaceResult(subjects=[SubjectSimilarity(subject=m.subject, similarity=m.similarity) for m in ms])

@@ -10,6 +10,7 @@ from advplugin.service.schemas import (
     ExtractorOut,
     HealthResponse,
     IndexOut,
+    KeyOut,
     StatusResponse,
 )
 
@@ -25,13 +26,28 @@ def health() -> HealthResponse:
 def status(state: State, collection: CollectionName) -> StatusResponse:
     e, index = state.expected, state.index(collection)
     index.catch_up()
+    view = state.keys(collection)
     dim = state.extractor.dim if state.extractor is not None else e.input_dim
+    template_count = state.gallery.count_templates(collection=collection)
+    previous = view.previous.metadata.key_id if view.previous is not None else None
+    if previous is None and not view.unknown:
+        keys = [KeyOut(key_id=e.key_id, role="current", template_count=template_count)]
+    else:  # a rotation is visible: count per key (one grouped scan; /status only)
+        counts: dict[str | None, int] = {}
+        for row in state.gallery.provenance(collection=collection):
+            counts[row["key_id"]] = counts.get(row["key_id"], 0) + int(row["count"])  # type: ignore[arg-type, call-overload]
+        keys = [
+            KeyOut(key_id=k, role="current" if k == e.key_id else "previous" if k == previous else "unknown",
+                   template_count=counts.get(k, 0))
+            for k in [e.key_id, *([previous] if previous else []), *view.unknown]
+        ]
     return StatusResponse(
         mode=state.settings.mode, scheme=e.scheme, scheme_version=e.scheme_version, key_id=e.key_id,
         template_dim=e.output_dim,
         extractor=ExtractorOut(name=state.extractor_name, version=state.extractor_version, dim=dim),
         collection=collection,
         subject_count=state.gallery.count_subjects(collection=collection),
-        template_count=state.gallery.count_templates(collection=collection),
+        template_count=template_count,
         index=IndexOut(kind=index.config.kind, size=index.size, last_change=index.last_seq),
+        previous_key_id=previous, keys=keys,
     )

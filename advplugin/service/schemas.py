@@ -5,6 +5,7 @@ they were made by the same scheme and key as the gallery."""
 from __future__ import annotations
 
 from datetime import datetime
+from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -106,8 +107,19 @@ class IndexOut(BaseModel):
     last_change: int
 
 
+class KeyOut(BaseModel):
+    """Templates of the collection under one key (its id only, never the key)."""
+
+    key_id: str | None
+    role: Literal["current", "previous", "unknown"] = Field(
+        description="current: enrolments use it; previous: being retired by a key rotation; "
+        "unknown: this service holds no key for it (identification answers 503)"
+    )
+    template_count: int
+
+
 class StatusResponse(BaseModel):
-    """What the service protects with; the key appears only as its key id."""
+    """What the service protects with; keys appear only as key ids."""
 
     mode: str
     scheme: str
@@ -119,6 +131,10 @@ class StatusResponse(BaseModel):
     subject_count: int
     template_count: int
     index: IndexOut
+    previous_key_id: str | None = Field(
+        None, description="while a key rotation is in progress: the key id being retired"
+    )
+    keys: list[KeyOut] = Field(description="template counts per key id in this collection")
 
 
 # -- protected-template mode (client-side protection) --------------------------------------------

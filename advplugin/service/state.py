@@ -1,6 +1,12 @@
 """Everything the service holds while running: gallery, protector (images mode), extractor,
 one FAISS index per collection, API-key hashes. Built once at start by `ServiceState.start`,
 which also enforces the embedded defaults and refuses unsafe or inconsistent configurations.
+
+Key rotation (docs/migration.md, "Rotating a live service"): with a previous key file the
+service holds the retiring key as well. While templates under it remain, probes are protected
+under both keys and matched through `KeyRing` (each template under its own key); enrolments
+use the new key only. The service follows the gallery through the change log the index
+replays, so it notices a rotation running in another process, and its end, without scans.
 """
 
 from __future__ import annotations
@@ -11,15 +17,24 @@ import logging
 import os
 import threading
 import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 from advplugin.gallery.index import IndexConfig, TemplateIndex
-from advplugin.gallery.matcher import Matcher, ScoreFn, cosine_score
+from advplugin.gallery.matcher import Match, Matcher, ScoreFn, cosine_score
 from advplugin.gallery.store import Gallery, hash_api_key
 from advplugin.keys import load_key, write_key
-from advplugin.protectors import SCHEMES, Protector, ProtectorMetadata, create_protector
+from advplugin.migration.rotate import KeyRing
+from advplugin.protectors import (
+    SCHEMES,
+    Protector,
+    ProtectorMetadata,
+    create_protector,
+    xnn_rotation,
+)
 from advplugin.settings import Settings
 
 log = logging.getLogger("advplugin.service")
@@ -27,6 +42,32 @@ log = logging.getLogger("advplugin.service")
 
 class ConfigurationError(RuntimeError):
     """The service cannot start with this configuration; the message says how to fix it."""
+
+
+ROTATION_DOC = "docs/migration.md, 'Rotating a live service'"
+
+
+@dataclass(frozen=True)
+class KeyView:
+    """How to serve one request of a collection, given the keys its templates are under."""
+
+    current: str | None  # the key id enrolments use
+    previous: Protector | None  # the retiring key, while templates under it remain
+    unknown: list[str | None]  # key ids of templates this service holds no key for
+
+    @property
+    def key_ids(self) -> list[str | None]:
+        """Key ids to protect a probe under, the current one first."""
+        return [self.current] + ([self.previous.metadata.key_id] if self.previous else [])
+
+
+@dataclass
+class _KeyWatch:
+    """Key ids that have templates in a collection, as of change-log entry `seq` (a superset:
+    ids whose last template went are dropped when next checked)."""
+
+    seq: int
+    key_ids: set[str | None] = field(default_factory=set)
 
 
 def _write_secret_file(path: Path, text: str) -> None:
@@ -40,6 +81,9 @@ class ServiceState:
         self.settings = settings
         self.gallery: Gallery
         self.protector: Protector | None = None
+        self.previous: Protector | None = None  # images mode, during a key rotation
+        self._watch: dict[str, _KeyWatch] = {}
+        self._keys_lock = threading.Lock()
         self.extractor = None  # advplugin.adapters.Extractor in images mode
         self.expected: ProtectorMetadata
         self.extractor_name: str
@@ -99,10 +143,17 @@ class ServiceState:
                     "only for a baseline measurement"
                 )
             self.protector = protector
+            if s.previous_key_file is not None:
+                self.previous = self._previous_protector(scheme, protector, s.previous_key_file)
             self.expected = protector.metadata
             self.extractor_name, self.extractor_version = self.extractor.name, self.extractor.version
             self.score = protector.score
         else:
+            if s.previous_key_file is not None:
+                raise ConfigurationError(
+                    "ADVPLUGIN_PREVIOUS_KEY_FILE is for images mode; template mode holds no key "
+                    f"and cannot serve a gallery under two keys ({ROTATION_DOC})"
+                )
             if scheme == "none" and not s.allow_unprotected:
                 raise ConfigurationError("scheme 'none' stores raw embeddings; refused")
             if not s.template_key_id and scheme != "none":
@@ -124,20 +175,98 @@ class ServiceState:
 
         return create_protector(scheme, key=Key.generate(), dim=8).scheme_version
 
+    @staticmethod
+    def _previous_protector(scheme: str, current: Protector, path: Path) -> Protector:
+        if not path.is_file():
+            raise ConfigurationError(f"the previous key file {path} does not exist")
+        previous = create_protector(scheme, key=load_key(path), dim=current.dim)
+        if previous.metadata.key_id == current.metadata.key_id:
+            raise ConfigurationError(
+                f"the previous key file {path} holds the same key (key id {current.metadata.key_id}) "
+                "as the key file; the previous key is the one being retired"
+            )
+        try:
+            xnn_rotation(previous, current)
+        except ValueError:
+            raise ConfigurationError(
+                f"scheme {scheme!r} cannot be re-keyed without raw embeddings, so a previous key "
+                "is of no use: re-enrol, or migrate from the raw source with the new key"
+            ) from None
+        return previous
+
+    def served_key_ids(self) -> set[str | None]:
+        previous = self.previous
+        return {self.expected.key_id} | ({previous.metadata.key_id} if previous else set())
+
     def _check_gallery_matches(self) -> None:
-        """Refuse to serve a gallery whose templates were made by another scheme or key:
-        scores between them would be meaningless (finish the key rotation first)."""
+        """Refuse to serve a gallery whose templates were made by another scheme, or under a
+        key this service does not hold: scores between them would be meaningless."""
         e = self.expected
+        by_key: dict[str | None, int] = {}
         for row in self.gallery.provenance(collection=None):
-            if (row["scheme"], row["scheme_version"], row["key_id"], row["dim"]) != (
-                e.scheme, e.scheme_version, e.key_id, e.output_dim
-            ):
+            if (row["scheme"], row["scheme_version"], row["dim"]) != (e.scheme, e.scheme_version, e.output_dim):
                 raise ConfigurationError(
                     f"the gallery holds {row['count']} templates of scheme {row['scheme']} "
                     f"v{row['scheme_version']}, key id {row['key_id']}, dim {row['dim']}, but this "
                     f"service protects with {e.scheme} v{e.scheme_version}, key id {e.key_id}, "
-                    f"dim {e.output_dim}; use the matching key file or finish the key rotation"
+                    f"dim {e.output_dim}; migrate or re-enrol them first"
                 )
+            kid = row["key_id"]
+            by_key[kid] = by_key.get(kid, 0) + int(row["count"])  # type: ignore[call-overload]
+        unknown = [k for k in by_key if k not in self.served_key_ids()]
+        if unknown:
+            raise ConfigurationError(self.key_mismatch_message(unknown, by_key))
+        if self.previous is not None:
+            old = self.previous.metadata.key_id
+            if old in by_key:
+                print(
+                    f"advplugin: serving during a key rotation: {by_key[old]} templates under the "
+                    f"previous key id {old}, {by_key.get(e.key_id, 0)} under key id {e.key_id}; "
+                    "finish it with `advplugin rotate-key`",
+                    flush=True,
+                )
+            else:
+                self._retire_previous()
+
+    def key_mismatch_message(
+        self, unknown: list[str | None], by_key: Mapping[str | None, int] | None = None
+    ) -> str:
+        """What is wrong and what to run, when templates are under a key this service lacks."""
+        e = self.expected
+        if by_key:
+            held = ", ".join(
+                f"{n} under key id {k}" + (" (this service's key)" if k == e.key_id else "")
+                for k, n in by_key.items()
+            )
+            found = f"the gallery holds templates {held}"
+        else:
+            found = f"the gallery now holds templates under key id {', '.join(map(str, unknown))}"
+        if self.settings.mode == "templates":
+            return (
+                f"{found}, but clients protect with key id {e.key_id} (ADVPLUGIN_TEMPLATE_KEY_ID). "
+                "Template mode holds no key, so it cannot match a gallery under two keys: finish "
+                "the key rotation (`advplugin rotate-key`), then restart with "
+                f"ADVPLUGIN_TEMPLATE_KEY_ID=<the new key id> and give clients the new key ({ROTATION_DOC})"
+            )
+        return (
+            f"{found}, and this service holds no key for {', '.join(map(str, unknown))}. During a "
+            "key rotation OLD -> NEW, run the service with ADVPLUGIN_KEY_FILE=<NEW key file> and "
+            "ADVPLUGIN_PREVIOUS_KEY_FILE=<OLD key file> (it answers correctly throughout), and "
+            "finish the rotation with `advplugin rotate-key --old-key OLD --new-key NEW`; "
+            f"otherwise use the key file these templates were made with ({ROTATION_DOC})"
+        )
+
+    def _retire_previous(self) -> None:
+        """The rotation is finished: no template anywhere is under the previous key."""
+        previous, self.previous = self.previous, None
+        if previous is not None:
+            msg = (
+                f"key rotation finished: no template is under the previous key id "
+                f"{previous.metadata.key_id}; it is no longer used. Restart without "
+                "ADVPLUGIN_PREVIOUS_KEY_FILE and destroy that key file."
+            )
+            log.warning(msg)
+            print(f"advplugin: {msg}", flush=True)
 
     def _bootstrap_api_key(self) -> None:
         s = self.settings
@@ -176,13 +305,87 @@ class ServiceState:
                     ),
                     snapshot_path=s.resolved_index_dir / f"collection-{cid}-{s.index_kind}.npz",
                 )
+                # The change-log position first, then the key ids: a change in between is
+                # looked at again by `keys` (harmless), never missed.
+                watch = _KeyWatch(seq=self.gallery.last_change_seq(collection=collection))
+                watch.key_ids = {r["key_id"] for r in self.gallery.provenance(collection=collection)}
                 index.load()
                 index.save()
+                self._watch[collection] = watch
                 self._indexes[collection] = index
             return self._indexes[collection]
 
     def matcher(self, collection: str) -> Matcher:
         return Matcher(self.gallery, self.index(collection), self.score, collection=collection)
+
+    # -- keys of a collection (key rotation) -----------------------------------------------------
+    def keys(self, collection: str) -> KeyView:
+        """Which keys the collection's templates are under, up to what its index holds.
+
+        Cheap per request: only change-log entries not yet looked at are read (which key ids
+        did they touch?), plus one indexed existence probe per key id other than the
+        current one (has its last template gone: rotation finished, subjects deleted?).
+        """
+        index = self.index(collection)
+        with self._keys_lock:
+            watch = self._watch[collection]
+            current = self.expected.key_id
+            dropped = False
+            for kid in [k for k in watch.key_ids if k != current]:
+                if not self.gallery.has_templates(key_id=kid, collection=collection):
+                    watch.key_ids.discard(kid)
+                    dropped = True
+            if dropped:
+                index.catch_up()  # the index must not hold vectors under a dropped key
+            else:
+                index.sync()
+            if index.last_seq > watch.seq:
+                watch.key_ids |= self.gallery.key_ids_changed(watch.seq, index.last_seq, collection=collection)
+                watch.seq = index.last_seq
+            previous = self.previous
+            old = previous.metadata.key_id if previous is not None else None
+            if previous is not None and old not in watch.key_ids:
+                if not self.gallery.has_templates(key_id=old, collection=None):
+                    self._retire_previous()
+                previous = None
+            unknown = sorted((k for k in watch.key_ids if k not in (current, old)), key=str)
+            return KeyView(current=current, previous=previous, unknown=unknown)
+
+    def protect_for(self, view: KeyView, raw: np.ndarray) -> dict[str | None, np.ndarray]:
+        """Raw embeddings protected under every key the view needs (current key first)."""
+        assert self.protector is not None
+        out = {view.current: self.protector.protect(raw)}
+        if view.previous is not None:
+            out[view.previous.metadata.key_id] = view.previous.protect(raw)
+        return out
+
+    def convert_for(self, view: KeyView, collection: str, templates: np.ndarray) -> dict[str | None, np.ndarray]:
+        """Probe templates under the current key, re-keyed to the previous one if needed."""
+        if view.previous is None:
+            return {view.current: templates}
+        return self.key_ring(view, collection).convert(templates, view.current)
+
+    def key_ring(self, view: KeyView, collection: str) -> KeyRing:
+        assert self.protector is not None and view.previous is not None
+        return KeyRing(
+            self.gallery, self.index(collection), [self.protector, view.previous], collection=collection
+        )
+
+    def identify(
+        self, view: KeyView, collection: str, probes: Mapping[str | None, np.ndarray], *,
+        k: int, threshold: float | None,
+    ) -> list[list[Match]]:
+        if view.previous is None:
+            return self.matcher(collection).identify(probes[view.current], k=k, threshold=threshold)
+        return self.key_ring(view, collection).identify_protected(probes, k=k, threshold=threshold)
+
+    def verify(
+        self, view: KeyView, collection: str, probes: Mapping[str | None, np.ndarray], subject: str
+    ) -> Match:
+        if view.previous is None:
+            return self.matcher(collection).verify(probes[view.current][0], subject)
+        one = {kid: t[:1] for kid, t in probes.items()}
+        return self.key_ring(view, collection).verify(one, subject)
 
     def after_write(self, collection: str) -> None:
         """Bring the index up to date with what was just committed, snapshot now and then."""
@@ -217,11 +420,6 @@ class ServiceState:
             if hmac.compare_digest(stored.encode(), digest):
                 found = collection
         return found
-
-    # -- protection ------------------------------------------------------------------------------
-    def protect(self, raw: np.ndarray) -> np.ndarray:
-        assert self.protector is not None
-        return self.protector.protect(raw)
 
 
 def image_sha256(data: bytes) -> str:
