@@ -134,7 +134,7 @@ class StatusResponse(BaseModel):
     previous_key_id: str | None = Field(
         None, description="while a key rotation is in progress: the key id being retired"
     )
-    keys: list[KeyOut] = Field(description="template counts per key id in this collection")
+    keys: list[KeyOut] = Field(description="how many templates of this collection are under each key id")
 
 
 # -- protected-template mode (client-side protection) --------------------------------------------
