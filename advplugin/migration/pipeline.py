@@ -26,7 +26,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import numpy as np
-from sqlalchemy import insert, select, update
+from sqlalchemy import insert, select, text, update
 
 from advplugin.gallery.models import utcnow
 from advplugin.gallery.store import DEFAULT_COLLECTION, Gallery
@@ -161,6 +161,28 @@ def set_job_state(gallery: Gallery, job_id: int, state: str) -> None:
             .where(MigrationJob.id == job_id)
             .values(state=state, updated_at=utcnow())
         )
+
+
+# PostgreSQL: a chunk's items as two array parameters in one statement; psycopg's
+# executemany cost about 1 s per 10,000 rows, as much as the templates themselves.
+_PG_INSERT_ITEMS = text(
+    "INSERT INTO migration_items (job_id, source_id, template_id) "
+    "SELECT :job_id, u.source_id, u.template_id "
+    "FROM unnest(CAST(:source_ids AS VARCHAR[]), CAST(:template_ids AS BIGINT[])) AS u(source_id, template_id)"
+)
+
+
+def _insert_items(tx: Gallery, job_id: int, source_ids: list[str], template_ids: list[int]) -> None:
+    """Which template each source row became, in the chunk's transaction."""
+    if tx.dialect == "postgresql":
+        params = {"job_id": job_id, "source_ids": source_ids, "template_ids": template_ids}
+        tx.connection.execute(_PG_INSERT_ITEMS, params)
+        return
+    rows = [
+        {"job_id": job_id, "source_id": s, "template_id": t}
+        for s, t in zip(source_ids, template_ids, strict=True)
+    ]
+    tx.connection.execute(insert(MigrationItem), rows)
 
 
 # -- parallel protection -------------------------------------------------------------------
@@ -317,13 +339,7 @@ def migrate(
                             extractor_version=extractor_version,
                             collection=collection,
                         )
-                        conn.execute(
-                            insert(MigrationItem),
-                            [
-                                {"job_id": job.id, "source_id": s, "template_id": t}
-                                for s, t in zip(chunk.ids, ids, strict=True)
-                            ],
-                        )
+                        _insert_items(tx, job.id, [str(i) for i in chunk.ids], ids)
                     conn.execute(
                         update(MigrationJob)
                         .where(MigrationJob.id == job.id, MigrationJob.collection_id == cid)
