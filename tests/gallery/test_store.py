@@ -105,3 +105,62 @@ def test_api_keys_stored_only_as_hashes(gallery: Gallery, gallery_url: str) -> N
     assert len(gallery.api_key_hashes()) == 1
     assert gallery.revoke_api_keys("ops") == 1
     assert gallery.api_key_hashes() == []
+
+
+def test_transaction_commits_together_or_not_at_all(gallery: Gallery, protector) -> None:
+    kw = {"protection": protector.metadata, "extractor_name": "dlib", "extractor_version": "v1"}
+    gallery.add_templates(["ann"], _templates(protector, 1), **kw)
+    seq = gallery.last_change_seq()
+    with pytest.raises(RuntimeError, match="boom"), gallery.transaction() as tx:
+        tx.add_templates(["ann", "bob"], _templates(protector, 2, seed=1), collection="other", **kw)
+        tx.connection.execute(text("UPDATE subjects SET info = NULL"))  # the caller's own SQL
+        raise RuntimeError("boom")
+    assert gallery.count_templates(collection=None) == 1 and gallery.count_subjects() == 1
+    assert gallery.last_change_seq() == seq and "other" not in gallery.collections()
+
+    with gallery.transaction() as tx:
+        first = tx.add_templates(["bob", "cy"], _templates(protector, 2, seed=2), **kw)
+        with tx.transaction() as inner:  # joins the outer transaction
+            second = inner.add_templates(["cy"], _templates(protector, 1, seed=3), **kw)
+    ids = first + second
+    assert ids == sorted(ids) and gallery.count_templates() == 4
+    assert sorted(c.template_id for c in gallery.changes_since(seq)) == ids
+    with pytest.raises(RuntimeError, match="only inside"):
+        gallery.connection  # noqa: B018
+
+
+def test_bulk_insert_ids_metadata_and_concurrent_writers(gallery: Gallery, protector) -> None:
+    """The bulk path allocates ids itself: they must stay unique under concurrent writers,
+    never be reused after the highest one is deleted, and carry every column."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    kw = {"protection": protector.metadata, "extractor_name": "dlib", "extractor_version": "v1"}
+    t = _templates(protector, 3)
+    ids = gallery.add_templates(["a", "b", "a"], t, image_sha256=["h1", None, "h3"],
+                                images=[b"\x00jpeg\xff", None, b"png"], **kw)
+    rows = gallery.template_rows(ids)
+    assert [rows[i].subject for i in ids] == ["a", "b", "a"]
+    np.testing.assert_array_equal(np.stack([rows[i].vector for i in ids]), t)
+    with gallery.engine.connect() as conn:
+        got = conn.execute(text("SELECT id, image_sha256, image, key_id, dim, scheme FROM templates ORDER BY id")).all()
+    assert [(r[1], None if r[2] is None else bytes(r[2])) for r in got] == [
+        ("h1", b"\x00jpeg\xff"), (None, None), ("h3", b"png")]
+    assert {(r[3], r[4], r[5]) for r in got} == {(protector.metadata.key_id, 128, "xnn")}
+
+    assert gallery.delete_templates([ids[-1]]) == 1
+    again = gallery.add_templates(["c"], t[:1], **kw)
+    assert again[0] > ids[-1]  # a FAISS id never comes to mean another template
+
+    def write(w: int) -> list[int]:
+        out = []
+        for c in range(5):
+            names = [f"w{w}-{i % 7}" for i in range(50)]
+            out += gallery.add_templates(names, _templates(protector, 50, seed=10 * w + c), **kw)
+        return out
+
+    with ThreadPoolExecutor(4) as pool:
+        written = [i for part in pool.map(write, range(4)) for i in part]
+    assert len(set(written)) == 1000 and min(written) > again[0]
+    assert gallery.count_templates() == 3 + 1000 and gallery.count_subjects() == 3 + 28
+    logged = [c.template_id for c in gallery.changes_since(0)]
+    assert sorted(set(logged) & set(written)) == sorted(written) and len(logged) == len(set(logged)) + 1
