@@ -32,11 +32,13 @@ class Detections:
         idx = np.asarray(index, dtype=np.int64)
         return Detections(self.boxes[idx], self.landmarks[idx], self.scores[idx])
 
+    def areas(self) -> np.ndarray:
+        return (self.boxes[:, 2] - self.boxes[:, 0]) * (self.boxes[:, 3] - self.boxes[:, 1])
+
     def largest(self) -> Detections:
         if len(self) == 0:
             return self
-        areas = (self.boxes[:, 2] - self.boxes[:, 0]) * (self.boxes[:, 3] - self.boxes[:, 1])
-        return self.select([int(np.argmax(areas))])
+        return self.select([int(np.argmax(self.areas()))])
 
     def nearest_centre(self, height: int, width: int) -> Detections:
         if len(self) == 0:
@@ -94,8 +96,7 @@ class Extractor(ABC):
         if largest_only:
             det = det.largest()
         elif max_faces is not None and len(det) > max_faces:
-            areas = (det.boxes[:, 2] - det.boxes[:, 0]) * (det.boxes[:, 3] - det.boxes[:, 1])
-            det = det.select(np.argsort(-areas)[:max_faces])
+            det = det.select(np.argsort(-det.areas())[:max_faces])
         emb = self.embed(image, det) if len(det) else np.zeros((0, self.dim), np.float32)
         return Faces(det, emb)
 

@@ -30,6 +30,7 @@ from advplugin.evaluation.decoder import (
 from advplugin.evaluation.faces import FaceSet, load_face_set, scorer_embeddings
 from advplugin.evaluation.metrics import psnr, read_pairs, ssim
 from advplugin.keys import Key
+from advplugin.protectors.base import l2_normalize
 
 FAR = 1e-3
 QUICK_DECODER = DecoderConfig(size=64, widths=(32, 32, 16, 16, 8), epochs=2, batch_size=16)
@@ -110,7 +111,7 @@ def _run(config: EvalConfig) -> dict[str, object]:
             model_path=config.scorer,
             mean=config.scorer_mean,
             std=config.scorer_std,
-            threads=2,
+            threads=config.threads,
         )
     load = {
         "crop_size": config.decoder.size,
@@ -199,10 +200,11 @@ def _run(config: EvalConfig) -> dict[str, object]:
             "adaptive": judge(adaptive),
         }
         if protector.protects:  # the baseline's rows would repeat the raw row
+            # The same eight people as the "original photo" row.
             figures[f"{label} naive"] = (
-                naive[:8] if naive is not None else np.zeros_like(raw_recon[:8])
+                naive[shown] if naive is not None else np.zeros_like(raw_recon[shown])
             )
-            figures[f"{label} adaptive"] = adaptive[:8]
+            figures[f"{label} adaptive"] = adaptive[shown]
         stages.done(f"{label}: reconstruction attacks")
         probes, _ = attacks.leak_probes(test.folder.identity)
         linear = fit_linear_map(t_train, train.raw)
@@ -322,16 +324,12 @@ class _Judge:
             "psnr": float(psnr(originals, images).mean()),
         }
         if self.real_photos is not None and self.test.scorer is not None:
-            emb = scorer_embeddings(self.scorer, images)  # type: ignore[arg-type]
+            emb = l2_normalize(scorer_embeddings(self.scorer, images))  # type: ignore[arg-type]
             ref = self.test.scorer
-            other = np.sum(_unit(emb) * _unit(ref[self.other]), axis=1)
-            same = np.sum(_unit(emb) * _unit(ref[self.attacked]), axis=1)
-            wrong = np.sum(_unit(emb) * _unit(ref[self.impostor]), axis=1)
+            other = np.sum(emb * l2_normalize(ref[self.other]), axis=1)
+            same = np.sum(emb * l2_normalize(ref[self.attacked]), axis=1)
+            wrong = np.sum(emb * l2_normalize(ref[self.impostor]), axis=1)
             out["accepted_other_photo"] = float((other > self.threshold).mean())
             out["accepted_same_photo"] = float((same > self.threshold).mean())
             out["false_accept"] = float((wrong > self.threshold).mean())
         return out
-
-
-def _unit(x: np.ndarray) -> np.ndarray:
-    return x / np.linalg.norm(x, axis=1, keepdims=True)

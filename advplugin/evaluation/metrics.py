@@ -102,17 +102,6 @@ def threshold_at_far(impostor: np.ndarray, far: float) -> float:
     return float(impostor[len(impostor) - allowed - 1])
 
 
-def all_pair_scores(
-    templates: np.ndarray, identity: np.ndarray, score_fn
-) -> tuple[np.ndarray, np.ndarray]:
-    """Genuine and impostor scores over all unordered pairs of distinct images."""
-    s = np.asarray(score_fn(templates, templates), np.float64)
-    iu = np.triu_indices(len(templates), k=1)
-    same = identity[iu[0]] == identity[iu[1]]
-    flat = s[iu]
-    return flat[same], flat[~same]
-
-
 def rank1_identification(
     probe_scores: np.ndarray, probe_identity: np.ndarray, gallery_identity: np.ndarray
 ) -> float:

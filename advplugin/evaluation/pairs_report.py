@@ -11,6 +11,7 @@ from collections.abc import Callable
 import numpy as np
 
 from advplugin.evaluation.metrics import read_pairs, tar_at_far, ten_fold_accuracy
+from advplugin.protectors.base import l2_normalize
 
 ScoreFn = Callable[[np.ndarray, np.ndarray], np.ndarray]
 
@@ -76,6 +77,4 @@ def _all_pairs_blocked(
 
 def cosine_scores(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     """Raw embeddings are compared by cosine, the same score the protectors use."""
-    a = a / np.linalg.norm(a, axis=1, keepdims=True)
-    b = b / np.linalg.norm(b, axis=1, keepdims=True)
-    return a @ b.T
+    return l2_normalize(a) @ l2_normalize(b).T

@@ -11,25 +11,20 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from functools import partial
 
 import numpy as np
 
 from advplugin.gallery.index import TemplateIndex
 from advplugin.gallery.store import DEFAULT_COLLECTION, Gallery
-from advplugin.protectors.base import l2_normalize, validate_embeddings
+from advplugin.protectors.base import cosine_score as base_cosine_score
 
 ScoreFn = Callable[[np.ndarray, np.ndarray], np.ndarray]
 
 
 def cosine_score(dim: int) -> ScoreFn:
     """The base protector's cosine score for a service that holds no key (template mode)."""
-
-    def score(probes: np.ndarray, gallery: np.ndarray) -> np.ndarray:
-        p = l2_normalize(validate_embeddings(probes, dim, what="probe templates"))
-        g = l2_normalize(validate_embeddings(gallery, dim, what="gallery templates"))
-        return p @ g.T
-
-    return score
+    return partial(base_cosine_score, dim=dim)
 
 
 @dataclass(frozen=True)

@@ -162,9 +162,15 @@ def _template_count():  # type: ignore[no-untyped-def]
 
 
 def make_engine(url: str) -> Engine:
-    """An engine with the settings the gallery relies on (SQLite: foreign keys, WAL, fsync)."""
+    """An engine with the settings the gallery relies on (SQLite: foreign keys, WAL, fsync).
+
+    `hide_parameters`: bound values (template vectors, API-key hashes) never appear in
+    database error messages, which may reach logs and tracebacks.
+    """
     if url.startswith("sqlite"):
-        engine = create_engine(url, connect_args={"timeout": 30, "check_same_thread": False})
+        engine = create_engine(
+            url, connect_args={"timeout": 30, "check_same_thread": False}, hide_parameters=True
+        )
 
         @event.listens_for(engine, "connect")
         def _sqlite_connect(dbapi_conn, _record) -> None:  # type: ignore[no-untyped-def]
@@ -182,7 +188,7 @@ def make_engine(url: str) -> Engine:
             conn.exec_driver_sql("BEGIN IMMEDIATE" if immediate else "BEGIN")
 
         return engine
-    return create_engine(url, pool_pre_ping=True)
+    return create_engine(url, pool_pre_ping=True, hide_parameters=True)
 
 
 class Gallery:

@@ -294,7 +294,6 @@ def migrate(
     chunk_size: int = 10_000,
     workers: int | None = None,
     progress: bool = False,
-    on_chunk: object = None,
 ) -> MigrationResult:
     """Protect every source row into `collection`, resuming an earlier run of the same job.
 
@@ -353,8 +352,6 @@ def migrate(
                     )
                 written += len(ids)
                 bar.update(len(ids))  # type: ignore[attr-defined]
-                if callable(on_chunk):
-                    on_chunk(chunks, written)
     finally:
         protect.close()
     final = load_job(gallery, name)

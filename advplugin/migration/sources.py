@@ -159,7 +159,11 @@ def _decode_one(value: Any, fmt: VectorFormat) -> np.ndarray:
             value = json.loads(value)
         except (json.JSONDecodeError, TypeError):
             raise ValueError("vector text is not JSON") from None
-    arr = np.asarray(value, dtype=np.float64)
+    try:
+        arr = np.asarray(value, dtype=np.float64)
+    except (ValueError, TypeError):
+        # numpy's message quotes the value: a raw vector must never reach a report or log.
+        raise ValueError("vector values are not numbers") from None
     if arr.ndim != 1:
         raise ValueError(f"vector must be one-dimensional, got {arr.ndim} dimensions")
     return arr

@@ -59,6 +59,14 @@ def l2_normalize(x: np.ndarray) -> np.ndarray:
     return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32, copy=False)
 
 
+def cosine_score(probes: object, gallery: object, dim: int) -> np.ndarray:
+    """Cosine similarity [P, G] of validated templates of dimension `dim`: what a FAISS
+    inner-product index on normalised templates computes."""
+    p = l2_normalize(validate_embeddings(probes, dim, what="probe templates"))
+    g = l2_normalize(validate_embeddings(gallery, dim, what="gallery templates"))
+    return p @ g.T
+
+
 class Protector(ABC):
     """Base class: subclasses set `scheme`, `scheme_version`, declare their accuracy
     tolerance, and implement `_protect` on validated input."""
@@ -113,9 +121,7 @@ class Protector(ABC):
         Cosine by default, which is what a FAISS inner-product index on normalised
         templates computes, so offline scores and gallery search agree.
         """
-        p = l2_normalize(self.validate_templates(probes, what="probe templates"))
-        g = l2_normalize(self.validate_templates(gallery, what="gallery templates"))
-        return p @ g.T
+        return cosine_score(probes, gallery, self.output_dim)
 
     def __repr__(self) -> str:
         m = self.metadata

@@ -11,6 +11,7 @@ from fastapi import APIRouter, File, Form, Query, UploadFile
 from advplugin.adapters import Detections
 from advplugin.gallery.store import SubjectNotFound
 from advplugin.images import ImageError, load_image
+from advplugin.protectors.base import validate_embeddings
 from advplugin.service.deps import CollectionName, State
 from advplugin.service.errors import ServiceError
 from advplugin.service.schemas import (
@@ -106,11 +107,10 @@ def _client_templates(state: ServiceState, protection: Protection, rows: list[li
         )
     if any(len(r) != e.output_dim for r in rows):
         raise ServiceError(422, "wrong_dimension", f"templates must have dimension {e.output_dim}")
-    t = np.asarray(rows, dtype=np.float32)
-    norms = np.linalg.norm(t, axis=1)
-    if not np.isfinite(t).all() or (norms < 1e-12).any():
-        raise ServiceError(422, "invalid_template", "templates must be finite and non-zero")
-    return t
+    try:
+        return validate_embeddings(np.asarray(rows, dtype=np.float32), e.output_dim, what="templates")
+    except ValueError as err:
+        raise ServiceError(422, "invalid_template", str(err)) from None
 
 
 # -- images ----------------------------------------------------------------------------------------

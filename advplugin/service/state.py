@@ -55,11 +55,6 @@ class KeyView:
     previous: Protector | None  # the retiring key, while templates under it remain
     unknown: list[str | None]  # key ids of templates this service holds no key for
 
-    @property
-    def key_ids(self) -> list[str | None]:
-        """Key ids to protect a probe under, the current one first."""
-        return [self.current] + ([self.previous.metadata.key_id] if self.previous else [])
-
 
 @dataclass
 class _KeyWatch:
@@ -160,7 +155,7 @@ class ServiceState:
                 raise ConfigurationError(
                     "template mode needs ADVPLUGIN_TEMPLATE_KEY_ID (the key id of the clients' key)"
                 )
-            version = self._scheme_version(scheme)
+            version = self._scheme_version(scheme, s.template_dim)
             self.expected = ProtectorMetadata(
                 scheme=scheme, scheme_version=version, key_id=s.template_key_id,
                 input_dim=s.template_dim, output_dim=s.template_dim,
@@ -169,11 +164,12 @@ class ServiceState:
             self.score = cosine_score(s.template_dim)
 
     @staticmethod
-    def _scheme_version(scheme: str) -> int:
-        """A scheme's version without its key: build it with a throwaway key."""
+    def _scheme_version(scheme: str, dim: int) -> int:
+        """A scheme's version without its key: build it with a throwaway key at the served
+        dimension (learned schemes have weights for some dimensions only)."""
         from advplugin.keys import Key
 
-        return create_protector(scheme, key=Key.generate(), dim=8).scheme_version
+        return create_protector(scheme, key=Key.generate(), dim=dim).scheme_version
 
     @staticmethod
     def _previous_protector(scheme: str, current: Protector, path: Path) -> Protector:
@@ -309,8 +305,9 @@ class ServiceState:
                 # looked at again by `keys` (harmless), never missed.
                 watch = _KeyWatch(seq=self.gallery.last_change_seq(collection=collection))
                 watch.key_ids = {r["key_id"] for r in self.gallery.provenance(collection=collection)}
-                index.load()
-                index.save()
+                # Persist only what the snapshot lacks: a rebuild or replayed changes.
+                if not index.load() or index._changes_since_snapshot:
+                    index.save()
                 self._watch[collection] = watch
                 self._indexes[collection] = index
             return self._indexes[collection]
