@@ -67,7 +67,7 @@ def baseline_insert(url: str, source: Path, rows: int, chunk: int) -> float:
     meta.create_all(engine)
     with np.load(source) as data:
         subjects = data["identity"][:rows]
-    from advplugin.migration import open_source
+    from advplugin.bulk import open_source
 
     src = open_source(str(source))
     start = time.perf_counter()

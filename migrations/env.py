@@ -15,7 +15,7 @@ from sqlalchemy import create_engine
 from advplugin.gallery.models import Base
 
 try:  # tables of the migration/key-rotation jobs share the gallery's metadata and history
-    import advplugin.migration.models  # noqa: F401
+    import advplugin.bulk.models  # noqa: F401
 except ImportError:  # pragma: no cover - a tree without that package
     pass
 

@@ -86,7 +86,7 @@ def _open_gallery(url: str, *, upgrade: bool):
 
 
 def run_migrate(args: argparse.Namespace) -> int:
-    from advplugin.migration import (
+    from advplugin.bulk import (
         job_name,
         load_job,
         migrate,
@@ -195,8 +195,8 @@ def run_migrate(args: argparse.Namespace) -> int:
 
 
 def run_rotate(args: argparse.Namespace) -> int:
+    from advplugin.bulk import plan_rotation, rotate_key
     from advplugin.keys import load_key
-    from advplugin.migration import plan_rotation, rotate_key
 
     old, new = load_key(args.old_key), load_key(args.new_key)
     gallery = _open_gallery(args.gallery, upgrade=False)

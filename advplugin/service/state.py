@@ -23,11 +23,11 @@ from pathlib import Path
 
 import numpy as np
 
+from advplugin.bulk.rotate import KeyRing
 from advplugin.gallery.index import IndexConfig, TemplateIndex
 from advplugin.gallery.matcher import Match, Matcher, ScoreFn, cosine_score
 from advplugin.gallery.store import Gallery, hash_api_key
 from advplugin.keys import load_key, write_key
-from advplugin.migration.rotate import KeyRing
 from advplugin.protectors import (
     SCHEMES,
     Protector,

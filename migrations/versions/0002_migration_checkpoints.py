@@ -1,5 +1,5 @@
 """Batch-migration bookkeeping: migration_jobs (cursor per job), migration_items (source id ->
-template id). Owned by advplugin.migration (models in advplugin/migration/models.py).
+template id). Owned by advplugin.bulk (models in advplugin/bulk/models.py).
 
 Revision ID: 0002_migration_checkpoints
 Revises: 0001

@@ -17,10 +17,10 @@ from collections import defaultdict
 import numpy as np
 import pytest
 
+from advplugin.bulk import rotate_key
 from advplugin.cli.main import main
 from advplugin.gallery import Gallery
 from advplugin.keys import write_key
-from advplugin.migration import rotate_key
 from advplugin.protectors import create_protector
 from tests.service.conftest import migrated_database
 from tests.service.helpers import protection_of

@@ -1,7 +1,11 @@
-"""Batch migration of existing raw feature databases into protected galleries, and key
-rotation of stored galleries without raw embeddings. See docs/migration.md."""
+"""Bulk jobs over a whole gallery: migration of an existing raw feature database into a
+protected gallery, verification of such a migration, and key rotation of stored templates
+without raw embeddings. See docs/migration.md.
 
-from advplugin.migration.pipeline import (
+Named `bulk` (it was `advplugin.migration`) so that it cannot be confused with
+`advplugin.migrations`, the Alembic revisions of the gallery's schema."""
+
+from advplugin.bulk.pipeline import (
     MigrationResult,
     ValidationReport,
     job_name,
@@ -10,8 +14,8 @@ from advplugin.migration.pipeline import (
     set_job_state,
     validate_source,
 )
-from advplugin.migration.rotate import KeyRing, RotationResult, plan_rotation, rotate_key
-from advplugin.migration.sources import (
+from advplugin.bulk.rotate import KeyRing, RotationResult, plan_rotation, rotate_key
+from advplugin.bulk.sources import (
     Chunk,
     FaissSource,
     Source,
@@ -19,7 +23,7 @@ from advplugin.migration.sources import (
     open_source,
     read_mapping,
 )
-from advplugin.migration.verify import VerifyReport, verify_migration
+from advplugin.bulk.verify import VerifyReport, verify_migration
 
 __all__ = [
     "Chunk",

@@ -9,12 +9,12 @@ from collections import defaultdict
 import numpy as np
 import pytest
 
+from advplugin.bulk import KeyRing, plan_rotation, rotate_key
 from advplugin.cli.main import main
 from advplugin.gallery import Gallery
 from advplugin.gallery.index import IndexConfig, TemplateIndex
 from advplugin.gallery.matcher import Matcher
 from advplugin.keys import load_key
-from advplugin.migration import KeyRing, plan_rotation, rotate_key
 from advplugin.protectors import ProtectorMetadata, create_protector
 
 

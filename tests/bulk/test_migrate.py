@@ -9,11 +9,11 @@ import numpy as np
 import pytest
 import sqlalchemy as sa
 
+from advplugin.bulk import migrate, open_source, verify_migration
+from advplugin.bulk.models import MigrationItem, MigrationJob
 from advplugin.cli.main import main
 from advplugin.gallery import Gallery
 from advplugin.keys import load_key
-from advplugin.migration import migrate, open_source, verify_migration
-from advplugin.migration.models import MigrationItem, MigrationJob
 from advplugin.protectors import create_protector
 from advplugin.protectors.base import l2_normalize
 from tests.migration.conftest import fill_table

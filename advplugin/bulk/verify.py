@@ -19,10 +19,10 @@ from dataclasses import dataclass
 import numpy as np
 from sqlalchemy import func, select
 
+from advplugin.bulk.models import MigrationItem
+from advplugin.bulk.sources import Source
 from advplugin.gallery.models import Template
 from advplugin.gallery.store import Gallery
-from advplugin.migration.models import MigrationItem
-from advplugin.migration.sources import Source
 from advplugin.protectors import Protector
 from advplugin.protectors.base import l2_normalize
 

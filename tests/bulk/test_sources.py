@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import sqlalchemy as sa
 
-from advplugin.migration import open_source, validate_source
+from advplugin.bulk import open_source, validate_source
 from tests.migration.conftest import fill_table
 
 N = 600  # a slice of lfw-dev is enough to exercise paging

@@ -22,11 +22,11 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from advplugin.bulk.pipeline import _progress
 from advplugin.gallery.index import TemplateIndex
 from advplugin.gallery.matcher import Match, best_subjects
 from advplugin.gallery.store import DEFAULT_COLLECTION, Gallery
 from advplugin.keys import Key
-from advplugin.migration.pipeline import _progress
 from advplugin.protectors import KeyRotation, Protector, create_protector, xnn_rotation
 
 

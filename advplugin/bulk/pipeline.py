@@ -28,10 +28,10 @@ from dataclasses import dataclass, field
 import numpy as np
 from sqlalchemy import insert, select, text, update
 
+from advplugin.bulk.models import MigrationItem, MigrationJob
+from advplugin.bulk.sources import Chunk, Cursor, Source
 from advplugin.gallery.models import utcnow
 from advplugin.gallery.store import DEFAULT_COLLECTION, Gallery
-from advplugin.migration.models import MigrationItem, MigrationJob
-from advplugin.migration.sources import Chunk, Cursor, Source
 from advplugin.protectors import Protector
 
 MAX_EXAMPLES = 10  # bad rows named in a report
