@@ -71,6 +71,10 @@ class Settings(BaseSettings):
     index_sync_interval: float = 0.05
     snapshot_every: int = Field(1000, description="write the FAISS snapshot after this many changes")
 
+    #: Index candidates re-scored by the scheme's own scorer per probe (and per key during a
+    #: key rotation); at least 5 x the subjects asked for.
+    match_candidates: int = Field(50, ge=1, le=10_000)
+
     max_upload_bytes: int = 10 * 1024 * 1024
     max_pixels: int = 25_000_000
     max_faces: int = 20

@@ -14,7 +14,7 @@ from advplugin.bulk.pipeline import (
     set_job_state,
     validate_source,
 )
-from advplugin.bulk.rotate import KeyRing, RotationResult, plan_rotation, rotate_key
+from advplugin.bulk.rotate import RotationResult, plan_rotation, rotate_key
 from advplugin.bulk.sources import (
     Chunk,
     FaissSource,
@@ -28,7 +28,6 @@ from advplugin.bulk.verify import VerifyReport, verify_migration
 __all__ = [
     "Chunk",
     "FaissSource",
-    "KeyRing",
     "MigrationResult",
     "RotationResult",
     "Source",

@@ -8,10 +8,13 @@ whatever still carries K1 is what is left, so an interrupted rotation simply re-
 row is never rotated twice (the transaction refuses rows not under K1).
 
 While a rotation runs, the gallery holds templates under both keys, and the FAISS index
-follows chunk by chunk (it replays `template_changes`). `KeyRing` serves that state: it
-protects each probe under every key of the ring, and compares each template only with the
-probe protected under the template's own key id. `xnn` keeps cosine scores exactly, so the
-answers before, during and after the rotation are the same.
+follows chunk by chunk (it replays `template_changes`). The gallery's `Matcher`, given the
+scorers of both keys, serves that state (`advplugin.gallery.matcher`): each template is
+compared only with the probe protected under its own key id. `xnn` keeps cosine scores
+exactly, so the answers before, during and after the rotation are the same.
+
+Whether a scheme can be re-keyed at all is its own declaration (`Protector.rotation_to`),
+not a check of its type here.
 """
 
 from __future__ import annotations
@@ -57,17 +60,17 @@ def plan_rotation(gallery: Gallery, old: Key, new: Key) -> tuple[list[RotationGr
     """
     if old.key_id == new.key_id:
         raise ValueError("the old and the new key are the same key")
-    groups: dict[tuple[str, int, int], int] = {}
+    groups: dict[tuple[str, int, int, str], int] = {}
     already_new = 0
     for g in gallery.provenance(collection=None):
         if g["key_id"] == new.key_id:
             already_new += int(g["count"])  # type: ignore[call-overload]
         if g["key_id"] != old.key_id:
             continue
-        k = (str(g["scheme"]), int(g["scheme_version"]), int(g["dim"]))  # type: ignore[call-overload]
+        k = (str(g["scheme"]), int(g["scheme_version"]), int(g["dim"]), str(g["config_digest"]))  # type: ignore[call-overload]
         groups[k] = groups.get(k, 0) + int(g["count"])  # type: ignore[call-overload]
     plan = []
-    for (scheme, version, dim), count in sorted(groups.items()):
+    for (scheme, version, dim, digest), count in sorted(groups.items()):
         try:
             old_p = create_protector(scheme, key=old, dim=dim)
             new_p = create_protector(scheme, key=new, dim=dim)
@@ -76,7 +79,15 @@ def plan_rotation(gallery: Gallery, old: Key, new: Key) -> tuple[list[RotationGr
                     f"{count} templates are {scheme} v{version}, this advplugin makes "
                     f"v{old_p.scheme_version}"
                 )
-            rotation = xnn_rotation(old_p, new_p)
+            if old_p.metadata.config_digest != digest:
+                raise ValueError(
+                    f"{count} templates were made with {scheme} options (config digest "
+                    f"{digest}) other than the defaults this rotation would use "
+                    f"({old_p.metadata.config_digest})"
+                )
+            rotation = old_p.rotation_to(new_p)
+            if rotation is None:
+                raise ValueError(f"scheme {scheme!r} declares no key rotation")
         except ValueError as e:
             raise ValueError(
                 f"cannot rotate {count} templates of scheme {scheme!r} (v{version}) without raw "
@@ -119,92 +130,3 @@ def rotate_key(
                 if on_chunk is not None:
                     on_chunk(chunks, rotated)
     return RotationResult(rotated, chunks, already_new, time.perf_counter() - start)
-
-
-class KeyRing:
-    """Identification while a gallery holds templates under several keys (mid-rotation).
-
-    Uses the collection's FAISS index like `Matcher`: the probe, protected under every key of
-    the ring, is searched once per key; a candidate counts only for the probe protected under
-    the candidate's own key id (a probe under K1 says nothing about a template under K2), and
-    is scored by that key's protector against its vector read from SQL together with its key
-    id (the index may lag a chunk behind; SQL pairs each vector with its true key). The best
-    template per subject wins.
-    """
-
-    def __init__(
-        self,
-        gallery: Gallery,
-        index: TemplateIndex,
-        protectors: Sequence[Protector],
-        *,
-        collection: str = DEFAULT_COLLECTION,
-        candidates: int = 50,
-    ) -> None:
-        self.gallery = gallery
-        self.index = index
-        self.protectors = {p.metadata.key_id: p for p in protectors}
-        if len(self.protectors) != len(protectors):
-            raise ValueError("two protectors of the key ring have the same key id")
-        self.collection = collection
-        self.candidates = candidates
-        self._rotations: dict[tuple[str | None, str | None], KeyRotation] = {}
-
-    def protect(self, raw_probes: np.ndarray) -> dict[str | None, np.ndarray]:
-        """The probes protected under every key of the ring."""
-        return {kid: p.protect(raw_probes) for kid, p in self.protectors.items()}
-
-    def convert(self, templates: np.ndarray, key_id: str | None) -> dict[str | None, np.ndarray]:
-        """Templates protected under one key of the ring, re-keyed to every other key (`xnn`
-        without raw embeddings, as the rotation itself does)."""
-        out = {}
-        for kid, p in self.protectors.items():
-            if kid == key_id:
-                out[kid] = templates
-                continue
-            if (key_id, kid) not in self._rotations:
-                self._rotations[key_id, kid] = xnn_rotation(self.protectors[key_id], p)
-            out[kid] = self._rotations[key_id, kid].apply(templates)
-        return out
-
-    def identify(
-        self, raw_probes: np.ndarray, *, k: int = 1, threshold: float | None = None
-    ) -> list[list[Match]]:
-        return self.identify_protected(self.protect(raw_probes), k=k, threshold=threshold)
-
-    def identify_protected(
-        self, probes: Mapping[str | None, np.ndarray], *, k: int = 1, threshold: float | None = None
-    ) -> list[list[Match]]:
-        """`probes[key_id]`: the same probes protected under each key of the ring."""
-        n = len(next(iter(probes.values())))
-        scored: list[list[tuple[int, str, float]]] = [[] for _ in range(n)]
-        for kid, templates in probes.items():
-            protector = self.protectors[kid]
-            _, ids = self.index.search(templates, max(self.candidates, 5 * k))
-            rows = self.gallery.template_rows(np.unique(ids[ids >= 0]).tolist())
-            for p, row in enumerate(ids):
-                cand = [int(i) for i in row if int(i) in rows and rows[int(i)].key_id == kid]
-                if not cand:
-                    continue
-                gallery = np.stack([rows[i].vector for i in cand])
-                sims = protector.score(templates[p : p + 1], gallery)[0]
-                scored[p].extend(zip(cand, (rows[i].subject for i in cand), sims.tolist(), strict=True))
-        return [best_subjects(s, k=k, threshold=threshold) for s in scored]
-
-    def verify(self, probes: Mapping[str | None, np.ndarray], subject: str) -> Match:
-        """The best similarity of one probe (protected under each key) to any template of
-        `subject`, each template compared under its own key. SubjectNotFound if absent."""
-        ids = self.gallery.subject_template_ids(subject, collection=self.collection)
-        if not ids:
-            self.gallery.get_subject(subject, collection=self.collection)  # raises if absent
-            return Match(subject, float("-inf"), -1)
-        scored: list[tuple[int, str, float]] = []
-        rows = self.gallery.template_rows(ids)
-        for kid, probe in probes.items():
-            mine = [i for i in ids if i in rows and rows[i].key_id == kid]
-            if mine:
-                vecs = np.stack([rows[i].vector for i in mine])
-                sims = self.protectors[kid].score(probe.reshape(1, -1), vecs)[0]
-                scored.extend((i, subject, s) for i, s in zip(mine, sims.tolist(), strict=True))
-        best = best_subjects(scored, k=1)
-        return best[0] if best else Match(subject, float("-inf"), -1)

@@ -3,13 +3,9 @@
 from __future__ import annotations
 
 import argparse
-import os
 from pathlib import Path
 
-
-def default_cache_dir() -> Path:
-    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return Path(base) / "advplugin" / "evaluation"
+from advplugin.evaluation.paths import default_cache_dir
 
 
 def register(sub: argparse._SubParsersAction) -> None:

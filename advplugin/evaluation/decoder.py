@@ -1,40 +1,36 @@
-"""The attacker's networks: an NbNet-style template -> face decoder, and template -> raw maps.
+"""The attacker's training: an NbNet-style template -> face decoder, and template -> raw maps.
 
-The decoder follows NbNet (Mai et al., TPAMI 2019): a fully connected layer to a 4x4 map,
-then stride-2 transposed convolutions (each with batch norm and leaky ReLU) doubling the
-size up to the output, and a 3x3 convolution to RGB. It is trained with an L1 pixel loss on
-ArcFace-aligned crops, so its output is itself an aligned face that an independent
-recognition model can score directly. Widths are small so that it trains on two CPU cores
-in minutes: the attack must be cheap to be a credible threat, and the harness must finish.
+The decoder network itself (`Decoder`, `DecoderConfig`) is defined in `advplugin.nets.decoder`
+(the `advface` scheme runs a frozen copy at inference, and the runtime must not import
+evaluation code); it is re-exported here for the harness and tests. It is trained with an L1
+pixel loss on ArcFace-aligned crops, so its output is itself an aligned face that an
+independent recognition model can score directly. Widths are small so that it trains on two
+CPU cores in minutes: the attack must be cheap to be a credible threat, and the harness must
+finish.
 """
 
 from __future__ import annotations
 
-import itertools
 import math
-from dataclasses import dataclass
 
 import numpy as np
 import torch
 from torch import nn
 from tqdm import tqdm
 
+from advplugin.nets.decoder import Decoder, DecoderConfig
 
-@dataclass(frozen=True)
-class DecoderConfig:
-    size: int = 64
-    widths: tuple[int, ...] = (256, 128, 64, 32, 16)
-    epochs: int = 6
-    batch_size: int = 64
-    learning_rate: float = 2e-3
-    seed: int = 0
-
-    def __post_init__(self) -> None:
-        steps = math.log2(self.size / 4)
-        if steps != int(steps) or len(self.widths) != int(steps) + 1:
-            raise ValueError(
-                f"decoder size {self.size} needs {int(steps) + 1} widths (4x4 doubled to the size)"
-            )
+__all__ = [
+    "Decoder",
+    "DecoderConfig",
+    "apply_linear_map",
+    "apply_mlp_map",
+    "fit_linear_map",
+    "linear_fit_residual",
+    "reconstruct",
+    "train_decoder",
+    "train_mlp_map",
+]
 
 
 def _unit_scaled(templates: np.ndarray) -> torch.Tensor:
@@ -42,27 +38,6 @@ def _unit_scaled(templates: np.ndarray) -> torch.Tensor:
     t = np.asarray(templates, np.float32)
     t = t / np.linalg.norm(t, axis=1, keepdims=True) * np.float32(np.sqrt(t.shape[1]))
     return torch.from_numpy(np.ascontiguousarray(t, dtype=np.float32))
-
-
-class Decoder(nn.Module):
-    def __init__(self, dim: int, config: DecoderConfig) -> None:
-        super().__init__()
-        w = config.widths
-        self.head = nn.Linear(dim, w[0] * 16)
-        self.first = w[0]
-        blocks: list[nn.Module] = []
-        for a, b in itertools.pairwise(w):
-            blocks += [
-                nn.ConvTranspose2d(a, b, 4, 2, 1, bias=False),
-                nn.BatchNorm2d(b),
-                nn.LeakyReLU(0.2),
-            ]
-        self.body = nn.Sequential(nn.BatchNorm2d(w[0]), nn.LeakyReLU(0.2), *blocks)
-        self.out = nn.Conv2d(w[-1], 3, 3, 1, 1)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.head(x).view(len(x), self.first, 4, 4)
-        return torch.sigmoid(self.out(self.body(h)))
 
 
 def train_decoder(

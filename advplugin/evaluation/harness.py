@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from advplugin.adapters import create_extractor
 from advplugin.evaluation import attacks
 from advplugin.evaluation.data import generate_pairs, limit_images, list_images, restrict_pairs
 from advplugin.evaluation.decoder import (
@@ -29,7 +30,9 @@ from advplugin.evaluation.decoder import (
 )
 from advplugin.evaluation.faces import FaceSet, load_face_set, scorer_embeddings
 from advplugin.evaluation.metrics import psnr, read_pairs, ssim
+from advplugin.evaluation.report import write_report
 from advplugin.keys import Key
+from advplugin.protectors import create_protector
 from advplugin.protectors.base import l2_normalize
 
 FAR = 1e-3
@@ -85,10 +88,6 @@ def run_evaluation(config: EvalConfig) -> dict[str, object]:
 
 
 def _run(config: EvalConfig) -> dict[str, object]:
-    from advplugin.adapters import create_extractor
-    from advplugin.evaluation.report import write_report
-    from advplugin.protectors import create_protector
-
     rng = np.random.default_rng(config.seed)
     stages = Stages()
     if config.quick:

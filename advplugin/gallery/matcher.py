@@ -1,30 +1,38 @@
-"""Matching protected probes against the protected gallery.
+"""Matching protected probes against the protected gallery, under one key or several.
 
-FAISS proposes candidates (cosine on normalised templates); the final similarity of every
-candidate is the protector's own `score`, so schemes whose matcher is not plain cosine (a
-distilled network) rank correctly, and the service's scores equal offline scores. Only
-protected templates ever reach this module: probes are protected by the same scheme and key
-before they get here (the service checks their metadata).
+The index proposes candidates (cosine on normalised templates); the final similarity of every
+candidate is the scheme's own scorer (`Protector.scorer`, built without a key), so a scheme
+whose matcher is not plain cosine (a distilled network) ranks correctly in every mode, and
+the service's scores equal offline scores. Only protected templates ever reach this module:
+probes are protected by the gallery's scheme before they get here.
+
+Several keys are the state of a gallery during a key rotation: some templates under the old
+key, some under the new. The probes arrive protected under every key (`ProbeSet`: key id ->
+templates); each is searched once per key, and a candidate counts only for the probe
+protected under the candidate's *own* key id (a probe under K1 says nothing about a template
+under K2). Its vector is then read from SQL in the same row as its key id, because the index
+may lag a chunk behind a rotation and SQL pairs each vector with its true key. The best
+template per subject wins. One key is the trivial case of the same code: no template can be
+under another key the matcher serves, so vectors come from the index and only subject names
+from SQL.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from functools import partial
 
 import numpy as np
 
 from advplugin.gallery.index import TemplateIndex
 from advplugin.gallery.store import DEFAULT_COLLECTION, Gallery
-from advplugin.protectors.base import cosine_score as base_cosine_score
+from advplugin.protectors.base import Protector
 
 ScoreFn = Callable[[np.ndarray, np.ndarray], np.ndarray]
-
-
-def cosine_score(dim: int) -> ScoreFn:
-    """The base protector's cosine score for a service that holds no key (template mode)."""
-    return partial(base_cosine_score, dim=dim)
+#: The same probes protected under each key the matcher serves: {key id: templates [P, d]}.
+ProbeSet = Mapping[str | None, np.ndarray]
+#: How many index candidates are re-scored per probe and key, unless configured.
+DEFAULT_CANDIDATES = 50
 
 
 @dataclass(frozen=True)
@@ -50,51 +58,103 @@ def best_subjects(
 
 
 class Matcher:
+    """Identification and verification for one collection, under one or more keys.
+
+    `scorers`: {key id: the scheme's scorer under that key}, or one scorer for one key."""
+
     def __init__(
         self,
         gallery: Gallery,
         index: TemplateIndex,
-        score: ScoreFn,
+        scorers: Mapping[str | None, ScoreFn] | ScoreFn,
         *,
         collection: str = DEFAULT_COLLECTION,
-        candidates: int = 50,
+        candidates: int = DEFAULT_CANDIDATES,
     ) -> None:
+        if not callable(scorers) and not scorers:
+            raise ValueError("a matcher needs the scorer of at least one key")
+        if candidates < 1:
+            raise ValueError(f"candidates must be at least 1, got {candidates}")
         self.gallery = gallery
         self.index = index
-        self.score = score
+        # One scorer alone: a single key, whatever its id (probes then come as one array).
+        self.scorers = {None: scorers} if callable(scorers) else dict(scorers)
         self.collection = collection
         self.candidates = candidates
 
+    @classmethod
+    def for_protectors(
+        cls, gallery: Gallery, index: TemplateIndex, protectors: Sequence[Protector], **kwargs: object
+    ) -> Matcher:
+        """A matcher scoring with each protector's scheme, under its key id."""
+        scorers = {p.metadata.key_id: p.score for p in protectors}
+        if len(scorers) != len(protectors):
+            raise ValueError("two protectors have the same key id")
+        return cls(gallery, index, scorers, **kwargs)  # type: ignore[arg-type]
+
+    def _probe_set(self, probes: ProbeSet | np.ndarray) -> dict[str | None, np.ndarray]:
+        if isinstance(probes, np.ndarray):
+            if len(self.scorers) != 1:
+                raise ValueError("with several keys, pass the probes protected under each key id")
+            return {next(iter(self.scorers)): probes}
+        unknown = [k for k in probes if k not in self.scorers]
+        if unknown:
+            raise ValueError(f"probes under key ids this matcher does not serve: {unknown}")
+        if len({len(t) for t in probes.values()}) > 1:
+            raise ValueError("the probes under each key must be the same probes")
+        return dict(probes)
+
+    def _candidates(self, key_id: str | None, ids: np.ndarray) -> dict[int, tuple[str, np.ndarray]]:
+        """{template id: (subject, vector)} of the candidates under `key_id` that still exist."""
+        if not len(ids):
+            return {}
+        if len(self.scorers) == 1:
+            subjects = self.gallery.template_subjects(ids.tolist())
+            present = np.array([i for i in ids.tolist() if i in subjects], np.int64)
+            found, vectors = self.index.vectors(present)
+            return {int(i): (subjects[int(i)], v) for i, v in zip(found.tolist(), vectors, strict=True)}
+        rows = self.gallery.template_rows(ids.tolist())
+        return {i: (r.subject, r.vector) for i, r in rows.items() if r.key_id == key_id}
+
     def identify(
-        self, probes: np.ndarray, *, k: int = 1, threshold: float | None = None
+        self, probes: ProbeSet | np.ndarray, *, k: int = 1, threshold: float | None = None
     ) -> list[list[Match]]:
         """Per probe, the best `k` subjects (each by its best template), best first, only
-        those with similarity >= threshold when one is given."""
-        if len(probes) == 0:
+        those with similarity >= threshold when one is given. `probes`: a `ProbeSet`, or
+        one array when the matcher serves a single key."""
+        probe_set = self._probe_set(probes)
+        n = len(next(iter(probe_set.values())))
+        scored: list[list[tuple[int, str, float]]] = [[] for _ in range(n)]
+        if n == 0:
             return []
         n_cand = max(self.candidates, 5 * k)
-        _, ids = self.index.search(probes, n_cand)
-        valid = np.unique(ids[ids >= 0])
-        subjects = self.gallery.template_subjects(valid.tolist()) if len(valid) else {}
-        results: list[list[Match]] = []
-        for p, row in enumerate(ids):
-            cand = np.array([i for i in row if i >= 0 and int(i) in subjects], np.int64)
-            if not len(cand):
-                results.append([])
-                continue
-            sims = self.score(probes[p : p + 1], self.index.vectors(cand))[0]
-            scored = ((t, subjects[t], s) for t, s in zip(cand.tolist(), sims.tolist(), strict=True))
-            results.append(best_subjects(scored, k=k, threshold=threshold))
-        return results
+        for kid, templates in probe_set.items():
+            _, ids = self.index.search(templates, n_cand)
+            found = self._candidates(kid, np.unique(ids[ids >= 0]))
+            score = self.scorers[kid]
+            for p, row in enumerate(ids):
+                cand = [int(i) for i in row if int(i) in found]
+                if not cand:
+                    continue
+                sims = score(templates[p : p + 1], np.stack([found[i][1] for i in cand]))[0]
+                scored[p].extend(zip(cand, (found[i][0] for i in cand), sims.tolist(), strict=True))
+        return [best_subjects(s, k=k, threshold=threshold) for s in scored]
 
-    def verify(self, probe: np.ndarray, subject: str) -> Match:
-        """The probe's best similarity to any template of `subject` (SubjectNotFound if absent)."""
+    def verify(self, probes: ProbeSet | np.ndarray, subject: str) -> Match:
+        """The best similarity of ONE probe (its first row, under each key) to any template of
+        `subject`, each template compared under its own key. SubjectNotFound if absent."""
+        probe_set = self._probe_set(probes)
         ids = self.gallery.subject_template_ids(subject, collection=self.collection)
         if not ids:
             self.gallery.get_subject(subject, collection=self.collection)  # raises if absent
             return Match(subject, float("-inf"), -1)
-        stored = self.gallery.get_templates(ids)
-        vecs = np.stack([stored[i][1] for i in ids])
-        sims = self.score(probe.reshape(1, -1), vecs)[0]
-        j = int(np.argmax(sims))
-        return Match(subject, float(sims[j]), ids[j])
+        rows = self.gallery.template_rows(ids)
+        scored: list[tuple[int, str, float]] = []
+        for kid, probe in probe_set.items():
+            mine = [i for i in ids if i in rows and (len(self.scorers) == 1 or rows[i].key_id == kid)]
+            if mine:
+                vecs = np.stack([rows[i].vector for i in mine])
+                sims = self.scorers[kid](np.asarray(probe).reshape(-1, vecs.shape[1])[:1], vecs)[0]
+                scored.extend((i, subject, s) for i, s in zip(mine, sims.tolist(), strict=True))
+        best = best_subjects(scored, k=1)
+        return best[0] if best else Match(subject, float("-inf"), -1)

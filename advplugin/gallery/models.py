@@ -98,6 +98,10 @@ class Template(Base):
     dim: Mapped[int] = mapped_column(Integer)
     scheme: Mapped[str] = mapped_column(String(64))
     scheme_version: Mapped[int] = mapped_column(Integer)
+    # 16 hex digits over the scheme's options and weights (`ProtectorMetadata.config_digest`):
+    # two configurations of one scheme (e.g. orthogonal and Gaussian `xnn`) make templates in
+    # different spaces, which must never be mixed or re-keyed as one (revision 0004).
+    config_digest: Mapped[str] = mapped_column(String(16))
     key_id: Mapped[str | None] = mapped_column(String(64), nullable=True, index=True)
     extractor_name: Mapped[str] = mapped_column(String(128))
     extractor_version: Mapped[str] = mapped_column(String(128))

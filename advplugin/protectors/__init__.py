@@ -3,23 +3,30 @@
 from advplugin.protectors import advface, none, xnn  # noqa: F401  (registration side effect)
 from advplugin.protectors.base import (
     SCHEMES,
+    KeyRotation,
     Protector,
     ProtectorMetadata,
+    SchemeInfo,
+    ScoreFn,
+    WeightsFile,
     create_protector,
     list_schemes,
     register_scheme,
+    scheme_info,
     validate_embeddings,
 )
-from advplugin.protectors.xnn import KeyRotation, xnn_rotation
 
 __all__ = [
     "SCHEMES",
     "KeyRotation",
     "Protector",
     "ProtectorMetadata",
+    "SchemeInfo",
+    "ScoreFn",
+    "WeightsFile",
     "create_protector",
     "list_schemes",
     "register_scheme",
+    "scheme_info",
     "validate_embeddings",
-    "xnn_rotation",
 ]

@@ -42,12 +42,21 @@ from typing import Literal
 import numpy as np
 
 from advplugin.keys import Key
-from advplugin.protectors.base import Protector, l2_normalize, register_scheme
+from advplugin.protectors.base import (
+    Protector,
+    WeightsFile,
+    file_sha256,
+    l2_normalize,
+    register_scheme,
+)
 from advplugin.protectors.xnn import XNNProtector
 
-WEIGHTS_DIR = Path(__file__).with_name("weights")
-#: Trained weights per embedding dimension (only dlib's 128-d exist).
-WEIGHTS = {128: "advface-dlib128-v1.npz"}
+#: Trained weights per embedding dimension (only dlib's 128-d exist), with their SHA-256.
+WEIGHTS = {
+    128: WeightsFile(
+        "advface-dlib128-v1.npz", "6396ac82b8c1801281ff03907fc25728f4ec7238c497b8efac630486e50589f2"
+    ),
+}
 
 Transform = Literal["xnn", "none"]
 
@@ -72,12 +81,12 @@ def weights_path(dim: int, override: str | None = None) -> Path:
     if override is not None:
         return Path(override)
     if dim not in WEIGHTS:
-        have = ", ".join(f"{d} ({name})" for d, name in WEIGHTS.items())
+        have = ", ".join(f"{d} ({w.filename})" for d, w in WEIGHTS.items())
         raise ValueError(
             f"advface has no trained weights for dimension {dim}; weights exist for: {have}. "
-            "Train them with `python -m advplugin.protectors.advface_train`"
+            "Train them with `python -m advplugin.training.advface`"
         )
-    return WEIGHTS_DIR / WEIGHTS[dim]
+    return WEIGHTS[dim].verified_path()
 
 
 @dataclass(frozen=True)
@@ -125,15 +134,21 @@ def load_weights(path: Path) -> tuple[NoiseGenerator, dict[str, np.ndarray], dic
     return generator, decoder, record
 
 
+@register_scheme
 class AdvFaceProtector(Protector):
+    """Trained adversarial latent noise against face decoders (AdvFace), then a keyed transform."""
+
     scheme = "advface"
     scheme_version = 1
     # Measured drop on lfw-dev pairs is in docs/schemes/advface.md; this is the promise.
     accuracy_tolerance = 0.01
 
+    config_class = AdvFaceConfig
+    config: AdvFaceConfig
+    weights = WEIGHTS
+
     def __init__(self, *, dim: int, key: Key | None, config: AdvFaceConfig | None = None) -> None:
-        super().__init__(dim=dim, key=key)
-        self.config = config or AdvFaceConfig()
+        super().__init__(dim=dim, key=key, config=config)
         self._weights = weights_path(dim, self.config.weights)
         generator, _, record = load_weights(self._weights)
         if generator.layers[0][0].shape[0] != dim:
@@ -143,6 +158,17 @@ class AdvFaceProtector(Protector):
         if self.config.refine_steps:
             # Per-template steps ignore the pairwise structure the generator keeps.
             self.accuracy_tolerance = 0.02  # type: ignore[misc]
+
+    @classmethod
+    def digest_options(cls, config: AdvFaceConfig) -> dict[str, object]:
+        # The weights *path* does not matter, their content does (`weights_sha256`).
+        return {k: v for k, v in super().digest_options(config).items() if k != "weights"}
+
+    @classmethod
+    def weights_sha256(cls, dim: int, config: AdvFaceConfig) -> str | None:
+        if config.weights is not None:
+            return file_sha256(Path(config.weights))
+        return super().weights_sha256(dim, config)
 
     @property
     def min_cosine(self) -> float:
@@ -171,7 +197,7 @@ class AdvFaceProtector(Protector):
         return load_weights(self._weights)[1]
 
     def _refined(self, u: np.ndarray) -> np.ndarray:
-        from advplugin.protectors.advface_train import refine
+        from advplugin.nets.advface import refine
 
         return refine(
             u,
@@ -187,12 +213,3 @@ class AdvFaceProtector(Protector):
         if self._keyed is None:
             return l2_normalize(t)
         return self._keyed._protect(t)
-
-
-@register_scheme("advface")
-def _create_advface(*, dim: int, key: Key | None, **config: object) -> AdvFaceProtector:
-    try:
-        cfg = AdvFaceConfig(**config)  # type: ignore[arg-type]
-    except TypeError as e:
-        raise ValueError(f"bad advface option: {e}") from None
-    return AdvFaceProtector(dim=dim, key=key, config=cfg)

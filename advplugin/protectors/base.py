@@ -7,28 +7,93 @@ protector keeps no reference to it, so that only templates outlive the call.
 
 from __future__ import annotations
 
+import hashlib
+import json
+import sys
 from abc import ABC, abstractmethod
-from dataclasses import asdict, dataclass
-from typing import ClassVar
+from collections.abc import Callable, Mapping
+from dataclasses import asdict, dataclass, field
+from functools import cached_property, partial
+from pathlib import Path
+from typing import Any, ClassVar
 
 import numpy as np
 
 from advplugin.keys import Key
 from advplugin.registry import Registry
 
+WEIGHTS_DIR = Path(__file__).with_name("weights")
+#: Similarity [P, G] of protected probes against protected gallery templates.
+ScoreFn = Callable[[np.ndarray, np.ndarray], np.ndarray]
+
 
 @dataclass(frozen=True)
 class ProtectorMetadata:
-    """What a stored template must record so galleries can be migrated and keys rotated."""
+    """What a stored template must record so galleries can be migrated and keys rotated.
+
+    `config_digest` identifies everything besides the key that changes a template: the
+    scheme's options (an orthogonal and a Gaussian `xnn` are different spaces) and the digest
+    of its weights file, if any. It is written on every template row, so two configurations
+    of one scheme never mix in a gallery silently."""
 
     scheme: str
     scheme_version: int
     key_id: str | None
     input_dim: int
     output_dim: int
+    config_digest: str
 
     def as_dict(self) -> dict[str, object]:
         return asdict(self)
+
+
+def config_digest(
+    scheme: str, version: int, config: Mapping[str, object], weights_sha256: str | None
+) -> str:
+    """16 hex digits over the canonical JSON of what makes a scheme's templates what they are
+    (never the key: a key is identified by its own key id)."""
+    blob = json.dumps(
+        {"scheme": scheme, "version": version, "config": dict(config), "weights": weights_sha256},
+        sort_keys=True, separators=(",", ":"),
+    )
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+@dataclass(frozen=True)
+class WeightsFile:
+    """A trained weights file a scheme ships (in `advplugin/protectors/weights/`), with the
+    SHA-256 it must have: a changed file changes templates, so it is refused, not used."""
+
+    filename: str
+    sha256: str
+
+    @property
+    def path(self) -> Path:
+        return WEIGHTS_DIR / self.filename
+
+    def verified_path(self) -> Path:
+        if not self.path.is_file():
+            raise ValueError(f"weights file {self.path} not found")
+        actual = file_sha256(self.path)
+        if actual != self.sha256:
+            raise ValueError(
+                f"weights file {self.path.name} has SHA-256 {actual[:16]}..., the registry "
+                f"expects {self.sha256[:16]}...; reinstall advplugin or register the new file"
+            )
+        return self.path
+
+
+@dataclass(frozen=True)
+class NoConfig:
+    """Options of a scheme that has none."""
 
 
 def validate_embeddings(raw: object, dim: int, *, what: str = "embeddings") -> np.ndarray:
@@ -67,9 +132,26 @@ def cosine_score(probes: object, gallery: object, dim: int) -> np.ndarray:
     return p @ g.T
 
 
+@dataclass(frozen=True)
+class KeyRotation:
+    """A linear map taking templates under one key to templates under another, without raw
+    embeddings (what a scheme that can be re-keyed returns from `rotation_to`)."""
+
+    matrix: np.ndarray
+    from_key_id: str
+    to_key_id: str
+
+    def apply(self, templates: np.ndarray) -> np.ndarray:
+        t = np.asarray(templates, dtype=np.float64)
+        if t.ndim != 2 or t.shape[1] != self.matrix.shape[1]:
+            raise ValueError(f"templates must have shape [N, {self.matrix.shape[1]}]")
+        return l2_normalize((t @ self.matrix.T).astype(np.float32))
+
+
 class Protector(ABC):
     """Base class: subclasses set `scheme`, `scheme_version`, declare their accuracy
-    tolerance, and implement `_protect` on validated input."""
+    tolerance, their options (`config_class`) and weights, and implement `_protect` on
+    validated input. Register a subclass with `@register_scheme`."""
 
     scheme: ClassVar[str]
     scheme_version: ClassVar[int]
@@ -79,21 +161,62 @@ class Protector(ABC):
     protects: ClassVar[bool] = True
     #: True where templates from different keys must be unrelated.
     keyed: ClassVar[bool] = True
+    #: The scheme's options: a frozen dataclass, built from `create_protector`'s keywords.
+    config_class: ClassVar[type] = NoConfig
+    #: Trained weights per input dimension. Empty: the scheme works at any dimension.
+    weights: ClassVar[Mapping[int, WeightsFile]] = {}
 
-    def __init__(self, *, dim: int, key: Key | None) -> None:
+    def __init__(self, *, dim: int, key: Key | None, config: Any = None) -> None:
         if not isinstance(dim, int) or dim <= 0:
             raise ValueError(f"dim must be a positive integer, got {dim!r}")
         if self.keyed and not isinstance(key, Key):
             raise ValueError(
                 f"scheme {self.scheme!r} needs a key (create one with `advplugin keygen`)"
             )
+        self.config = config if config is not None else self.config_class()
+        if not isinstance(self.config, self.config_class):
+            raise ValueError(f"{self.scheme} config must be a {self.config_class.__name__}")
         self.dim = dim
         # An unkeyed scheme ignores a key rather than recording a key id it does not use.
         self._key = key if self.keyed else None
 
+    # -- what a caller can know without a key (SchemeInfo reads these) -------------------------
+    @classmethod
+    def make_config(cls, **options: object) -> Any:
+        try:
+            return cls.config_class(**options)
+        except TypeError as e:
+            raise ValueError(f"bad {cls.scheme} option: {e}") from None
+
+    @classmethod
+    def digest_options(cls, config: Any) -> dict[str, object]:
+        """The options that change templates (a scheme drops e.g. a weights *path*, whose
+        content is identified by `weights_sha256` instead)."""
+        return asdict(config)
+
+    @classmethod
+    def weights_sha256(cls, dim: int, config: Any) -> str | None:
+        w = cls.weights.get(dim)
+        return w.sha256 if w is not None else None
+
+    @classmethod
+    def output_dim_for(cls, dim: int, config: Any) -> int:
+        return dim
+
+    @classmethod
+    def scorer(cls, dim: int, config: Any) -> ScoreFn:
+        """The scheme's similarity of protected templates at input dimension `dim`, built
+        without a key: a service that holds no key (template mode) matches with it too.
+
+        Cosine by default, which is what a FAISS inner-product index on normalised
+        templates computes, so offline scores and gallery search agree.
+        """
+        return partial(cosine_score, dim=cls.output_dim_for(dim, config))
+
+    # -- an instance -----------------------------------------------------------------------------
     @property
     def output_dim(self) -> int:
-        return self.dim
+        return self.output_dim_for(self.dim, self.config)
 
     @property
     def metadata(self) -> ProtectorMetadata:
@@ -103,6 +226,14 @@ class Protector(ABC):
             key_id=self._key.key_id if self._key is not None else None,
             input_dim=self.dim,
             output_dim=self.output_dim,
+            config_digest=self._config_digest,
+        )
+
+    @cached_property
+    def _config_digest(self) -> str:
+        return config_digest(
+            self.scheme, self.scheme_version, self.digest_options(self.config),
+            self.weights_sha256(self.dim, self.config),
         )
 
     def protect(self, raw: np.ndarray) -> np.ndarray:
@@ -115,13 +246,19 @@ class Protector(ABC):
     def validate_templates(self, templates: object, *, what: str = "templates") -> np.ndarray:
         return validate_embeddings(templates, self.output_dim, what=what)
 
-    def score(self, probes: np.ndarray, gallery: np.ndarray) -> np.ndarray:
-        """Similarity [P, G] between protected templates; higher means more alike.
+    @cached_property
+    def _scorer(self) -> ScoreFn:
+        return self.scorer(self.dim, self.config)
 
-        Cosine by default, which is what a FAISS inner-product index on normalised
-        templates computes, so offline scores and gallery search agree.
-        """
-        return cosine_score(probes, gallery, self.output_dim)
+    def score(self, probes: np.ndarray, gallery: np.ndarray) -> np.ndarray:
+        """Similarity [P, G] between protected templates; higher means more alike."""
+        return self._scorer(probes, gallery)
+
+    def rotation_to(self, other: Protector) -> KeyRotation | None:
+        """The map re-keying this protector's templates to `other`'s without raw embeddings,
+        or None where that is impossible (the scheme cannot, or `other` differs in scheme,
+        options or dimension). A capability a scheme declares by overriding this."""
+        return None
 
     def __repr__(self) -> str:
         m = self.metadata
@@ -133,8 +270,70 @@ class Protector(ABC):
         raise TypeError("protectors cannot be pickled: they hold a secret key")
 
 
+@dataclass(frozen=True)
+class SchemeInfo:
+    """A registered scheme's metadata, read without a key or weights being loaded: like
+    timm's pretrained configs, what a service needs to check a gallery before it builds
+    anything (version, keyed or not, dimensions, weights and their digests)."""
+
+    name: str
+    protector: type[Protector] = field(repr=False)
+
+    @property
+    def version(self) -> int:
+        return self.protector.scheme_version
+
+    @property
+    def keyed(self) -> bool:
+        return self.protector.keyed
+
+    @property
+    def protects(self) -> bool:
+        return self.protector.protects
+
+    @property
+    def weights(self) -> Mapping[int, WeightsFile]:
+        return self.protector.weights
+
+    @property
+    def dims(self) -> tuple[int, ...] | None:
+        """Input dimensions with trained weights; None: any dimension."""
+        return tuple(sorted(self.weights)) if self.weights else None
+
+    @property
+    def description(self) -> str:
+        doc = self.protector.__doc__ or sys.modules[self.protector.__module__].__doc__ or ""
+        return doc.strip().splitlines()[0] if doc.strip() else ""
+
+    def supports(self, dim: int) -> bool:
+        return self.dims is None or dim in self.dims
+
+    def config_digest(self, dim: int, **options: object) -> str:
+        cfg = self.protector.make_config(**options)
+        p = self.protector
+        return config_digest(
+            self.name, self.version, p.digest_options(cfg), p.weights_sha256(dim, cfg)
+        )
+
+    def output_dim(self, dim: int, **options: object) -> int:
+        return self.protector.output_dim_for(dim, self.protector.make_config(**options))
+
+    def scorer(self, dim: int, **options: object) -> ScoreFn:
+        return self.protector.scorer(dim, self.protector.make_config(**options))
+
+
 SCHEMES: Registry[Protector] = Registry("protection scheme")
-register_scheme = SCHEMES.register
+
+
+def register_scheme(cls: type[Protector]) -> type[Protector]:
+    """Class decorator: registers a protector under its `scheme` name, with its metadata."""
+
+    def create(*, dim: int, key: Key | None = None, **options: object) -> Protector:
+        return cls(dim=dim, key=key, config=cls.make_config(**options))
+
+    create.__module__, create.__doc__ = cls.__module__, cls.__doc__
+    SCHEMES.add(cls.scheme, create, info=SchemeInfo(cls.scheme, cls))
+    return cls
 
 
 def create_protector(
@@ -142,6 +341,13 @@ def create_protector(
 ) -> Protector:
     """Build a registered protector by name, e.g. `create_protector("xnn", key=k, dim=128)`."""
     return SCHEMES.create(name, key=key, dim=dim, **config)
+
+
+def scheme_info(name: str) -> SchemeInfo:
+    """A scheme's metadata without building it; unknown names fail listing the valid ones."""
+    info = SCHEMES.info(name)
+    assert isinstance(info, SchemeInfo)
+    return info
 
 
 def list_schemes() -> list[str]:

@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import numpy as np
 
-from advplugin.keys import Key
 from advplugin.protectors.base import Protector, register_scheme
 
 
+@register_scheme
 class NoneProtector(Protector):
+    """The identity: templates are raw embeddings (evaluation baseline only)."""
+
     scheme = "none"
     scheme_version = 1
     accuracy_tolerance = 0.0
@@ -18,8 +20,3 @@ class NoneProtector(Protector):
 
     def _protect(self, raw: np.ndarray) -> np.ndarray:
         return raw.copy()
-
-
-@register_scheme("none")
-def _create_none(*, dim: int, key: Key | None = None) -> NoneProtector:
-    return NoneProtector(dim=dim, key=key)

@@ -22,7 +22,7 @@ from typing import Literal
 import numpy as np
 
 from advplugin.keys import Key
-from advplugin.protectors.base import Protector, l2_normalize, register_scheme
+from advplugin.protectors.base import KeyRotation, Protector, l2_normalize, register_scheme
 
 MatrixKind = Literal["orthogonal", "gaussian"]
 
@@ -62,14 +62,18 @@ def _gaussian(key: Key, label: str, shape: tuple[int, int]) -> np.ndarray:
     return z[:n].reshape(shape)
 
 
+@register_scheme
 class XNNProtector(Protector):
+    """Keyed permutation + secret random matrix (XNN): accuracy exactly raw (orthogonal)."""
+
     scheme = "xnn"
     scheme_version = 1
     accuracy_tolerance = 0.0005
+    config_class = XNNConfig
+    config: XNNConfig
 
     def __init__(self, *, dim: int, key: Key | None, config: XNNConfig | None = None) -> None:
-        super().__init__(dim=dim, key=key)
-        self.config = config or XNNConfig()
+        super().__init__(dim=dim, key=key, config=config)
         if self.config.matrix == "gaussian":
             # A random projection only approximates cosine scores.
             self.accuracy_tolerance = 0.01  # type: ignore[misc]
@@ -94,45 +98,15 @@ class XNNProtector(Protector):
         x = raw.astype(np.float64) / np.linalg.norm(raw, axis=1, keepdims=True)
         return l2_normalize((x @ self._transform.T).astype(np.float32))
 
-
-@dataclass(frozen=True)
-class KeyRotation:
-    """Re-protects `xnn` templates from one key to another without raw embeddings."""
-
-    matrix: np.ndarray
-    from_key_id: str
-    to_key_id: str
-
-    def apply(self, templates: np.ndarray) -> np.ndarray:
-        t = np.asarray(templates, dtype=np.float64)
-        if t.ndim != 2 or t.shape[1] != self.matrix.shape[1]:
-            raise ValueError(f"templates must have shape [N, {self.matrix.shape[1]}]")
-        return l2_normalize((t @ self.matrix.T).astype(np.float32))
-
-
-def xnn_rotation(old: Protector, new: Protector) -> KeyRotation:
-    """The transform T_new · T_old^-1 taking templates under `old` to templates under `new`."""
-    if not isinstance(old, XNNProtector) or not isinstance(new, XNNProtector):
-        raise ValueError(
-            "key rotation without raw embeddings needs two `xnn` protectors; other schemes "
-            "need the raw source or re-enrolment"
+    def rotation_to(self, other: Protector) -> KeyRotation | None:
+        """T_other · T_self^-1: re-keys stored templates without raw embeddings (None for
+        another scheme, dimension or matrix kind)."""
+        if not isinstance(other, XNNProtector) or other.dim != self.dim or other.config != self.config:
+            return None
+        t = self._transform
+        inverse = t.T if self.config.matrix == "orthogonal" else np.linalg.inv(t)
+        return KeyRotation(
+            matrix=other._transform @ inverse,
+            from_key_id=self.metadata.key_id or "",
+            to_key_id=other.metadata.key_id or "",
         )
-    if old.dim != new.dim or old.config != new.config:
-        raise ValueError("key rotation needs the same dimension and matrix kind on both keys")
-    inverse = (
-        old._transform.T if old.config.matrix == "orthogonal" else np.linalg.inv(old._transform)
-    )
-    return KeyRotation(
-        matrix=new._transform @ inverse,
-        from_key_id=old.metadata.key_id or "",
-        to_key_id=new.metadata.key_id or "",
-    )
-
-
-@register_scheme("xnn")
-def _create_xnn(*, dim: int, key: Key | None, **config: object) -> XNNProtector:
-    try:
-        cfg = XNNConfig(**config)  # type: ignore[arg-type]
-    except TypeError as e:
-        raise ValueError(f"bad xnn option: {e}") from None
-    return XNNProtector(dim=dim, key=key, config=cfg)

@@ -21,7 +21,7 @@ def get_collection(
     state: State,
     x_api_key: Annotated[str | None, Header(description="API key of a collection")] = None,
 ) -> str:
-    collection = state.authenticate(x_api_key)
+    collection = state.auth.authenticate(x_api_key)
     if collection is None:
         # Same answer for a missing and a wrong key; the key is never echoed.
         raise ServiceError(401, "unauthorized", "missing or invalid x-api-key header")

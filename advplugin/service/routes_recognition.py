@@ -9,6 +9,7 @@ import numpy as np
 from fastapi import APIRouter, File, Form, Query, UploadFile
 
 from advplugin.adapters import Detections
+from advplugin.gallery.matcher import ProbeSet
 from advplugin.gallery.store import SubjectNotFound
 from advplugin.images import ImageError, load_image
 from advplugin.protectors.base import validate_embeddings
@@ -49,7 +50,7 @@ def _read_upload(state: ServiceState, file: UploadFile) -> bytes:
 def _keys(state: ServiceState, collection: str) -> KeyView:
     """The keys to match this collection with; 503 when some templates are under a key this
     service does not hold (a key rotation it was not started for): answers would be wrong."""
-    view = state.keys(collection)
+    view = state.collections.keys(collection)
     if view.unknown:
         raise ServiceError(503, "key_rotation", state.key_mismatch_message(view.unknown))
     return view
@@ -57,10 +58,11 @@ def _keys(state: ServiceState, collection: str) -> KeyView:
 
 def _protected_faces(
     state: ServiceState, data: bytes, view: KeyView, *, largest_only: bool, max_faces: int
-) -> tuple[Detections, dict[str | None, np.ndarray]]:
+) -> tuple[Detections, ProbeSet]:
     """Detect, embed and protect under every key of `view` (during a key rotation: the new
     and the previous key); the raw embeddings never leave this function."""
-    if state.extractor is None:
+    extractor = state.protection.extractor
+    if extractor is None:
         raise ServiceError(
             422, "images_disabled",
             "this service runs in template mode (it holds no key): send protected templates "
@@ -71,10 +73,10 @@ def _protected_faces(
     except ImageError as e:
         raise ServiceError(422, "invalid_image", str(e)) from None
     with state.extract_lock:
-        faces = state.extractor.extract(image, max_faces=max_faces, largest_only=largest_only)
+        faces = extractor.extract(image, max_faces=max_faces, largest_only=largest_only)
     if len(faces.detections) == 0:
         raise ServiceError(422, "no_face", "no face found in the image")
-    return faces.detections, state.protect_for(view, faces.embeddings)
+    return faces.detections, state.protection.protect_for(view, faces.embeddings)
 
 
 def _box(det: Detections, i: int) -> Box:
@@ -91,7 +93,7 @@ def _check_subject(name: str) -> str:
 
 def _client_templates(state: ServiceState, protection: Protection, rows: list[list[float]]) -> np.ndarray:
     """Check that client templates were made by the gallery's scheme, key and extractor."""
-    e = state.expected
+    e = state.protection.expected
     if (protection.scheme, protection.scheme_version) != (e.scheme, e.scheme_version):
         raise ServiceError(
             422, "wrong_scheme",
@@ -99,8 +101,10 @@ def _client_templates(state: ServiceState, protection: Protection, rows: list[li
         )
     if protection.key_id != e.key_id:
         raise ServiceError(422, "wrong_key", f"templates must be protected with key id {e.key_id}")
-    if protection.extractor_name != state.extractor_name:
-        raise ServiceError(422, "wrong_extractor", f"templates must come from extractor {state.extractor_name}")
+    if protection.extractor_name != state.protection.extractor_name:
+        raise ServiceError(
+            422, "wrong_extractor", f"templates must come from extractor {state.protection.extractor_name}"
+        )
     if len(rows) > state.settings.max_templates_per_request:
         raise ServiceError(
             413, "too_many_templates", f"at most {state.settings.max_templates_per_request} templates per request"
@@ -128,19 +132,16 @@ def enroll(
     name = _check_subject(subject)
     data = _read_upload(state, file)
     # Enrolments use the current key only (during a rotation: the new key).
-    view = KeyView(current=state.expected.key_id, previous=None, unknown=[])
+    view = KeyView(current=state.protection.expected.key_id, previous=None, unknown=[])
     det, protected = _protected_faces(
         state, data, view, largest_only=faces == "largest", max_faces=state.settings.max_faces
     )
     templates = protected[view.current]
     digest = image_sha256(data)
-    ids = state.gallery.add_templates(
-        [name] * len(templates), templates, protection=state.expected,
-        extractor_name=state.extractor_name, extractor_version=state.extractor_version,
-        collection=collection, image_sha256=[digest] * len(templates),
+    ids = state.collections.enroll(
+        collection, [name] * len(templates), templates, image_sha256=[digest] * len(templates),
         images=[data] * len(templates) if state.settings.store_images else None,
     )
-    state.after_write(collection)
     return EnrollResponse(
         subject=name,
         templates=[EnrolledTemplate(template_id=t, box=_box(det, i)) for i, t in enumerate(ids)],
@@ -161,7 +162,7 @@ def identify(
     max_faces = min(limit or state.settings.max_faces, state.settings.max_faces)
     view = _keys(state, collection)
     det, probes = _protected_faces(state, data, view, largest_only=False, max_faces=max_faces)
-    matches = state.identify(view, collection, probes, k=prediction_count, threshold=threshold)
+    matches = state.collections.identify(view, collection, probes, k=prediction_count, threshold=threshold)
     return IdentifyResponse(
         result=[
             FaceResult(
@@ -190,7 +191,7 @@ def verify(
         raise ServiceError(404, "unknown_subject", str(e)) from None
     view = _keys(state, collection)
     det, probes = _protected_faces(state, data, view, largest_only=True, max_faces=1)
-    m = state.verify(view, collection, probes, name)
+    m = state.collections.verify(view, collection, probes, name)
     return VerifyResponse(
         subject=name, similarity=m.similarity,
         verified=None if threshold is None else m.similarity >= threshold, box=_box(det, 0),
@@ -206,12 +207,9 @@ def enroll_templates(
     service needs no key for this and never sees an image or a raw embedding)."""
     names = [_check_subject(it.subject) for it in body.items]
     templates = _client_templates(state, body.protection, [it.template for it in body.items])
-    ids = state.gallery.add_templates(
-        names, templates, protection=state.expected,
-        extractor_name=state.extractor_name, extractor_version=body.protection.extractor_version,
-        collection=collection,
+    ids = state.collections.enroll(
+        collection, names, templates, extractor_version=body.protection.extractor_version
     )
-    state.after_write(collection)
     return EnrollTemplatesResponse(
         templates=[EnrolledItem(subject=n, template_id=i) for n, i in zip(names, ids, strict=True)]
     )
@@ -224,8 +222,10 @@ def identify_templates(
     """Identify client-protected probe templates: the best subjects for each."""
     templates = _client_templates(state, body.protection, body.templates)
     view = _keys(state, collection)
-    probes = state.convert_for(view, collection, templates)
-    matches = state.identify(view, collection, probes, k=body.prediction_count, threshold=body.threshold)
+    probes = state.protection.convert_for(view, templates)
+    matches = state.collections.identify(
+        view, collection, probes, k=body.prediction_count, threshold=body.threshold
+    )
     return IdentifyResponse(
         result=[
             FaceResult(subjects=[SubjectSimilarity(subject=m.subject, similarity=m.similarity) for m in ms])

@@ -45,8 +45,7 @@ def delete_subject(state: State, collection: CollectionName, name: str) -> Delet
     """Delete the subject and every template of it. SQL commits first (with the change-log
     rows), then the index applies them; after a crash in between, the restart replays them."""
     try:
-        n = state.gallery.delete_subject(name, collection=collection)
+        n = state.collections.delete_subject(collection, name)
     except SubjectNotFound as e:
         raise ServiceError(404, "unknown_subject", str(e)) from None
-    state.after_write(collection)
     return DeleteSubjectResponse(subject=name, deleted_templates=n)

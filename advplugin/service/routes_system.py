@@ -24,10 +24,11 @@ def health() -> HealthResponse:
 
 @router.get("/status", response_model=StatusResponse, responses={401: {"model": ErrorResponse}})
 def status(state: State, collection: CollectionName) -> StatusResponse:
-    e, index = state.expected, state.index(collection)
+    p = state.protection
+    e, index = p.expected, state.collections.index(collection)
     index.catch_up()
-    view = state.keys(collection)
-    dim = state.extractor.dim if state.extractor is not None else e.input_dim
+    view = state.collections.keys(collection)
+    dim = p.extractor.dim if p.extractor is not None else e.input_dim
     template_count = state.gallery.count_templates(collection=collection)
     previous = view.previous.metadata.key_id if view.previous is not None else None
     if previous is None and not view.unknown:
@@ -44,7 +45,7 @@ def status(state: State, collection: CollectionName) -> StatusResponse:
     return StatusResponse(
         mode=state.settings.mode, scheme=e.scheme, scheme_version=e.scheme_version, key_id=e.key_id,
         template_dim=e.output_dim,
-        extractor=ExtractorOut(name=state.extractor_name, version=state.extractor_version, dim=dim),
+        extractor=ExtractorOut(name=p.extractor_name, version=p.extractor_version, dim=dim),
         collection=collection,
         subject_count=state.gallery.count_subjects(collection=collection),
         template_count=template_count,

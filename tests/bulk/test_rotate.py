@@ -9,7 +9,7 @@ from collections import defaultdict
 import numpy as np
 import pytest
 
-from advplugin.bulk import KeyRing, plan_rotation, rotate_key
+from advplugin.bulk import plan_rotation, rotate_key
 from advplugin.cli.main import main
 from advplugin.gallery import Gallery
 from advplugin.gallery.index import IndexConfig, TemplateIndex
@@ -67,7 +67,9 @@ def test_live_rotation_keeps_answers_and_retires_the_old_key(
             if chunks == 2:  # some templates under K2, the rest still under K1
                 keys = {g["key_id"] for g in gallery.provenance()}
                 assert keys == {k1.key_id, k2.key_id}
-                during.append(KeyRing(gallery, index, [p1, p2]).identify(raw_probes, k=3))
+                both = Matcher.for_protectors(gallery, index, [p1, p2])
+                probes = {p.metadata.key_id: p.protect(raw_probes) for p in (p1, p2)}
+                during.append(both.identify(probes, k=3))
 
         result = rotate_key(gallery, k1, k2, chunk_size=300, on_chunk=serve_mid_rotation)
         assert result.rotated == len(enrol) and result.chunks == -(-len(enrol) // 300)

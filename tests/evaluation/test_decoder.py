@@ -5,7 +5,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-import pytest
 
 from advplugin.evaluation.data import list_images
 from advplugin.evaluation.decoder import DecoderConfig, reconstruct, train_decoder
@@ -37,9 +36,3 @@ def test_decoder_fits_faces_better_than_the_mean_face(
     dist = ((out[:, None].astype(float) - crops[None].astype(float)) ** 2).mean(axis=(2, 3, 4))
     assert (np.argmin(dist, axis=1) == np.arange(len(out))).mean() > 0.5
 
-
-def test_decoder_config_checks_the_size() -> None:
-    with pytest.raises(ValueError, match="widths"):
-        DecoderConfig(size=64, widths=(8, 8))
-    with pytest.raises(ValueError):
-        DecoderConfig(size=48, widths=(8, 8, 8, 8))

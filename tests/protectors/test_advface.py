@@ -86,7 +86,8 @@ def test_nearest_neighbours_survive_the_noise(key: Key, heldout: np.ndarray) -> 
 
 def test_disrupts_the_shadow_decoder_more_than_random_noise(key: Key, heldout: np.ndarray) -> None:
     torch = pytest.importorskip("torch")
-    from advplugin.protectors.advface_train import disruption, random_noise_at, shadow_decoder
+    from advplugin.nets.advface import shadow_decoder
+    from advplugin.training.advface import disruption, random_noise_at
 
     generator, state, record = load_weights(weights_path(DIM))
     decoder = shadow_decoder(state, record)
@@ -100,7 +101,8 @@ def test_disrupts_the_shadow_decoder_more_than_random_noise(key: Key, heldout: n
 
 def test_refinement_increases_disruption_within_budget(key: Key, heldout: np.ndarray) -> None:
     pytest.importorskip("torch")
-    from advplugin.protectors.advface_train import disruption, shadow_decoder
+    from advplugin.nets.advface import shadow_decoder
+    from advplugin.training.advface import disruption
 
     _, state, record = load_weights(weights_path(DIM))
     decoder = shadow_decoder(state, record)
@@ -124,3 +126,21 @@ def test_bad_options(key: Key) -> None:
         create_protector("advface", key=key, dim=DIM, colour="blue")
     with pytest.raises(ValueError, match="needs a key"):
         create_protector("advface", key=None, dim=DIM)
+
+
+def test_weights_are_identified_by_content_and_a_changed_file_is_refused(key, tmp_path) -> None:
+    from advplugin.protectors import scheme_info
+    from advplugin.protectors.advface import WEIGHTS
+
+    shipped = WEIGHTS[DIM]
+    assert scheme_info("advface").weights[DIM] == shipped and scheme_info("advface").dims == (DIM,)
+    copy = tmp_path / "copy.npz"
+    copy.write_bytes(shipped.path.read_bytes())
+    same = create_protector("advface", key=key, dim=DIM, weights=str(copy))
+    assert same.metadata.config_digest == create_protector("advface", key=key, dim=DIM).metadata.config_digest
+    # Other weights (here: the same file with one byte appended) are another configuration.
+    copy.write_bytes(shipped.path.read_bytes() + b"\0")
+    assert scheme_info("advface").config_digest(DIM, weights=str(copy)) != same.metadata.config_digest
+    tampered = type(shipped)(shipped.filename, "0" * 64)
+    with pytest.raises(ValueError, match="SHA-256"):
+        tampered.verified_path()

@@ -10,7 +10,7 @@ import pytest
 
 from advplugin.evaluation.pairs_report import cosine_scores, verification_report
 from advplugin.keys import Key
-from advplugin.protectors import Protector, create_protector, list_schemes
+from advplugin.protectors import Protector, create_protector, list_schemes, scheme_info
 
 DIM = 128
 SCHEMES = list_schemes()
@@ -53,6 +53,32 @@ def contains_vector(obj: object, vector: np.ndarray, seen: set[int] | None = Non
 
 @pytest.mark.parametrize("scheme", SCHEMES)
 class TestContract:
+    def test_metadata_readable_without_a_key(self, scheme: str, key: Key, raw: np.ndarray) -> None:
+        """The registry entry tells version, keyed, dimensions, config digest and scorer
+        without building a protector; what it tells is what a built protector does."""
+        info = scheme_info(scheme)
+        p = make(scheme, key)
+        m = p.metadata
+        assert (info.version, info.keyed, info.protects) == (m.scheme_version, p.keyed, p.protects)
+        assert info.supports(DIM) and info.output_dim(DIM) == m.output_dim
+        assert info.config_digest(DIM) == m.config_digest
+        assert len(m.config_digest) == 16 and int(m.config_digest, 16) >= 0
+        # The keyless scorer is the scheme's own: the same scores as the keyed protector's.
+        t = p.protect(raw)
+        np.testing.assert_allclose(info.scorer(DIM)(t[:8], t), p.score(t[:8], t), atol=1e-6)
+        assert info.description  # `advplugin list` shows it
+
+    def test_config_digest_ignores_the_key(self, scheme: str) -> None:
+        a, b = make(scheme, Key.generate()), make(scheme, Key.generate())
+        assert a.metadata.config_digest == b.metadata.config_digest
+
+    def test_rotation_is_declared_and_correct_when_offered(self, scheme: str, raw: np.ndarray) -> None:
+        old, new = make(scheme, Key.generate()), make(scheme, Key.generate())
+        rotation = old.rotation_to(new)
+        if rotation is None:
+            return  # the scheme declares it cannot re-key without raw embeddings
+        np.testing.assert_allclose(rotation.apply(old.protect(raw)), new.protect(raw), atol=1e-4)
+
     def test_shapes_and_dtype(self, scheme: str, key: Key, raw: np.ndarray) -> None:
         p = make(scheme, key)
         t = p.protect(raw)
@@ -157,3 +183,15 @@ def test_bad_dim_and_option() -> None:
         create_protector("xnn", key=Key.generate(), dim=0)
     with pytest.raises(ValueError, match="option"):
         create_protector("xnn", key=Key.generate(), dim=DIM, colour="blue")
+
+
+def test_unknown_scheme_metadata_lists_the_registered_ones() -> None:
+    with pytest.raises(ValueError, match="available: .*xnn"):
+        scheme_info("xnm")
+
+
+def test_two_configurations_of_one_scheme_have_different_digests(key: Key) -> None:
+    orthogonal = make("xnn", key).metadata
+    gaussian = create_protector("xnn", key=key, dim=DIM, matrix="gaussian").metadata
+    assert orthogonal.config_digest != gaussian.config_digest
+    assert scheme_info("xnn").config_digest(DIM, matrix="gaussian") == gaussian.config_digest

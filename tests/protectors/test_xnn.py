@@ -11,7 +11,7 @@ import pytest
 
 from advplugin.evaluation.pairs_report import cosine_scores
 from advplugin.keys import Key
-from advplugin.protectors import create_protector, xnn_rotation
+from advplugin.protectors import create_protector
 
 
 @pytest.fixture(scope="module")
@@ -56,7 +56,8 @@ def test_same_key_same_transform_in_another_process(key: Key, tmp_path) -> None:
 def test_rotation_reprotects_without_raw(raw: np.ndarray, matrix: str) -> None:
     old = create_protector("xnn", key=Key.generate(), dim=512, matrix=matrix)
     new = create_protector("xnn", key=Key.generate(), dim=512, matrix=matrix)
-    rotation = xnn_rotation(old, new)
+    rotation = old.rotation_to(new)
+    assert rotation is not None
     rotated = rotation.apply(old.protect(raw))
     np.testing.assert_allclose(rotated, new.protect(raw), atol=1e-4)
     assert rotation.from_key_id == old.metadata.key_id and rotation.to_key_id == new.metadata.key_id
@@ -64,10 +65,10 @@ def test_rotation_reprotects_without_raw(raw: np.ndarray, matrix: str) -> None:
     assert np.abs(np.diag(old.score(old.protect(raw), rotated))).mean() < 0.2
 
 
-def test_rotation_refuses_other_schemes_and_mismatches(key: Key) -> None:
-    with pytest.raises(ValueError, match="re-enrolment"):
-        xnn_rotation(create_protector("none", dim=128), create_protector("xnn", key=key, dim=128))
-    with pytest.raises(ValueError, match="same dimension"):
-        xnn_rotation(
-            create_protector("xnn", key=key, dim=128), create_protector("xnn", key=key, dim=512)
-        )
+def test_rotation_declines_other_schemes_and_mismatches(key: Key) -> None:
+    xnn = create_protector("xnn", key=key, dim=128)
+    assert create_protector("none", dim=128).rotation_to(xnn) is None
+    assert xnn.rotation_to(create_protector("none", dim=128)) is None
+    assert xnn.rotation_to(create_protector("xnn", key=Key.generate(), dim=512)) is None
+    gaussian = create_protector("xnn", key=Key.generate(), dim=128, matrix="gaussian")
+    assert xnn.rotation_to(gaussian) is None

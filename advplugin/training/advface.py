@@ -1,6 +1,6 @@
 """Train the `advface` weights: a shadow decoder, then the amortised noise generator.
 
-    python -m advplugin.protectors.advface_train --data /work/shared/data \
+    python -m advplugin.training.advface --data /work/shared/data \
         --out advplugin/protectors/weights/advface-dlib128-v1.npz
 
 Only people on the *train* side of the evaluation harness's identity split are used (the same
@@ -17,13 +17,16 @@ Losses of the generator (the shadow decoder is frozen):
 - recognition: squared change of every pairwise cosine in the batch (batches hold two images
   of each of half their people, so genuine pairs are always present), to be minimised;
 - the drift budget needs no loss: the construction in `advface.NoiseGenerator` bounds it.
+
+The differentiable formulas shared with inference (`torch_noisy`, the shadow decoder's input
+convention) live in `advplugin.nets.advface`; this module holds only the training loops and
+checks, and nothing in the runtime imports it.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
 import time
 from pathlib import Path
@@ -32,24 +35,19 @@ import numpy as np
 import torch
 from torch import nn
 
+from advplugin.embedding_files import load_embedding_set
 from advplugin.evaluation.data import identity_in_test, list_images, restrict_pairs
-from advplugin.evaluation.decoder import Decoder, DecoderConfig, train_decoder
+from advplugin.evaluation.decoder import train_decoder
+from advplugin.evaluation.faces import aligned_faces, hash_files
 from advplugin.evaluation.metrics import read_pairs, ten_fold_accuracy
+from advplugin.evaluation.paths import default_cache_dir
+from advplugin.nets.advface import decode, torch_noisy
+from advplugin.nets.decoder import Decoder, DecoderConfig
 from advplugin.protectors.advface import NoiseGenerator
 
 SHADOW = DecoderConfig(size=64, widths=(128, 64, 32, 16, 8), epochs=4, batch_size=64)
 #: Held-out images on which the disruption is measured (forward passes are the slow part).
 HELDOUT_DISRUPTION = 1000
-
-
-def torch_noisy(model: nn.Module, u: torch.Tensor, max_angle: float) -> torch.Tensor:
-    """`NoiseGenerator.__call__` in torch (same formula, differentiable)."""
-    h = model(u * math.sqrt(u.shape[1]))
-    d, logit = h[:, :-1], h[:, -1]
-    n = d - (d * u).sum(1, keepdim=True) * u
-    n = n / (n.norm(dim=1, keepdim=True) + 1e-12)
-    angle = max_angle * torch.sigmoid(logit)
-    return torch.cos(angle)[:, None] * u + torch.sin(angle)[:, None] * n
 
 
 def generator_net(dim: int, hidden: int) -> nn.Sequential:
@@ -68,59 +66,8 @@ def to_numpy_generator(model: nn.Sequential, max_angle: float) -> NoiseGenerator
     return NoiseGenerator(layers, max_angle)
 
 
-def shadow_decoder(state: dict[str, np.ndarray], record: dict[str, object]) -> Decoder:
-    cfg = DecoderConfig(size=int(record["decoder_size"]), widths=tuple(record["decoder_widths"]))  # type: ignore[arg-type]
-    model = Decoder(int(record["dim"]), cfg)  # type: ignore[arg-type]
-    model.load_state_dict({k: torch.from_numpy(np.array(v)) for k, v in state.items()})
-    model.eval()
-    for p in model.parameters():
-        p.requires_grad_(False)
-    return model
-
-
-def _decode(decoder: Decoder, t: torch.Tensor) -> torch.Tensor:
-    """The decoder's input convention (unit vectors scaled by sqrt(D), as the harness's)."""
-    return decoder(t / t.norm(dim=1, keepdim=True) * math.sqrt(t.shape[1]))
-
-
-def refine(
-    u: np.ndarray,
-    generator: NoiseGenerator,
-    decoder_state: dict[str, np.ndarray],
-    record: dict[str, object],
-    *,
-    steps: int,
-    lr: float,
-) -> np.ndarray:
-    """Per-template gradient steps on the noise direction against the shadow decoder, at the
-    generator's angle (so the budget still holds exactly). Each template is refined on its
-    own (batch norm in eval mode), so results do not depend on the batch."""
-    decoder = shadow_decoder(decoder_state, record)
-    direction, angle = generator.direction_and_angle(u)
-    ut = torch.from_numpy(u)
-    a = torch.from_numpy(angle)[:, None]
-    v = torch.from_numpy(direction).clone().requires_grad_(True)
-    opt = torch.optim.Adam([v], lr=lr)
-    with torch.no_grad():
-        clean = _decode(decoder, ut.float())
-    for _ in range(steps):
-        n = v - (v * ut).sum(1, keepdim=True) * ut
-        n = n / n.norm(dim=1, keepdim=True)
-        t = torch.cos(a) * ut + torch.sin(a) * n
-        loss = -(_decode(decoder, t.float()) - clean).abs().mean(dim=(1, 2, 3)).sum()
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    with torch.no_grad():
-        n = v - (v * ut).sum(1, keepdim=True) * ut
-        n = n / n.norm(dim=1, keepdim=True)
-        return (torch.cos(a) * ut + torch.sin(a) * n).numpy()
-
-
 def train_split(data: Path, test_fraction: float) -> tuple[np.ndarray, np.ndarray]:
     """Masks over the embedding cache rows: (train people, test people) by the harness's hash."""
-    from advplugin.embedding_files import load_embedding_set
-
     emb = load_embedding_set(data / "lfw-dev-dlib128.npz")
     test = np.array([identity_in_test(str(i), test_fraction) for i in emb.identity])
     return ~test, test
@@ -131,9 +78,6 @@ def load_training_data(
 ) -> dict[str, np.ndarray]:
     """Train people's raw embeddings (cache), identities and aligned crops; test people's
     embeddings and paths for the held-out checks (no crops needed there)."""
-    from advplugin.embedding_files import load_embedding_set
-    from advplugin.evaluation.faces import aligned_faces, hash_files
-
     emb = load_embedding_set(data / "lfw-dev-dlib128.npz")
     train_mask, test_mask = train_split(data, test_fraction)
     folder = list_images(data / "lfw-dev")
@@ -190,9 +134,9 @@ def train_generator(
         idx = np.concatenate([pairs, rng.choice(len(train_u), batch - len(pairs), replace=False)])
         u = u_all[idx]
         with torch.no_grad():
-            clean = _decode(decoder, u)
+            clean = decode(decoder, u)
         t = torch_noisy(model, u, max_angle)
-        disruption = (_decode(decoder, t) - clean).abs().mean()
+        disruption = (decode(decoder, t) - clean).abs().mean()
         off = ~torch.eye(len(u), dtype=torch.bool)
         sim = ((t @ t.T - u @ u.T)[off] ** 2).mean()
         loss = -disruption + lam_sim * sim
@@ -215,8 +159,8 @@ def disruption(decoder: Decoder, u: np.ndarray, t: np.ndarray, batch: int = 512)
     """Mean L1 (pixels in [0, 1]) between the shadow decoder's faces from u and from t."""
     total = 0.0
     for i in range(0, len(u), batch):
-        a = _decode(decoder, torch.from_numpy(u[i : i + batch].astype(np.float32)))
-        b = _decode(decoder, torch.from_numpy(t[i : i + batch].astype(np.float32)))
+        a = decode(decoder, torch.from_numpy(u[i : i + batch].astype(np.float32)))
+        b = decode(decoder, torch.from_numpy(t[i : i + batch].astype(np.float32)))
         total += float((a - b).abs().mean(dim=(1, 2, 3)).sum())
     return total / len(u)
 
@@ -242,8 +186,6 @@ def heldout_accuracy(
 
 
 def main(argv: list[str] | None = None) -> int:
-    from advplugin.cli.evaluate import default_cache_dir
-
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--data", type=Path, default=Path("/work/shared/data"), help="LFW folder")
     p.add_argument("--out", type=Path, required=True, help="weights .npz to write")
@@ -310,7 +252,7 @@ def main(argv: list[str] | None = None) -> int:
         "batch": args.batch,
         "lam_sim": args.lam_sim,
         "seed": args.seed,
-        "command": "python -m advplugin.protectors.advface_train " + " ".join(argv or sys.argv[1:]),
+        "command": "python -m advplugin.training.advface " + " ".join(argv or sys.argv[1:]),
         "split": f"train side of evaluate-split (identity hash, test fraction {args.test_fraction})",
         "train_images": len(train_u),
         "train_identities": len(np.unique(data["train_identity"])),

@@ -1,0 +1,100 @@
+"""`ChangeLog`: the `template_changes` outbox that the FAISS index replays.
+
+Why a room of its own: the index (a cache of `templates`) depends on this contract and on
+nothing else of the write side. Every change of a template (insert, vector or key update,
+delete) writes its change row in the caller's transaction (`_log*` take the caller's
+connection), so the change and its log entry commit together or not at all: an index that
+replays every entry after the `seq` of its snapshot can never miss an enrolment or
+resurrect a deleted template, whatever crashed in between. Because gallery writes are
+serialised (`advplugin.gallery.database`), sequence numbers commit in order: a reader that
+has seen change `n` has seen every change before it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime
+
+from sqlalchemy import Connection, DateTime, String, func, insert, literal, select
+
+from advplugin.gallery.database import DEFAULT_COLLECTION, Database
+from advplugin.gallery.models import Template, TemplateChange
+
+
+@dataclass(frozen=True)
+class Change:
+    seq: int
+    template_id: int
+    op: str  # "upsert" | "delete"
+
+
+class ChangeLog(Database):
+    """Reading the change log (what the index follower needs), and writing entries inside
+    the transaction of the change they describe (what the templates room does)."""
+
+    # -- writing, in the caller's transaction ------------------------------------------------
+    def _log(self, conn: Connection, cid: int, ids: Sequence[int], op: str, now: datetime) -> None:
+        """One `op` entry per template id, in order, on the caller's connection."""
+        if ids:
+            conn.execute(
+                insert(TemplateChange),
+                [{"collection_id": cid, "template_id": i, "op": op, "created_at": now} for i in ids],
+            )
+
+    def _log_inserted(self, conn: Connection, cid: int, first_id: int, last_id: int, now: datetime) -> None:
+        """`upsert` entries for every template of collection `cid` with an id in
+        [first_id, last_id], in id order: ONE statement for a bulk insert, the rows read back
+        in the server. Only for a range that holds nobody else's rows (ids the caller
+        allocated itself, under the write lock)."""
+        conn.execute(
+            insert(TemplateChange).from_select(
+                ["collection_id", "template_id", "op", "created_at"],
+                select(
+                    Template.collection_id, Template.id, literal("upsert", String),
+                    literal(now, DateTime(timezone=True)),
+                )
+                .where(Template.collection_id == cid, Template.id.between(first_id, last_id))
+                .order_by(Template.id),
+            )
+        )
+
+    # -- reading (what the FAISS index replays) ----------------------------------------------
+    def last_change_seq(self, *, collection: str = DEFAULT_COLLECTION) -> int:
+        cid = self.collection_id(collection)
+        q = select(func.max(TemplateChange.seq)).where(TemplateChange.collection_id == cid)
+        with self._read() as conn:
+            return int(conn.scalar(q) or 0)
+
+    def changes_since(
+        self, seq: int, *, collection: str = DEFAULT_COLLECTION, limit: int = 10_000
+    ) -> list[Change]:
+        cid = self.collection_id(collection)
+        q = (
+            select(TemplateChange.seq, TemplateChange.template_id, TemplateChange.op)
+            .where(TemplateChange.collection_id == cid, TemplateChange.seq > seq)
+            .order_by(TemplateChange.seq)
+            .limit(limit)
+        )
+        with self._read() as conn:
+            return [Change(int(s), int(t), o) for s, t, o in conn.execute(q)]
+
+    def key_ids_changed(
+        self, after_seq: int, upto_seq: int, *, collection: str = DEFAULT_COLLECTION
+    ) -> set[str | None]:
+        """Key ids of the templates touched by changes `after_seq < seq <= upto_seq`. A
+        running service reads only the changes since it last looked, so it notices a key
+        rotation started by another process without scanning the gallery."""
+        cid = self.collection_id(collection)
+        q = (
+            select(Template.key_id)
+            .distinct()
+            .join(TemplateChange, TemplateChange.template_id == Template.id)
+            .where(
+                TemplateChange.collection_id == cid,
+                TemplateChange.seq > after_seq,
+                TemplateChange.seq <= upto_seq,
+            )
+        )
+        with self._read() as conn:
+            return set(conn.scalars(q))

@@ -1,0 +1,173 @@
+"""The gallery's database handle: engine, serialised write transactions, collections.
+
+Why a room of its own: every other part of the gallery (templates, the change log, API
+keys) needs exactly this and nothing else from the database, and each is a subclass of
+`Database` so that it can be opened and used alone (`ApiKeyStore.open(url)`), while
+`advplugin.gallery.store.Gallery` combines them over one engine.
+
+Write transactions are serialised (PostgreSQL: a transaction-scoped advisory lock; SQLite:
+`BEGIN IMMEDIATE`), which makes change sequence numbers commit in order: a reader that has
+seen change `n` has seen every change before it (see `advplugin.gallery.changelog`). It is
+also what lets the templates room allocate ids itself without ever reusing one.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Self
+
+from sqlalchemy import Connection, Engine, create_engine, event, insert, select
+
+from advplugin.gallery.models import Collection, utcnow
+from advplugin.gallery.schema import check_migrated
+
+DEFAULT_COLLECTION = "default"
+_PG_WRITE_LOCK = 0x61647670  # "advp": one advisory lock id for all gallery writers
+
+
+def make_engine(url: str) -> Engine:
+    """An engine with the settings the gallery relies on (SQLite: foreign keys, WAL, fsync).
+
+    `hide_parameters`: bound values (template vectors, API-key hashes) never appear in
+    database error messages, which may reach logs and tracebacks.
+    """
+    if url.startswith("sqlite"):
+        engine = create_engine(
+            url, connect_args={"timeout": 30, "check_same_thread": False}, hide_parameters=True
+        )
+
+        @event.listens_for(engine, "connect")
+        def _sqlite_connect(dbapi_conn, _record) -> None:  # type: ignore[no-untyped-def]
+            dbapi_conn.isolation_level = None  # we emit BEGIN ourselves (below)
+            cur = dbapi_conn.cursor()
+            cur.execute("PRAGMA foreign_keys=ON")
+            cur.execute("PRAGMA journal_mode=WAL")
+            # FULL: an acknowledged enrolment survives a crash of the process *and* the OS.
+            cur.execute("PRAGMA synchronous=FULL")
+            cur.close()
+
+        @event.listens_for(engine, "begin")
+        def _sqlite_begin(conn: Connection) -> None:
+            immediate = conn.get_execution_options().get("gallery_write", False)
+            conn.exec_driver_sql("BEGIN IMMEDIATE" if immediate else "BEGIN")
+
+        return engine
+    return create_engine(url, pool_pre_ping=True, hide_parameters=True)
+
+
+class Database:
+    """An open gallery database. Open with `.open(url)`; thread-safe (one engine, a
+    connection per call). Subclasses add the operations; they run their SQL through
+    `_read()` / `_write()`, which is what makes `transaction()` work for all of them."""
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+        self._collections: dict[str, int] = {}
+        self._conn: Connection | None = None  # set on the view `transaction()` yields
+
+    # -- opening ---------------------------------------------------------------------------
+    @classmethod
+    def open(cls, url: str, *, upgrade: bool = False) -> Self:
+        """Open the database at a SQLAlchemy URL. Raises `NotMigratedError` (saying what to
+        run) unless it is at the newest schema revision; `upgrade=True` migrates it first."""
+        engine = make_engine(url)
+        try:
+            if upgrade:
+                from advplugin.gallery.schema import upgrade as run_upgrade
+
+                run_upgrade(engine)
+            check_migrated(engine)
+        except Exception:
+            engine.dispose()
+            raise
+        return cls(engine)
+
+    def close(self) -> None:
+        if self._conn is None:  # a transaction's view does not own the engine
+            self.engine.dispose()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    @property
+    def dialect(self) -> str:
+        return self.engine.dialect.name
+
+    # -- transactions ----------------------------------------------------------------------
+    @contextmanager
+    def transaction(self) -> Iterator[Self]:
+        """ONE serialised write transaction around several calls and the caller's own
+        statements: yields a view of this object (a shallow copy) whose methods
+        (`add_templates`, ...) all run in that one connection, and whose `connection` takes
+        the caller's SQL. Everything commits together or not at all. Why: a batch migration
+        must commit a chunk's templates, their change-log rows and its own checkpoint
+        atomically, or a crash could duplicate or lose a chunk. Inside a transaction,
+        `transaction()` joins it."""
+        if self._conn is not None:
+            yield self
+            return
+        with self._write() as conn:
+            view = copy.copy(self)
+            view._conn = conn
+            yield view
+
+    @property
+    def connection(self) -> Connection:
+        """The connection of the current `transaction()` (for the caller's own statements)."""
+        if self._conn is None:
+            raise RuntimeError("Gallery.connection exists only inside `with gallery.transaction()`")
+        return self._conn
+
+    @contextmanager
+    def _write(self) -> Iterator[Connection]:
+        """One serialised write transaction (see the module docstring for why); inside a
+        `transaction()` view, that transaction."""
+        if self._conn is not None:
+            yield self._conn
+            return
+        with self.engine.connect() as conn:
+            conn = conn.execution_options(gallery_write=True)
+            with conn.begin():
+                if self.dialect == "postgresql":
+                    conn.exec_driver_sql(f"SELECT pg_advisory_xact_lock({_PG_WRITE_LOCK})")
+                yield conn
+
+    @contextmanager
+    def _read(self) -> Iterator[Connection]:
+        """One read transaction (a consistent snapshot); inside a `transaction()` view, that
+        transaction, so a view reads its own uncommitted writes."""
+        if self._conn is not None:
+            yield self._conn
+            return
+        with self.engine.connect() as conn, conn.begin():
+            yield conn
+
+    # -- collections ---------------------------------------------------------------------------
+    def collection_id(self, name: str = DEFAULT_COLLECTION, *, create: bool = True) -> int:
+        """Id of a collection (tenant), creating it when missing and `create` is set."""
+        if name in self._collections:
+            return self._collections[name]
+        with self._read() as conn:
+            cid = conn.scalar(select(Collection.id).where(Collection.name == name))
+        if cid is None:
+            if not create:
+                raise KeyError(f"no collection named {name!r}")
+            with self._write() as conn:
+                cid = conn.scalar(select(Collection.id).where(Collection.name == name))
+                if cid is None:
+                    cid = conn.scalar(
+                        insert(Collection).values(name=name, created_at=utcnow()).returning(Collection.id)
+                    )
+                    if self._conn is not None:
+                        return int(cid)  # not cached: the transaction may still roll back
+        self._collections[name] = int(cid)
+        return int(cid)
+
+    def collections(self) -> list[str]:
+        with self._read() as conn:
+            return list(conn.scalars(select(Collection.name).order_by(Collection.id)))

@@ -1,0 +1,54 @@
+"""API-key authentication: which collection a request's key belongs to.
+
+Depends only on the gallery's API-key store. Keys are stored hashed; every stored hash is
+compared in constant time with no early exit, so timing reveals neither which key nor how
+much of one matched. The hashes are cached and re-read every few seconds, so revocations
+take effect within seconds without a query per request.
+"""
+
+from __future__ import annotations
+
+import hmac
+import threading
+import time
+
+from advplugin.gallery.apikeys import ApiKeyStore, hash_api_key
+
+#: Longest API key looked at: longer ones are refused without hashing (bounded input).
+MAX_API_KEY_LENGTH = 256
+_RELOAD_EVERY = 5.0  # seconds: how stale a revocation may be
+_RELOAD_MISS_AFTER = 1.0  # seconds: an unknown key re-reads the store at most this often
+
+
+class ApiKeyAuth:
+    def __init__(self, store: ApiKeyStore) -> None:
+        self.store = store
+        self._hashes: list[tuple[str, str]] = []
+        self._loaded = 0.0
+        self._lock = threading.Lock()
+
+    def authenticate(self, api_key: str | None) -> str | None:
+        """The collection of a valid API key, else None."""
+        if not api_key or len(api_key) > MAX_API_KEY_LENGTH:
+            return None
+        digest = hash_api_key(api_key).encode()
+        age = time.monotonic() - self._loaded
+        if age > _RELOAD_EVERY:
+            self._reload()
+        found = self._match(digest)
+        if found is None and age > _RELOAD_MISS_AFTER:  # a key created since the last load
+            self._reload()
+            found = self._match(digest)
+        return found
+
+    def _reload(self) -> None:
+        hashes = self.store.api_key_hashes()
+        with self._lock:
+            self._hashes, self._loaded = hashes, time.monotonic()
+
+    def _match(self, digest: bytes) -> str | None:
+        found = None
+        for stored, collection in self._hashes:
+            if hmac.compare_digest(stored.encode(), digest):
+                found = collection
+        return found

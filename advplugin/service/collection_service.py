@@ -1,0 +1,165 @@
+"""The collections a service serves: writes, the index that follows them, and matching.
+
+Every write goes through here, so the index is always caught up before the response: SQL
+commits first (with its change-log rows), then the collection's index replays them. Routes
+never write to the gallery themselves and then have to remember to update the index; after a
+crash between the two, the restart replays the change log (nothing lost, nothing revived).
+
+Key rotation is followed here too (`keys`): the service reads the change log the index
+replays, so it notices a rotation running in another process, and its end, without scans.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from advplugin.gallery.index import TemplateIndex
+from advplugin.gallery.matcher import Match, Matcher, ProbeSet
+from advplugin.gallery.store import Gallery
+from advplugin.service.protection import KeyView, Protection
+from advplugin.settings import Settings
+
+log = logging.getLogger("advplugin.service")
+
+
+@dataclass
+class _KeyWatch:
+    """Key ids that have templates in a collection, as of change-log entry `seq` (a superset:
+    ids whose last template went are dropped when next checked)."""
+
+    seq: int
+    key_ids: set[str | None] = field(default_factory=set)
+
+
+class CollectionService:
+    def __init__(self, gallery: Gallery, protection: Protection, settings: Settings) -> None:
+        self.gallery = gallery
+        self.protection = protection
+        self.settings = settings
+        self._indexes: dict[str, TemplateIndex] = {}
+        self._watch: dict[str, _KeyWatch] = {}
+        self._lock = threading.Lock()
+        self._keys_lock = threading.Lock()
+
+    # -- indexes ---------------------------------------------------------------------------------
+    def index(self, collection: str) -> TemplateIndex:
+        """The collection's index, loaded from its snapshot (or rebuilt) on first use."""
+        with self._lock:
+            if collection not in self._indexes:
+                s = self.settings
+                cid = self.gallery.collection_id(collection)
+                index = TemplateIndex(
+                    self.gallery, self.protection.expected.output_dim, collection=collection,
+                    config=s.index,
+                    snapshot_path=s.resolved_index_dir / f"collection-{cid}-{s.index.kind}.npz",
+                )
+                # The change-log position first, then the key ids: a change in between is
+                # looked at again by `keys` (harmless), never missed.
+                watch = _KeyWatch(seq=self.gallery.last_change_seq(collection=collection))
+                watch.key_ids = {r["key_id"] for r in self.gallery.provenance(collection=collection)}
+                # Persist only what the snapshot lacks: a rebuild or replayed changes.
+                if not index.load() or index._changes_since_snapshot:
+                    index.save()
+                self._watch[collection] = watch
+                self._indexes[collection] = index
+            return self._indexes[collection]
+
+    def open_all(self) -> None:
+        for name in self.gallery.collections():
+            self.index(name)
+
+    def close(self) -> None:
+        """Snapshot every index (a faster next start; SQL stays the truth)."""
+        for index in self._indexes.values():
+            try:
+                index.save()
+            except OSError as e:
+                log.warning("could not write index snapshot: %s", type(e).__name__)
+
+    def _caught_up(self, collection: str) -> None:
+        """Bring the index up to date with what was just committed, snapshot now and then."""
+        index = self.index(collection)
+        index.catch_up()
+        index.maybe_save(self.settings.snapshot_every)
+
+    # -- writes ------------------------------------------------------------------------------------
+    def enroll(
+        self,
+        collection: str,
+        subjects: Sequence[str],
+        templates: np.ndarray,
+        *,
+        extractor_version: str | None = None,
+        image_sha256: Sequence[str | None] | None = None,
+        images: Sequence[bytes | None] | None = None,
+    ) -> list[int]:
+        """Store protected templates of the served scheme and key; searchable on return."""
+        p = self.protection
+        ids = self.gallery.add_templates(
+            subjects, templates, protection=p.expected,
+            extractor_name=p.extractor_name, extractor_version=extractor_version or p.extractor_version,
+            collection=collection, image_sha256=image_sha256, images=images,
+        )
+        self._caught_up(collection)
+        return ids
+
+    def delete_subject(self, collection: str, name: str) -> int:
+        """Delete a subject and its templates (SubjectNotFound if absent); unsearchable on
+        return."""
+        n = self.gallery.delete_subject(name, collection=collection)
+        self._caught_up(collection)
+        return n
+
+    # -- keys of a collection (key rotation) -----------------------------------------------------
+    def keys(self, collection: str) -> KeyView:
+        """Which keys the collection's templates are under, up to what its index holds.
+
+        Cheap per request: only change-log entries not yet looked at are read (which key ids
+        did they touch?), plus one indexed existence probe per key id other than the
+        current one (has its last template gone: rotation finished, subjects deleted?).
+        """
+        index = self.index(collection)
+        p = self.protection
+        with self._keys_lock:
+            watch = self._watch[collection]
+            current = p.expected.key_id
+            dropped = False
+            for kid in [k for k in watch.key_ids if k != current]:
+                if not self.gallery.has_templates(key_id=kid, collection=collection):
+                    watch.key_ids.discard(kid)
+                    dropped = True
+            if dropped:
+                index.catch_up()  # the index must not hold vectors under a dropped key
+            else:
+                index.sync()
+            if index.last_seq > watch.seq:
+                watch.key_ids |= self.gallery.key_ids_changed(watch.seq, index.last_seq, collection=collection)
+                watch.seq = index.last_seq
+            previous = p.previous
+            old = previous.metadata.key_id if previous is not None else None
+            if previous is not None and old not in watch.key_ids:
+                if not self.gallery.has_templates(key_id=old, collection=None):
+                    p.retire_previous()
+                previous = None
+            unknown = sorted((k for k in watch.key_ids if k not in (current, old)), key=str)
+            return KeyView(current=current, previous=previous, unknown=unknown)
+
+    # -- matching ----------------------------------------------------------------------------------
+    def matcher(self, view: KeyView, collection: str) -> Matcher:
+        return Matcher(
+            self.gallery, self.index(collection), self.protection.scorers(view),
+            collection=collection, candidates=self.settings.match_candidates,
+        )
+
+    def identify(
+        self, view: KeyView, collection: str, probes: ProbeSet, *, k: int, threshold: float | None
+    ) -> list[list[Match]]:
+        return self.matcher(view, collection).identify(probes, k=k, threshold=threshold)
+
+    def verify(self, view: KeyView, collection: str, probes: ProbeSet, subject: str) -> Match:
+        return self.matcher(view, collection).verify(probes, subject)
