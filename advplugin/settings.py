@@ -7,11 +7,19 @@ gallery, the FAISS snapshots and the key file (created 0600 on first start), wit
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
-from pydantic import Field, SecretStr
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import Field, SecretStr, model_validator
+from pydantic.fields import FieldInfo
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+)
+
+from advplugin.gallery.backends import IndexConfig
 
 #: Schemes the embedded default prefers, best first; the first one registered is used.
 #: `xnn` leads on measurement (docs/evaluation, docs/schemes/advface.md): accuracy exactly
@@ -20,7 +28,31 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 #: both fall to the adaptive attacker. Choose `advface` explicitly with ADVPLUGIN_SCHEME.
 SCHEME_PREFERENCE = ("xnn", "advface")
 
-IndexKind = Literal["flat", "ivf", "hnsw"]
+#: The flat index variables of earlier releases (ADVPLUGIN_INDEX_KIND=hnsw, ...), still
+#: honoured as ADVPLUGIN_<OLD> or as the keyword <old>: each sets `index.<new>`. Where a nested
+#: ADVPLUGIN_INDEX__<FIELD> sets the same field, the nested one wins.
+LEGACY_INDEX_FIELDS = {
+    "index_kind": "backend",
+    "ivf_nlist": "ivf_nlist",
+    "ivf_nprobe": "ivf_nprobe",
+    "hnsw_m": "hnsw_m",
+    "hnsw_ef_search": "hnsw_ef_search",
+    "use_gpu": "use_gpu",
+    "index_sync_interval": "sync_interval",
+}
+
+
+class _LegacyIndexVariables(PydanticBaseSettingsSource):
+    """Reads the variables of LEGACY_INDEX_FIELDS, which the environment source no longer
+    looks for (they are not fields any more); `Settings` folds them into `index`."""
+
+    def get_field_value(self, field: FieldInfo, field_name: str) -> tuple[Any, str, bool]:
+        return None, field_name, False  # unused: __call__ reads the variables directly
+
+    def __call__(self) -> dict[str, Any]:
+        prefix = str(self.config.get("env_prefix", "")).lower()
+        env = {name.lower(): value for name, value in os.environ.items()}
+        return {old: env[prefix + old] for old in LEGACY_INDEX_FIELDS if prefix + old in env}
 
 
 def best_available_scheme(preference: tuple[str, ...] = SCHEME_PREFERENCE) -> str:
@@ -36,7 +68,7 @@ def best_available_scheme(preference: tuple[str, ...] = SCHEME_PREFERENCE) -> st
 class Settings(BaseSettings):
     """Every field can be set as ADVPLUGIN_<FIELD> (e.g. ADVPLUGIN_DATABASE_URL)."""
 
-    model_config = SettingsConfigDict(env_prefix="ADVPLUGIN_", extra="ignore")
+    model_config = SettingsConfigDict(env_prefix="ADVPLUGIN_", env_nested_delimiter="__", extra="ignore")
 
     data_dir: Path = Path(".advplugin/data")
     database_url: str | None = Field(None, description="SQLAlchemy URL; default: SQLite in data_dir")
@@ -57,18 +89,15 @@ class Settings(BaseSettings):
     template_dim: int = 128
     template_extractor: str = "dlib"
 
-    index_kind: IndexKind = "flat"
-    ivf_nlist: int = 0  # 0: about 4*sqrt(N) at build time
-    ivf_nprobe: int = 16
-    hnsw_m: int = 32
-    hnsw_ef_search: int = 128
-    use_gpu: bool = Field(True, description="clone the index to a GPU when faiss-gpu has one")
+    #: The search index of each collection: backend and its parameters, one field each as
+    #: ADVPLUGIN_INDEX__<FIELD> (ADVPLUGIN_INDEX__BACKEND=faiss-hnsw); the flat variables of
+    #: earlier releases still work (LEGACY_INDEX_FIELDS). `index.sync_interval` (0.05 s) is the
+    #: max staleness of searches w.r.t. writes made by *other* processes (workers, a key
+    #: rotation); this process's own writes are searchable before their response.
+    index: IndexConfig = IndexConfig()
     #: OpenMP threads per FAISS search. 1: requests already run in parallel threads, and
     #: OpenMP spin-waiting on busy cores made single-query searches 30x slower in measurements.
     search_threads: int = 1
-    #: Max staleness (s) of searches w.r.t. writes made by *other* processes (workers, a
-    #: key rotation); this process's own writes are searchable before their response.
-    index_sync_interval: float = 0.05
     snapshot_every: int = Field(1000, description="write the FAISS snapshot after this many changes")
 
     #: Index candidates re-scored by the scheme's own scorer per probe (and per key during a
@@ -102,3 +131,29 @@ class Settings(BaseSettings):
     @property
     def resolved_scheme(self) -> str:
         return self.scheme or best_available_scheme()
+
+    @model_validator(mode="before")
+    @classmethod
+    def _fold_legacy_index_fields(cls, data: Any) -> Any:
+        if not isinstance(data, dict) or not any(old in data for old in LEGACY_INDEX_FIELDS):
+            return data
+        data = dict(data)
+        legacy = {new: data.pop(old) for old, new in LEGACY_INDEX_FIELDS.items() if old in data}
+        nested = data.get("index", {})
+        if isinstance(nested, IndexConfig):
+            nested = nested.model_dump(exclude_unset=True)
+        if isinstance(nested, dict):
+            data["index"] = {**legacy, **nested}
+        return data
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        legacy = _LegacyIndexVariables(settings_cls)
+        return init_settings, env_settings, legacy, dotenv_settings, file_secret_settings

@@ -35,7 +35,8 @@ import numpy as np
 from advplugin.adapters import create_extractor
 from advplugin.embedding_files import load_embedding_set
 from advplugin.gallery import Gallery
-from advplugin.gallery.index import IndexConfig, TemplateIndex, new_faiss_index
+from advplugin.gallery.backends import IndexConfig, create_index_backend
+from advplugin.gallery.index import TemplateIndex
 from advplugin.gallery.matcher import Matcher
 from advplugin.images import load_image
 from advplugin.keys import load_key, write_key
@@ -182,7 +183,7 @@ def bench_protected_vs_raw(tmp: Path, cache) -> None:
     templates = protector.protect(cache.embedding)
     g.add_templates([str(s) for s in cache.identity], templates, protection=protector.metadata,
                     extractor_name="dlib", extractor_version="cache")
-    index = TemplateIndex(g, 128, config=IndexConfig(sync_interval=0.05))  # as the service
+    index = TemplateIndex(g, 128, config=IndexConfig())  # the service's defaults
     index.load()
     matcher = Matcher(g, index, protector.score)
     raw = faiss.IndexFlatIP(128)
@@ -212,33 +213,36 @@ def bench_scaling(cache, sizes: list[int], hnsw_sizes: list[int]) -> None:
     protector = create_protector("xnn", key=load_key_or_new(), dim=128)
     base = protector.protect(cache.embedding)
     g_idx, p_idx = first_vs_rest(cache.identity, cache.path)
-    queries = protector.protect(cache.embedding[p_idx[:300]])
+    queries = l2_normalize(protector.protect(cache.embedding[p_idx[:300]]))
     rng = np.random.default_rng(1)
     rows, recall_rows = [], []
     for n in sizes:
         extra = n - len(g_idx)
         src = base[rng.integers(0, len(base), extra)]
         noise = rng.normal(scale=0.35 / np.sqrt(128), size=src.shape).astype(np.float32)
-        gallery = np.concatenate([base[g_idx], l2_normalize(src + noise)])
+        gallery = l2_normalize(np.concatenate([base[g_idx], l2_normalize(src + noise)]))
         ids = np.arange(len(gallery), dtype=np.int64)
+        # Chunks as TemplateIndex.rebuild reads SQL: IVF trains on the first ones, as served.
+        chunks = [(ids[i : i + 20_000], gallery[i : i + 20_000]) for i in range(0, n, 20_000)]
         exact = None
-        for kind in ("flat", "ivf", "hnsw"):
-            if kind == "hnsw" and n not in hnsw_sizes:
+        for name in ("faiss-flat", "faiss-ivf", "faiss-hnsw"):
+            if name == "faiss-hnsw" and n not in hnsw_sizes:
                 continue
             nlist = int(min(4 * np.sqrt(n), 1024))
-            cfg = IndexConfig(kind=kind, ivf_nlist=nlist, ivf_nprobe=16, hnsw_m=32, hnsw_ef_search=128)
+            cfg = IndexConfig(
+                backend=name, ivf_nlist=nlist, ivf_nprobe=16, hnsw_m=32, hnsw_ef_search=128, use_gpu=False
+            )
+            kind = cfg.kind
             t = time.perf_counter()
-            index = new_faiss_index(128, cfg, n)
-            if kind == "ivf":
-                index.train(gallery[rng.choice(n, min(n, 40 * nlist), replace=False)])
-            index.add_with_ids(gallery, ids)
+            index = create_index_backend(name, dim=128, config=cfg)
+            index.rebuild(chunks, n_expected=n)
             build = time.perf_counter() - t
             lat = timed(lambda i, index=index: index.search(queries[i : i + 1], 10), range(100))
             top1 = index.search(queries, 1)[1][:, 0]
             if kind == "flat":
                 exact = top1
             recall = float(np.mean(top1 == exact))
-            mem = faiss.serialize_index(index).nbytes / 2**20
+            mem = len(index.serialize()) / 2**20
             rows.append([kind, n, build, pct(lat, 50), pct(lat, 95), mem])
             if kind != "flat":
                 recall_rows.append([kind, n, f"nlist={nlist}, nprobe=16" if kind == "ivf" else "M=32, efSearch=128",

@@ -12,15 +12,15 @@ import os
 from alembic import context
 from sqlalchemy import create_engine
 
+import advplugin.bulk.models  # noqa: F401  (its tables share the gallery's metadata and history)
 from advplugin.gallery.models import Base
 
-try:  # tables of the migration/key-rotation jobs share the gallery's metadata and history
-    import advplugin.bulk.models  # noqa: F401
-except ImportError:  # pragma: no cover - a tree without that package
-    pass
-
+# Unconditional on purpose: were the bulk models missing from the metadata, autogenerate
+# would propose dropping their tables. `compare_type`: autogenerate also reports changed
+# column types (e.g. a longer String), not only added and removed columns.
 config = context.config
 target_metadata = Base.metadata
+_OPTIONS = {"target_metadata": target_metadata, "render_as_batch": True, "compare_type": True}
 
 
 def _url() -> str:
@@ -33,7 +33,7 @@ def _url() -> str:
 
 
 def run_migrations_offline() -> None:
-    context.configure(url=_url(), target_metadata=target_metadata, render_as_batch=True)
+    context.configure(url=_url(), **_OPTIONS)
     with context.begin_transaction():
         context.run_migrations()
 
@@ -41,13 +41,13 @@ def run_migrations_offline() -> None:
 def run_migrations_online() -> None:
     connection = config.attributes.get("connection")
     if connection is not None:
-        context.configure(connection=connection, target_metadata=target_metadata, render_as_batch=True)
+        context.configure(connection=connection, **_OPTIONS)
         with context.begin_transaction():
             context.run_migrations()
         return
     engine = create_engine(_url())
     with engine.connect() as conn:
-        context.configure(connection=conn, target_metadata=target_metadata, render_as_batch=True)
+        context.configure(connection=conn, **_OPTIONS)
         with context.begin_transaction():
             context.run_migrations()
     engine.dispose()

@@ -20,17 +20,15 @@ not a check of its type here.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
 
 from advplugin.bulk.pipeline import _progress
-from advplugin.gallery.index import TemplateIndex
-from advplugin.gallery.matcher import Match, best_subjects
-from advplugin.gallery.store import DEFAULT_COLLECTION, Gallery
+from advplugin.gallery.store import Gallery
 from advplugin.keys import Key
-from advplugin.protectors import KeyRotation, Protector, create_protector, xnn_rotation
+from advplugin.protectors import KeyRotation, create_protector
 
 
 @dataclass(frozen=True)

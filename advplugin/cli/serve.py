@@ -32,7 +32,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--mode", choices=["images", "templates"], help="images (default) or templates")
     p.add_argument("--scheme", help="protection scheme (default: best available)")
-    p.add_argument("--index-kind", choices=["flat", "ivf", "hnsw"], help="FAISS index (default flat)")
+    # Not `choices`: the backends register when the gallery is imported, which the CLI defers;
+    # Settings checks the name and lists the registered ones. --index-kind: the old spelling.
+    p.add_argument(
+        "--index-backend", "--index-kind", dest="index_backend",
+        help="search index backend: faiss-flat (default), faiss-ivf, faiss-hnsw (or flat, ivf, hnsw)",
+    )
     p.add_argument("--log-level", default="info")
 
 
@@ -43,22 +48,30 @@ def build_settings(args: argparse.Namespace):  # type: ignore[no-untyped-def]
         name: getattr(args, name)
         for name in (
             "host", "port", "data_dir", "database_url", "key_file", "previous_key_file", "mode",
-            "scheme", "index_kind",
+            "scheme",
         )
         if getattr(args, name, None) is not None
     }
+    if getattr(args, "index_backend", None) is not None:
+        # A dict, not an IndexConfig: merged with ADVPLUGIN_INDEX__* rather than replacing it.
+        overrides["index"] = {"backend": args.index_backend}
     return Settings(**overrides)
 
 
 def run(args: argparse.Namespace) -> int:
     import uvicorn
+    from pydantic import ValidationError
 
     from advplugin.gallery.schema import NotMigratedError
     from advplugin.service.app import create_app
     from advplugin.service.state import ConfigurationError, ServiceState
 
     logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
-    settings = build_settings(args)
+    try:
+        settings = build_settings(args)
+    except ValidationError as e:  # e.g. an unknown index backend: say which exist, no traceback
+        print(f"advplugin serve: error: {e}", file=sys.stderr)
+        return 2
     # Check the configuration before binding the port, so a bad start fails with one line.
     try:
         state = ServiceState.start(settings)

@@ -13,7 +13,7 @@ from alembic import command
 from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
-from sqlalchemy import Engine
+from sqlalchemy import Connection, Engine
 
 import advplugin.migrations
 
@@ -45,11 +45,43 @@ def current_revision(engine: Engine) -> str | None:
 
 
 def upgrade(engine: Engine, revision: str = "head") -> None:
-    """Apply migrations up to `revision` on the engine's database (idempotent)."""
+    """Apply migrations up to `revision` on the engine's database (idempotent), in one
+    transaction.
+
+    SQLite: with foreign keys off for the migration (a revision that rebuilds a table in
+    batch mode drops the old one, which with foreign keys on would cascade-delete the rows
+    that reference it), checked with `PRAGMA foreign_key_check` before the commit. SQLite
+    ignores that pragma inside a transaction, so it is set on the driver's connection
+    before SQLAlchemy begins one, and set back afterwards for the connection pool.
+    """
     cfg = alembic_config()
-    with engine.begin() as conn:
-        cfg.attributes["connection"] = conn
-        command.upgrade(cfg, revision)
+    sqlite = engine.dialect.name == "sqlite"
+    with engine.connect() as conn:
+        fk_before = _sqlite_foreign_keys(conn, on=False) if sqlite else False
+        try:
+            with conn.begin():
+                cfg.attributes["connection"] = conn
+                command.upgrade(cfg, revision)
+                if sqlite:
+                    broken = conn.exec_driver_sql("PRAGMA foreign_key_check").all()
+                    if broken:
+                        raise RuntimeError(
+                            f"migration left {len(broken)} rows with a dangling foreign key "
+                            f"(first: table {broken[0][0]}); rolled back"
+                        )
+        finally:
+            if sqlite:
+                _sqlite_foreign_keys(conn, on=fk_before)
+
+
+def _sqlite_foreign_keys(conn: Connection, *, on: bool) -> bool:
+    """Set SQLite's foreign-key enforcement on the driver connection (outside any
+    transaction); returns the previous setting."""
+    driver = conn.connection.driver_connection
+    assert driver is not None
+    before = bool(driver.execute("PRAGMA foreign_keys").fetchone()[0])
+    driver.execute(f"PRAGMA foreign_keys={'ON' if on else 'OFF'}")
+    return before
 
 
 def check_migrated(engine: Engine) -> None:

@@ -24,8 +24,17 @@ from datetime import datetime
 from typing import NamedTuple
 
 import numpy as np
-from sqlalchemy import ScalarSelect, bindparam, delete, func, insert, select, text, update
-from sqlalchemy.engine import Connection
+from sqlalchemy import (
+    Connection,
+    ScalarSelect,
+    bindparam,
+    delete,
+    func,
+    insert,
+    select,
+    text,
+    update,
+)
 
 from advplugin.gallery.changelog import ChangeLog
 from advplugin.gallery.database import DEFAULT_COLLECTION

@@ -5,7 +5,7 @@ After AdvFace (Wang et al., CVPR 2023), on the embedding rather than inside the 
 The operator trains a *shadow decoder* (dlib embedding -> aligned face) that plays the
 attacker, and an *amortised noise generator* g that moves every embedding, within a drift
 budget, in the direction that most changes what the shadow decoder draws, while keeping the
-pairwise cosine structure (so genuine pairs stay matched). See `advface_train` and
+pairwise cosine structure (so genuine pairs stay matched). See `advplugin.training.advface` and
 docs/schemes/advface.md for the data, losses and measured numbers.
 
     u = x / ||x||,   n = g(u) projected orthogonal to u,   a = a_max * sigmoid(g_a(u))
@@ -92,7 +92,7 @@ def weights_path(dim: int, override: str | None = None) -> Path:
 @dataclass(frozen=True)
 class NoiseGenerator:
     """The trained generator g as plain arrays (numpy inference; training is in torch with
-    the same formulas in `advface_train.torch_noisy`)."""
+    the same formulas in `advplugin.nets.advface.torch_noisy`)."""
 
     layers: tuple[tuple[np.ndarray, np.ndarray], ...]  # (weight [in, out], bias [out])
     max_angle: float  # radians: arccos(min_cosine)

@@ -18,6 +18,7 @@ embeddings (`Protector.rotation_to` is None) has no use for a previous key, and 
 from __future__ import annotations
 
 import logging
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -75,6 +76,7 @@ class Protection:
         self.extractor_name = extractor_name
         self.extractor_version = extractor_version
         self.extractor = extractor
+        self.extract_lock = threading.Lock()  # native extractors are not thread-safe
         self.protector = protector
         self.previous = previous
         self._rotation: KeyRotation | None = (

@@ -72,7 +72,7 @@ def _protected_faces(
         image = load_image(data, max_pixels=state.settings.max_pixels)
     except ImageError as e:
         raise ServiceError(422, "invalid_image", str(e)) from None
-    with state.extract_lock:
+    with state.protection.extract_lock:
         faces = extractor.extract(image, max_faces=max_faces, largest_only=largest_only)
     if len(faces.detections) == 0:
         raise ServiceError(422, "no_face", "no face found in the image")

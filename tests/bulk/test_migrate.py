@@ -16,7 +16,7 @@ from advplugin.gallery import Gallery
 from advplugin.keys import load_key
 from advplugin.protectors import create_protector
 from advplugin.protectors.base import l2_normalize
-from tests.migration.conftest import fill_table
+from tests.bulk.conftest import fill_table
 
 SOURCE_ARGS = dict(table="faces", id_column="id", subject_column="person", vector_column="vec")
 

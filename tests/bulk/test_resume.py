@@ -13,7 +13,7 @@ import pytest
 import sqlalchemy as sa
 
 from advplugin.gallery import Gallery
-from tests.migration.conftest import fill_table
+from tests.bulk.conftest import fill_table
 
 CHUNK = 200
 

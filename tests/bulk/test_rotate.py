@@ -15,7 +15,7 @@ from advplugin.gallery import Gallery
 from advplugin.gallery.index import IndexConfig, TemplateIndex
 from advplugin.gallery.matcher import Matcher
 from advplugin.keys import load_key
-from advplugin.protectors import ProtectorMetadata, create_protector
+from advplugin.protectors import ProtectorMetadata, create_protector, scheme_info
 
 
 def _split(rows, n_people: int = 400, n_distractors: int = 800):
@@ -54,7 +54,7 @@ def test_live_rotation_keeps_answers_and_retires_the_old_key(
             [lfw_rows.subjects[i] for i in enrol], p1.protect(lfw_rows.vectors[enrol]),
             protection=p1.metadata, extractor_name="dlib", extractor_version="test",
         )  # fmt: skip
-        index = TemplateIndex(gallery, 128, config=IndexConfig(use_gpu=False))
+        index = TemplateIndex(gallery, 128, config=IndexConfig(use_gpu=False, sync_interval=0.0))
         index.rebuild()
         served_by = Matcher(gallery, index, p1.score)
         before = served_by.identify(p1.protect(raw_probes), k=3)
@@ -142,7 +142,7 @@ def test_scheme_that_cannot_be_rekeyed_is_refused_with_what_to_do(
     try:
         # Rows written by a keyed scheme without an invertible transform. Whether or not
         # such a scheme is registered in this build, rotation must refuse it.
-        other = ProtectorMetadata("advface", 1, k1.key_id, 128, 128)
+        other = ProtectorMetadata("advface", 1, k1.key_id, 128, 128, scheme_info("advface").config_digest(128))
         gallery.add_templates(
             lfw_rows.subjects[:10], p1.protect(lfw_rows.vectors[:10]), protection=other,
             extractor_name="dlib", extractor_version="test",

@@ -12,7 +12,7 @@ import pytest
 import sqlalchemy as sa
 
 from advplugin.bulk import open_source, validate_source
-from tests.migration.conftest import fill_table
+from tests.bulk.conftest import fill_table
 
 N = 600  # a slice of lfw-dev is enough to exercise paging
 

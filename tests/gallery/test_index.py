@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from advplugin.gallery import Gallery
+from advplugin.gallery.backends.faiss_backends import FaissFlat
 from advplugin.gallery.index import IndexConfig, TemplateIndex
 from advplugin.gallery.matcher import Matcher
 from advplugin.keys import Key
@@ -55,7 +56,9 @@ def test_crash_between_sql_commit_and_index_write(gallery: Gallery, protector, t
     assert not np.isin(hits[2:], [ids[0], ids[30], ids[60]]).any()
     # The replaced template is found by its new vector only.
     assert restarted.search(t[1:2], 1)[0][0, 0] < 0.99
-    np.testing.assert_allclose(restarted.vectors(np.array([ids[1]])), new_t[:1], atol=1e-5)
+    found, vectors = restarted.vectors(np.array([ids[1], ids[0]]))  # ids[0] was deleted
+    assert found.tolist() == [ids[1]]
+    np.testing.assert_allclose(vectors, new_t[:1], atol=1e-5)
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -90,3 +93,16 @@ def test_snapshot_of_another_database_or_corrupt_is_rebuilt(tmp_path, protector)
     assert ia2.load() is False and ia2.size == 3
     a.close()
     b.close()
+
+
+def test_backend_that_cannot_persist_is_rebuilt_never_snapshotted(
+    gallery: Gallery, protector, tmp_path, monkeypatch
+) -> None:
+    """A backend whose state lives elsewhere (`persistent = False`): no snapshot file, and
+    every start rebuilds it from SQL."""
+    _add(gallery, protector, ["a", "b"], seed=5)
+    monkeypatch.setattr(FaissFlat, "persistent", False)
+    index = _index(gallery, "flat", tmp_path)
+    assert index.load() is False and index.size == 2
+    index.save()
+    assert not list(tmp_path.glob("*.npz"))

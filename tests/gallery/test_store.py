@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 from sqlalchemy import text
@@ -164,3 +166,30 @@ def test_bulk_insert_ids_metadata_and_concurrent_writers(gallery: Gallery, prote
     assert gallery.count_templates() == 3 + 1000 and gallery.count_subjects() == 3 + 28
     logged = [c.template_id for c in gallery.changes_since(0)]
     assert sorted(set(logged) & set(written)) == sorted(written) and len(logged) == len(set(logged)) + 1
+
+
+def test_config_digest_on_every_row(gallery: Gallery, protector, key) -> None:
+    """Written from `protection` on both insert paths, kept by a re-keying replace unless a
+    new one is given, grouped by in provenance, carried per row by TemplateBatch."""
+    gaussian = create_protector("xnn", key=key, dim=128, matrix="gaussian")
+    assert gaussian.metadata.config_digest != protector.metadata.config_digest
+    kw = {"extractor_name": "dlib", "extractor_version": "v1"}
+    ortho_ids = gallery.add_templates(["a", "b"], _templates(protector, 2), protection=protector.metadata, **kw)
+    gauss_ids = gallery.add_templates(["c"], _templates(gaussian, 1), protection=gaussian.metadata, **kw)
+    digests = [d for b in gallery.iter_templates() for d in b.config_digest]
+    assert digests == [protector.metadata.config_digest] * 2 + [gaussian.metadata.config_digest]
+    groups = {(g["config_digest"], g["count"]) for g in gallery.provenance()}
+    assert groups == {(protector.metadata.config_digest, 2), (gaussian.metadata.config_digest, 1)}
+
+    gallery.replace_templates(ortho_ids[:1], _templates(protector, 1, seed=5), key_id="k2")
+    gallery.replace_templates(gauss_ids, _templates(protector, 1, seed=6), key_id="k2",
+                              config_digest=protector.metadata.config_digest)
+    digests = [d for b in gallery.iter_templates() for d in b.config_digest]
+    assert digests == [protector.metadata.config_digest] * 3
+
+    bad = dataclasses.replace(protector.metadata, config_digest="not-a-digest")
+    with pytest.raises(ValueError, match="config_digest"):
+        gallery.add_templates(["d"], _templates(protector, 1), protection=bad, **kw)
+    with pytest.raises(ValueError, match="config_digest"):
+        gallery.replace_templates(ortho_ids, _templates(protector, 2), key_id="k3", config_digest="XYZ")
+    assert gallery.count_templates() == 3 and gallery.count_templates(key_id="k3") == 0

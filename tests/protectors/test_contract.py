@@ -186,7 +186,7 @@ def test_bad_dim_and_option() -> None:
 
 
 def test_unknown_scheme_metadata_lists_the_registered_ones() -> None:
-    with pytest.raises(ValueError, match="available: .*xnn"):
+    with pytest.raises(ValueError, match=r"available: .*xnn"):
         scheme_info("xnm")
 
 

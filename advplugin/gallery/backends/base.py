@@ -152,5 +152,14 @@ def create_index_backend(name: str, /, *, dim: int, config: IndexConfig) -> Inde
     return INDEX_BACKENDS.create(name, dim=dim, config=config)
 
 
+def index_backend_class(name: str, /) -> type[IndexBackend]:
+    """The registered class (for its classmethods, e.g. `deserialize`); unknown names fail
+    listing the registered ones."""
+    factory = INDEX_BACKENDS.factory(name)
+    if not (isinstance(factory, type) and issubclass(factory, IndexBackend)):
+        raise TypeError(f"index backend {name!r} is not registered as an IndexBackend class")
+    return factory
+
+
 def list_index_backends() -> list[str]:
     return INDEX_BACKENDS.names()

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 from pydantic import AliasChoices, BaseModel, ConfigDict, Field, field_validator
 
+from advplugin.gallery.backends.base import INDEX_BACKENDS
+
 #: The index kinds of releases before backends were pluggable (ADVPLUGIN_INDEX_KIND=flat),
 #: still accepted as `backend` and still what `/status` reports as the index kind.
 SHORT_NAMES = {"flat": "faiss-flat", "ivf": "faiss-ivf", "hnsw": "faiss-hnsw"}
@@ -37,8 +39,6 @@ class IndexConfig(BaseModel):
     def _registered(cls, name: object) -> object:
         """Map a short name, then insist on a registered backend: a typo in the environment
         fails at start with the list of valid names, not at the first search."""
-        from advplugin.gallery.backends.base import INDEX_BACKENDS
-
         if not isinstance(name, str):
             return name
         name = SHORT_NAMES.get(name, name)

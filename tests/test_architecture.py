@@ -1,0 +1,65 @@
+"""Import-time architecture that the contracts in .importlinter cannot see: what a process
+actually loads. The service and the numpy schemes must never load torch (hundreds of MB of
+memory and a second of start-up in every worker), and `advface`'s optional torch refinement
+must load the inference module in `advplugin.nets`, never training or evaluation code.
+
+Each check runs in a fresh interpreter: this test process has long imported torch."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+
+
+def loaded_after(code: str) -> set[str]:
+    """Top modules (and advplugin's subpackages) in sys.modules after running `code`."""
+    script = textwrap.dedent(code) + textwrap.dedent(
+        """
+        import json, sys
+        print(json.dumps(sorted(sys.modules)))
+        """
+    )
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
+    return set(json.loads(out.stdout.strip().splitlines()[-1]))
+
+
+def test_service_and_xnn_do_not_import_torch() -> None:
+    modules = loaded_after(
+        """
+        import advplugin.service.app
+        from advplugin.keys import Key
+        from advplugin.protectors import create_protector
+        create_protector("xnn", key=Key.generate(), dim=128)
+        """
+    )
+    assert "advplugin.service.app" in modules
+    assert "torch" not in modules
+
+
+def test_advface_without_refinement_does_not_import_torch() -> None:
+    modules = loaded_after(
+        """
+        import numpy as np
+        from advplugin.keys import Key
+        from advplugin.protectors import create_protector
+        p = create_protector("advface", key=Key.generate(), dim=128)
+        p.protect(np.random.default_rng(0).normal(size=(4, 128)).astype(np.float32))
+        """
+    )
+    assert "torch" not in modules
+
+
+def test_advface_refinement_uses_nets_not_training() -> None:
+    modules = loaded_after(
+        """
+        import numpy as np
+        from advplugin.keys import Key
+        from advplugin.protectors import create_protector
+        p = create_protector("advface", key=Key.generate(), dim=128, refine_steps=1)
+        p.protect(np.random.default_rng(0).normal(size=(2, 128)).astype(np.float32))
+        """
+    )
+    assert "advplugin.nets.advface" in modules
+    assert not {m for m in modules if m.startswith(("advplugin.training", "advplugin.evaluation"))}
