@@ -1,0 +1,90 @@
+"""The gallery's one matcher: any number of keys, the scheme's own scorer, configurable
+candidates. (Rotation end to end: tests/bulk/test_rotate.py and tests/service/test_rotation.py.)"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from advplugin.gallery import Gallery
+from advplugin.gallery.backends import IndexConfig
+from advplugin.gallery.index import TemplateIndex
+from advplugin.gallery.matcher import Matcher
+from advplugin.keys import Key
+from advplugin.protectors import create_protector
+
+DIM = 32
+
+
+@pytest.fixture
+def two_keys(gallery: Gallery):
+    """Subjects s0..s19; even ones enrolled under key 1, odd ones under key 2 (a gallery
+    half-way through a key rotation), and the raw vectors to make probes from."""
+    rng = np.random.default_rng(3)
+    raw = rng.normal(size=(20, DIM)).astype(np.float32)
+    p1, p2 = (create_protector("xnn", key=Key.generate(), dim=DIM) for _ in range(2))
+    for p, rows in ((p1, range(0, 20, 2)), (p2, range(1, 20, 2))):
+        rows = list(rows)
+        gallery.add_templates(
+            [f"s{i}" for i in rows], p.protect(raw[rows]), protection=p.metadata,
+            extractor_name="test", extractor_version="1",
+        )  # fmt: skip
+    index = TemplateIndex(gallery, DIM, config=IndexConfig(use_gpu=False, sync_interval=0.0))
+    index.rebuild()
+    return raw, p1, p2, index
+
+
+def test_several_keys_each_template_under_its_own_key(gallery: Gallery, two_keys) -> None:
+    raw, p1, p2, index = two_keys
+    both = Matcher.for_protectors(gallery, index, [p1, p2])
+    probes = {p.metadata.key_id: p.protect(raw) for p in (p1, p2)}
+    answers = both.identify(probes, k=1)
+    assert [a[0].subject for a in answers] == [f"s{i}" for i in range(20)]
+    assert all(abs(a[0].similarity - 1.0) < 1e-4 for a in answers)
+    for i in (4, 7):
+        assert both.verify({k: v[i : i + 1] for k, v in probes.items()}, f"s{i}").similarity > 0.999
+    # Under one key only, templates under the other key are strangers: half the people are
+    # found, the other half are not (a probe under K1 says nothing about a template under K2).
+    one = Matcher.for_protectors(gallery, index, [p1]).identify(p1.protect(raw), k=1)
+    found = [a[0].subject == f"s{i}" and a[0].similarity > 0.999 for i, a in enumerate(one)]
+    assert found == [i % 2 == 0 for i in range(20)]
+
+
+def test_the_schemes_own_scorer_ranks_not_the_index(gallery: Gallery, two_keys) -> None:
+    raw, p1, _, index = two_keys
+    t = p1.protect(raw)
+
+    def farthest_first(probes: np.ndarray, templates: np.ndarray) -> np.ndarray:
+        return -p1.score(probes, templates)
+
+    plain = Matcher(gallery, index, {p1.metadata.key_id: p1.score}).identify(t[:1], k=3)
+    inverted = Matcher(gallery, index, {p1.metadata.key_id: farthest_first}).identify(t[:1], k=3)
+    assert plain[0][0].subject == "s0"
+    assert "s0" not in {m.subject for m in inverted[0]}  # the index's best is the scorer's worst
+    assert [m.similarity for m in inverted[0]] == sorted((m.similarity for m in inverted[0]), reverse=True)
+
+
+def test_candidates_bound_what_is_rescored(gallery: Gallery, two_keys) -> None:
+    raw, p1, _, index = two_keys
+    t = p1.protect(raw)
+    calls: list[int] = []
+
+    def counting(probes: np.ndarray, templates: np.ndarray) -> np.ndarray:
+        calls.append(len(templates))
+        return p1.score(probes, templates)
+
+    Matcher(gallery, index, counting, candidates=7).identify(t[:1], k=1)
+    assert calls == [7]
+    with pytest.raises(ValueError, match="candidates"):
+        Matcher(gallery, index, counting, candidates=0)
+
+
+def test_probes_must_match_the_keys_served(gallery: Gallery, two_keys) -> None:
+    raw, p1, p2, index = two_keys
+    both = Matcher.for_protectors(gallery, index, [p1, p2])
+    with pytest.raises(ValueError, match="each key id"):
+        both.identify(p1.protect(raw), k=1)
+    with pytest.raises(ValueError, match="does not serve"):
+        Matcher.for_protectors(gallery, index, [p1]).identify({p2.metadata.key_id: p2.protect(raw)})
+    with pytest.raises(ValueError, match="same key id"):
+        Matcher.for_protectors(gallery, index, [p1, p1])
