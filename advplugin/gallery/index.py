@@ -31,6 +31,7 @@ import numpy as np
 from advplugin.gallery.backends import Batch, IndexBackend, IndexConfig, create_index_backend
 from advplugin.gallery.database import DEFAULT_COLLECTION
 from advplugin.gallery.snapshot import UNREADABLE, read_snapshot, write_snapshot
+from advplugin.gallery.subject_map import SubjectMap
 from advplugin.gallery.templates import TemplateRepository
 from advplugin.protectors.base import l2_normalize
 
@@ -68,6 +69,7 @@ class TemplateIndex:
         self._backend: IndexBackend = create_index_backend(self.config.backend, dim=dim, config=self.config)
         self._changes_since_snapshot = 0
         self._synced = 0.0  # monotonic time of the last catch-up
+        self._subjects = SubjectMap()  # template id -> subject, kept with the backend
 
     def _fingerprint(self) -> str:
         """Identifies the database + collection a snapshot belongs to (no secrets: the URL
@@ -79,6 +81,7 @@ class TemplateIndex:
     # -- rebuild ---------------------------------------------------------------------------------
     def _sql_batches(self) -> Iterator[Batch]:
         for batch in self.gallery.iter_templates(collection=self.collection, chunk_size=_REBUILD_CHUNK):
+            self._subjects.set(batch.ids, batch.subjects)
             yield batch.ids, l2_normalize(batch.vectors)
 
     def rebuild(self) -> None:
@@ -86,6 +89,7 @@ class TemplateIndex:
         with self._lock:
             seq = self.gallery.last_change_seq(collection=self.collection)
             n = self.gallery.count_templates(collection=self.collection)
+            self._subjects.clear()
             self._backend.rebuild(self._sql_batches(), n_expected=n)
             # Changes committed during the scan are replayed (idempotently) from `seq` on.
             self.last_seq = seq
@@ -128,7 +132,9 @@ class TemplateIndex:
         present = [i for i in touched if i in current]
         if gone:
             self._backend.remove(np.asarray(gone, np.int64))
+            self._subjects.remove(gone)
         if present:
+            self._subjects.set(present, [current[i][0] for i in present])
             vectors = l2_normalize(np.stack([current[i][1] for i in present]).astype(np.float32))
             self._backend.add(np.asarray(present, np.int64), vectors)
 
@@ -144,6 +150,34 @@ class TemplateIndex:
         with self._lock:
             self.sync()
             return self._backend.search(q, k)
+
+    def search_subjects(self, probes: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """`search`, plus the subject code of every hit (-1 where none), read under the same
+        lock: a delete cannot fall between finding a template and naming its subject."""
+        q = l2_normalize(np.ascontiguousarray(probes, np.float32))
+        with self._lock:
+            self.sync()
+            scores, ids = self._backend.search(q, k)
+            return scores, ids, self._codes_locked(ids)
+
+    def subjects(self, ids: np.ndarray) -> np.ndarray:
+        """Subject codes of template ids (any shape; -1 for ids that do not exist)."""
+        with self._lock:
+            return self._codes_locked(np.asarray(ids, np.int64))
+
+    def subject_name(self, code: int) -> str:
+        return self._subjects.name(int(code))
+
+    def _codes_locked(self, ids: np.ndarray) -> np.ndarray:
+        codes = self._subjects.codes(ids)
+        missing = (ids >= 0) & (codes < 0)
+        if missing.any():  # after a snapshot load the map starts empty: fill it from SQL
+            unknown = np.unique(ids[missing])
+            # An id deleted in SQL is absent here and stays unnamed (-1): skipped by callers.
+            names = self.gallery.template_subjects(unknown.tolist())
+            self._subjects.set(list(names), list(names.values()))
+            codes = self._subjects.codes(ids)
+        return codes
 
     def vectors(self, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(found ids int64 [M], their stored vectors float32 [M, dim], L2-normalised): the
@@ -213,5 +247,6 @@ class TemplateIndex:
             log.warning("index snapshot %s unreadable (%s); rebuilding", path, type(e).__name__)
             return False
         self._backend = backend
+        self._subjects.clear()  # filled from SQL as searches return ids (`subjects`)
         self.last_seq = int(meta["last_seq"])
         return True

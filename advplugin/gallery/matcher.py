@@ -12,9 +12,13 @@ templates); each is searched once per key, and a candidate counts only for the p
 protected under the candidate's *own* key id (a probe under K1 says nothing about a template
 under K2). Its vector is then read from SQL in the same row as its key id, because the index
 may lag a chunk behind a rotation and SQL pairs each vector with its true key. The best
-template per subject wins. One key is the trivial case of the same code: no template can be
-under another key the matcher serves, so vectors come from the index and only subject names
-from SQL.
+template per subject wins.
+
+One key, the usual case, costs little more than the index search itself: every template is
+under that key, so subject names come from the index's in-memory subject map (read under the
+same lock as the search, so a concurrent delete cannot split them), and when the scheme's
+score is the index's own cosine (`CosineScorer.matches_index`) the index's scores are final;
+any other scorer re-scores the candidates with their vectors from the index.
 """
 
 from __future__ import annotations
@@ -87,7 +91,7 @@ class Matcher:
         cls, gallery: Gallery, index: TemplateIndex, protectors: Sequence[Protector], **kwargs: object
     ) -> Matcher:
         """A matcher scoring with each protector's scheme, under its key id."""
-        scorers = {p.metadata.key_id: p.score for p in protectors}
+        scorers = {p.metadata.key_id: p.score_fn for p in protectors}
         if len(scorers) != len(protectors):
             raise ValueError("two protectors have the same key id")
         return cls(gallery, index, scorers, **kwargs)  # type: ignore[arg-type]
@@ -105,16 +109,58 @@ class Matcher:
         return dict(probes)
 
     def _candidates(self, key_id: str | None, ids: np.ndarray) -> dict[int, tuple[str, np.ndarray]]:
-        """{template id: (subject, vector)} of the candidates under `key_id` that still exist."""
+        """{template id: (subject, vector)} of the candidates under `key_id` that still exist,
+        read from SQL in one snapshot (each vector with its true key id)."""
         if not len(ids):
             return {}
-        if len(self.scorers) == 1:
-            subjects = self.gallery.template_subjects(ids.tolist())
-            present = np.array([i for i in ids.tolist() if i in subjects], np.int64)
-            found, vectors = self.index.vectors(present)
-            return {int(i): (subjects[int(i)], v) for i, v in zip(found.tolist(), vectors, strict=True)}
         rows = self.gallery.template_rows(ids.tolist())
         return {i: (r.subject, r.vector) for i, r in rows.items() if r.key_id == key_id}
+
+    def _identify_one_key(
+        self, probes: np.ndarray, score: ScoreFn, *, k: int, threshold: float | None
+    ) -> list[list[Match]]:
+        """One key: every template in the index is under it, so names come from the index's
+        subject map and, when the scheme's score is the index's own cosine (`matches_index`),
+        the index's scores are final: no SQL and no vector read per identification."""
+        n_cand = max(self.candidates, 5 * k)
+        scores, ids, codes = self.index.search_subjects(probes, n_cand)
+        if not getattr(score, "matches_index", False):
+            scores = self._rescore(probes, ids, score)
+        return [self._best(scores[p], ids[p], codes[p], k, threshold) for p in range(len(ids))]
+
+    def _rescore(self, probes: np.ndarray, ids: np.ndarray, score: ScoreFn) -> np.ndarray:
+        """The scheme's own similarity of every candidate (-inf where it has vanished)."""
+        out = np.full(ids.shape, -np.inf, np.float32)
+        found, vectors = self.index.vectors(np.unique(ids[ids >= 0]))
+        row_of = {int(i): r for r, i in enumerate(found.tolist())}
+        for p, row in enumerate(ids):
+            cols = [j for j, i in enumerate(row.tolist()) if i in row_of]
+            if cols:
+                rows = [row_of[int(row[j])] for j in cols]
+                out[p, cols] = score(probes[p : p + 1], vectors[rows])[0]
+        return out
+
+    def _best(
+        self, scores: np.ndarray, ids: np.ndarray, codes: np.ndarray, k: int, threshold: float | None
+    ) -> list[Match]:
+        """`best_subjects` on arrays: each subject by its best template, best first. A walk
+        down the ranked candidates that stops at the k-th subject (or the threshold): with
+        k = 1 that is the first valid candidate, whatever the number of candidates."""
+        if len(scores) > 1 and not (scores[:-1] >= scores[1:]).all():  # re-scored: rank again
+            order = np.argsort(-scores, kind="stable")
+            scores, ids, codes = scores[order], ids[order], codes[order]
+        out: list[Match] = []
+        seen: set[int] = set()
+        for sim, tid, code in zip(scores.tolist(), ids.tolist(), codes.tolist(), strict=True):
+            if (threshold is not None and sim < threshold) or sim == -np.inf:
+                break
+            if code < 0 or code in seen:
+                continue
+            seen.add(code)
+            out.append(Match(self.index.subject_name(code), float(sim), int(tid)))
+            if len(out) == k:
+                break
+        return out
 
     def identify(
         self, probes: ProbeSet | np.ndarray, *, k: int = 1, threshold: float | None = None
@@ -124,9 +170,12 @@ class Matcher:
         one array when the matcher serves a single key."""
         probe_set = self._probe_set(probes)
         n = len(next(iter(probe_set.values())))
-        scored: list[list[tuple[int, str, float]]] = [[] for _ in range(n)]
         if n == 0:
             return []
+        if len(self.scorers) == 1:
+            kid, templates = next(iter(probe_set.items()))
+            return self._identify_one_key(templates, self.scorers[kid], k=k, threshold=threshold)
+        scored: list[list[tuple[int, str, float]]] = [[] for _ in range(n)]
         n_cand = max(self.candidates, 5 * k)
         for kid, templates in probe_set.items():
             _, ids = self.index.search(templates, n_cand)

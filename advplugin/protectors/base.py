@@ -13,7 +13,7 @@ import sys
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field
-from functools import cached_property, partial
+from functools import cached_property
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -124,6 +124,21 @@ def l2_normalize(x: np.ndarray) -> np.ndarray:
     return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32, copy=False)
 
 
+@dataclass(frozen=True)
+class CosineScorer:
+    """Cosine of validated templates of dimension `dim`. `matches_index` tells the matcher
+    that this score IS what an inner-product index on normalised templates computes, so
+    the index's own scores can be used without reading vectors back to re-score them. A
+    scheme with its own scorer returns another callable, which lacks the flag and is
+    always re-scored."""
+
+    dim: int
+    matches_index: ClassVar[bool] = True
+
+    def __call__(self, probes: object, gallery: object) -> np.ndarray:
+        return cosine_score(probes, gallery, self.dim)
+
+
 def cosine_score(probes: object, gallery: object, dim: int) -> np.ndarray:
     """Cosine similarity [P, G] of validated templates of dimension `dim`: what a FAISS
     inner-product index on normalised templates computes."""
@@ -211,7 +226,7 @@ class Protector(ABC):
         Cosine by default, which is what a FAISS inner-product index on normalised
         templates computes, so offline scores and gallery search agree.
         """
-        return partial(cosine_score, dim=cls.output_dim_for(dim, config))
+        return CosineScorer(cls.output_dim_for(dim, config))
 
     # -- an instance -----------------------------------------------------------------------------
     @property
@@ -247,12 +262,14 @@ class Protector(ABC):
         return validate_embeddings(templates, self.output_dim, what=what)
 
     @cached_property
-    def _scorer(self) -> ScoreFn:
+    def score_fn(self) -> ScoreFn:
+        """The scheme's scorer at this protector's dimension (what `score` calls): the
+        object a matcher is given, so it can tell a plain cosine (`CosineScorer`) apart."""
         return self.scorer(self.dim, self.config)
 
     def score(self, probes: np.ndarray, gallery: np.ndarray) -> np.ndarray:
         """Similarity [P, G] between protected templates; higher means more alike."""
-        return self._scorer(probes, gallery)
+        return self.score_fn(probes, gallery)
 
     def rotation_to(self, other: Protector) -> KeyRotation | None:
         """The map re-keying this protector's templates to `other`'s without raw embeddings,

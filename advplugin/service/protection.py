@@ -112,7 +112,7 @@ class Protection:
         if s.previous_key_file is not None:
             previous = _previous_protector(scheme, protector, s.previous_key_file)
         return cls(
-            expected=protector.metadata, scorer=protector.score,
+            expected=protector.metadata, scorer=protector.score_fn,
             extractor_name=extractor.name, extractor_version=extractor.version,
             extractor=extractor, protector=protector, previous=previous,
         )
@@ -168,7 +168,7 @@ class Protection:
         """The scorer under every key the view needs (one key outside a rotation)."""
         out = {view.current: self.scorer}
         if view.previous is not None:
-            out[view.previous.metadata.key_id] = view.previous.score
+            out[view.previous.metadata.key_id] = view.previous.score_fn
         return out
 
     def protect_for(self, view: KeyView, raw: np.ndarray) -> ProbeSet:

@@ -88,3 +88,53 @@ def test_probes_must_match_the_keys_served(gallery: Gallery, two_keys) -> None:
         Matcher.for_protectors(gallery, index, [p1]).identify({p2.metadata.key_id: p2.protect(raw)})
     with pytest.raises(ValueError, match="same key id"):
         Matcher.for_protectors(gallery, index, [p1, p1])
+
+
+def test_index_scores_equal_the_rescored_ones_for_a_cosine_scheme(gallery: Gallery, two_keys) -> None:
+    raw, p1, _, index = two_keys
+    probes = p1.protect(raw + 0.3 * np.random.default_rng(1).normal(size=raw.shape).astype(np.float32))
+    fast = Matcher(gallery, index, p1.score_fn)  # CosineScorer: the index's scores are final
+    slow = Matcher(gallery, index, lambda a, b: p1.score(a, b))  # any other callable: re-scored
+    for a, b in zip(fast.identify(probes, k=5), slow.identify(probes, k=5), strict=True):
+        assert [m.subject for m in a] == [m.subject for m in b]
+        np.testing.assert_allclose([m.similarity for m in a], [m.similarity for m in b], atol=1e-5)
+
+
+def test_names_survive_a_snapshot_load_and_deletes_are_honoured(gallery: Gallery, two_keys, tmp_path) -> None:
+    raw, p1, _, index = two_keys
+    index.snapshot_path = tmp_path / "snap.npz"
+    index.save()
+    loaded = TemplateIndex(
+        gallery, DIM, config=IndexConfig(use_gpu=False, sync_interval=0.0), snapshot_path=index.snapshot_path
+    )
+    assert loaded.load()
+    matcher = Matcher(gallery, loaded, p1.score_fn)
+    assert [a[0].subject for a in matcher.identify(p1.protect(raw[:6:2]))] == ["s0", "s2", "s4"]
+    gallery.delete_subject("s2")
+    loaded.catch_up()
+    assert "s2" not in {m.subject for m in matcher.identify(p1.protect(raw[2:3]), k=20)[0]}
+
+
+def test_identify_while_subjects_are_deleted_never_fails(gallery: Gallery, two_keys) -> None:
+    import threading
+
+    raw, p1, _, index = two_keys
+    matcher = Matcher(gallery, index, lambda a, b: p1.score(a, b))  # re-scoring path reads vectors
+    errors: list[BaseException] = []
+
+    def identify_loop() -> None:
+        try:
+            for _ in range(30):
+                matcher.identify(p1.protect(raw), k=3)
+        except BaseException as e:  # any failure is the finding
+            errors.append(e)
+
+    t = threading.Thread(target=identify_loop)
+    t.start()
+    for i in range(0, 20, 2):
+        gallery.delete_subject(f"s{i}")
+        index.catch_up()
+    t.join()
+    assert not errors
+    remaining = {m.subject for r in matcher.identify(p1.protect(raw), k=20) for m in r}
+    assert not remaining & {f"s{i}" for i in range(0, 20, 2)}

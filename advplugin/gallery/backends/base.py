@@ -120,7 +120,10 @@ def empty_results(n_queries: int, k: int) -> tuple[np.ndarray, np.ndarray]:
 def pad_results(scores: np.ndarray, ids: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     """Normalise raw top-k results to the contract: exactly k columns, -inf where id is -1
     (libraries return their own sentinels, e.g. FAISS -3.4e38)."""
-    scores = np.where(ids < 0, -np.inf, scores).astype(np.float32, copy=False)
+    missing = ids < 0
+    if missing.any():  # the common full answer is returned as is (per-request cost)
+        scores = np.where(missing, -np.inf, scores)
+    scores = scores.astype(np.float32, copy=False)
     ids = ids.astype(np.int64, copy=False)
     if ids.shape[1] < k:
         pad = ((0, 0), (0, k - ids.shape[1]))
