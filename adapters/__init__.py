@@ -7,6 +7,7 @@ optional (insightface) import it only when created, so the registry always lists
 from advplugin.adapters import (  # noqa: F401
     callable_adapter,
     dlib_adapter,
+    dlib_torch_adapter,
     insightface_adapter,
     onnx_adapter,
 )
