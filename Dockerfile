@@ -14,6 +14,9 @@ COPY . /app
 RUN ./scripts/setup.sh
 
 ENV ADVPLUGIN_DATA_DIR=/data
-VOLUME ["/data"]
+# Sealed storage: the master key lives on its own volume (or mount a secret there, or set
+# ADVPLUGIN_MASTER_KEY), never in /data, so a copy of the data volume opens nothing.
+ENV ADVPLUGIN_MASTER_KEY_FILE=/keys/master.key
+VOLUME ["/data", "/keys"]
 EXPOSE 8000
 CMD [".venv/bin/advplugin", "serve", "--host", "0.0.0.0", "--port", "8000"]

@@ -100,6 +100,12 @@ class Extractor(ABC):
         emb = self.embed(image, det) if len(det) else np.zeros((0, self.dim), np.float32)
         return Faces(det, emb)
 
+    def confidence(self, scores: np.ndarray) -> np.ndarray:
+        """Detection scores as confidences in [0, 1], for callers that report one (the
+        service's `probability`). Default: the scores clipped, for detectors whose scores
+        already are probabilities; a detector with unbounded scores overrides it."""
+        return np.clip(np.asarray(scores, np.float64), 0.0, 1.0)
+
     def fallback_box(self, height: int, width: int) -> Detections:
         """A centred box spanning 40 % of the width and height, used when no face is
         detected in a pre-cropped photo (the LFW cache's convention, reproduced exactly)."""

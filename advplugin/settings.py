@@ -77,10 +77,19 @@ class Settings(BaseSettings):
     #: key; templates still under this one are matched with it (docs/migration.md).
     previous_key_file: Path | None = Field(None, description="the old key while a key rotation runs")
     index_dir: Path | None = Field(None, description="FAISS snapshots; default: data_dir/index")
+    #: Sealed storage (docs/sealed-storage.md): the master key that wraps the gallery's data
+    #: key. Default: a key file BESIDE the data folder, not in it (`.advplugin/master.key`
+    #: for `.advplugin/data`), so copying the data folder does not copy it; created 0600
+    #: when a new gallery is sealed. Or give the key itself, base64 of 32 bytes, as
+    #: ADVPLUGIN_MASTER_KEY (then no file is read or made).
+    master_key_file: Path | None = Field(None, description="default: <data_dir>/../master.key")
+    master_key: SecretStr | None = Field(None, description="base64 master key (instead of a file)")
 
     #: "images": the service holds the key, extracts and protects uploads. "templates": it
-    #: holds no key and accepts only templates protected on the client side.
-    mode: Literal["images", "templates"] = "images"
+    #: holds no key and accepts only templates protected on the client side. "blind": it holds
+    #: no key and sees only CKKS ciphertexts of client-protected templates (/blind routes,
+    #: docs/blind.md); the template settings below describe what the clients protect with.
+    mode: Literal["images", "templates", "blind"] = "images"
     scheme: str | None = Field(None, description="default: best of SCHEME_PREFERENCE available")
     allow_unprotected: bool = Field(False, description="permit the `none` scheme (baseline only)")
     extractor: str = "dlib"
@@ -104,12 +113,28 @@ class Settings(BaseSettings):
     #: key rotation); at least 5 x the subjects asked for.
     match_candidates: int = Field(50, ge=1, le=10_000)
 
+    #: Blind mode: accept plaintext probes against the encrypted gallery (off: the probe is
+    #: then visible to the server; docs/blind.md says when the threat model allows it).
+    blind_plain_probes: bool = False
+    #: Blind mode: threads scoring blocks of one probe in parallel.
+    blind_threads: int = Field(1, ge=1)
+
     max_upload_bytes: int = 10 * 1024 * 1024
     max_pixels: int = 25_000_000
     max_faces: int = 20
     max_templates_per_request: int = 1000
+    #: Image requests decoded or extracted at once per process (running or waiting for the
+    #: extractor); more are refused with 429 and Retry-After instead of queueing.
+    max_concurrent_extractions: int = Field(4, ge=1)
+    #: Worker processes that decode, extract and protect images (images mode), each with its
+    #: own extractor: dlib holds the GIL, so only processes use more than one core. 0: in
+    #: the serving process, one image at a time.
+    extraction_workers: int = Field(0, ge=0, le=64)
     store_images: bool = Field(False, description="keep uploaded images in SQL (off: hash only)")
 
+    #: `advplugin serve`'s log lines: "text", or "json" (one object per line, for a log
+    #: pipeline). Either way the access log names route templates, never paths or queries.
+    log_format: Literal["text", "json"] = "text"
     host: str = "127.0.0.1"
     port: int = 8000
     #: Bootstrap key for a fresh gallery (stored hashed); if unset and the gallery has no API
@@ -123,6 +148,10 @@ class Settings(BaseSettings):
     @property
     def resolved_key_file(self) -> Path:
         return self.key_file or self.data_dir / "key"
+
+    @property
+    def resolved_master_key_file(self) -> Path:
+        return self.master_key_file or self.data_dir.absolute().parent / "master.key"
 
     @property
     def resolved_index_dir(self) -> Path:
@@ -145,6 +174,15 @@ class Settings(BaseSettings):
         if isinstance(nested, dict):
             data["index"] = {**legacy, **nested}
         return data
+
+    @model_validator(mode="after")
+    def _milvus_lite_in_data_dir(self) -> Settings:
+        """The milvus backend without a URI keeps its milvus-lite folder in the data folder
+        (beside the SQLite gallery), not in a temporary one that a restart would lose."""
+        if self.index.backend == "milvus" and not self.index.milvus_uri:
+            uri = str((self.data_dir / "milvus.db").absolute())
+            self.index = self.index.model_copy(update={"milvus_uri": uri})
+        return self
 
     @classmethod
     def settings_customise_sources(

@@ -11,6 +11,9 @@ Two ways to use the service:
     python examples/client.py ... identify photo2.jpg
     python examples/client.py ... --key-file .advplugin/data/key enroll-templates Ada photo1.jpg
     python examples/client.py ... status
+
+The HTTP part is the typed client package `advplugin.client` (sync `Client`, async
+`AsyncClient`); this example adds the client-side protection and a command line.
 """
 
 from __future__ import annotations
@@ -20,57 +23,14 @@ import json
 import sys
 from pathlib import Path
 
-import httpx
 import numpy as np
 
+from advplugin.client import Client
 
-class AdvpluginClient:
-    def __init__(self, url: str, api_key: str, *, timeout: float = 120) -> None:
-        self.http = httpx.Client(base_url=url, headers={"x-api-key": api_key}, timeout=timeout)
 
-    def _json(self, response: httpx.Response) -> dict:
-        if response.status_code >= 400:
-            err = response.json().get("error", {})
-            raise RuntimeError(f"{response.status_code} {err.get('code')}: {err.get('message')}")
-        return response.json()
-
-    # -- images: the server extracts and protects --------------------------------------------------
-    def enroll(self, subject: str, image: bytes, *, faces: str = "largest") -> dict:
-        return self._json(self.http.post(
-            "/enroll", files={"file": ("image", image)}, data={"subject": subject, "faces": faces}
-        ))
-
-    def identify(self, image: bytes, *, prediction_count: int = 1, limit: int = 0,
-                 threshold: float | None = None) -> dict:
-        params: dict[str, object] = {"prediction_count": prediction_count, "limit": limit}
-        if threshold is not None:
-            params["threshold"] = threshold
-        return self._json(self.http.post("/identify", files={"file": ("image", image)}, params=params))
-
-    def verify(self, subject: str, image: bytes, *, threshold: float | None = None) -> dict:
-        data = {"subject": subject} | ({"threshold": str(threshold)} if threshold is not None else {})
-        return self._json(self.http.post("/verify", files={"file": ("image", image)}, data=data))
-
-    # -- protected templates: protection happened on this side ------------------------------------
-    def enroll_templates(self, subjects: list[str], templates: np.ndarray, protection: dict) -> dict:
-        items = [{"subject": s, "template": t.tolist()} for s, t in zip(subjects, templates, strict=True)]
-        return self._json(self.http.post("/enroll/templates", json={"protection": protection, "items": items}))
-
-    def identify_templates(self, templates: np.ndarray, protection: dict, *, prediction_count: int = 1,
-                           threshold: float | None = None) -> dict:
-        body = {"protection": protection, "templates": templates.tolist(),
-                "prediction_count": prediction_count, "threshold": threshold}
-        return self._json(self.http.post("/identify/templates", json=body))
-
-    # -- gallery ------------------------------------------------------------------------------------
-    def subjects(self, page: int = 0, size: int = 100) -> dict:
-        return self._json(self.http.get("/subjects", params={"page": page, "size": size}))
-
-    def delete_subject(self, subject: str) -> dict:
-        return self._json(self.http.delete(f"/subjects/{subject}"))
-
-    def status(self) -> dict:
-        return self._json(self.http.get("/status"))
+class AdvpluginClient(Client):
+    """The typed client of the package (`advplugin.client.Client`: sync; `AsyncClient`:
+    async), under the name this example always had."""
 
 
 class LocalProtector:

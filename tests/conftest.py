@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from advplugin.gallery.sealing import LocalKeyProvider
 from advplugin.keys import Key
 
 REPO = Path(__file__).resolve().parents[1]
@@ -47,6 +48,22 @@ def lfw_cache(face_data: Path) -> dict[str, np.ndarray]:
 @pytest.fixture
 def key() -> Key:
     return Key.generate()
+
+
+@pytest.fixture(autouse=True)
+def master_key_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """Sealed storage: each test's own master key file (ADVPLUGIN_MASTER_KEY_FILE), so the
+    services and CLI commands a test starts seal new galleries with it (never with a file
+    in the repository's .advplugin/), and the test can open them with `env_master_key()`."""
+    path = tmp_path / "master.key"
+    monkeypatch.setenv("ADVPLUGIN_MASTER_KEY_FILE", str(path))
+    monkeypatch.delenv("ADVPLUGIN_MASTER_KEY", raising=False)
+    return path
+
+
+def env_master_key() -> LocalKeyProvider:
+    """The master key the current test's services and commands use (created if missing)."""
+    return LocalKeyProvider.from_file(os.environ["ADVPLUGIN_MASTER_KEY_FILE"], create=True)
 
 
 @pytest.fixture(scope="session")

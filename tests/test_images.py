@@ -42,3 +42,32 @@ def test_pixel_limit_is_checked_before_decoding() -> None:
 def test_missing_file(tmp_path) -> None:
     with pytest.raises(ImageError, match="cannot open"):
         load_image(tmp_path / "nope.jpg")
+
+
+def _sixteen_bit_png(gray8: np.ndarray) -> bytes:
+    """A 16-bit grayscale PNG holding `gray8` scaled to the full 16-bit range."""
+    buf = io.BytesIO()
+    Image.fromarray(gray8.astype(np.uint16) * 257).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def test_16_bit_png_is_scaled_not_clipped(face_data) -> None:
+    """16-bit PNGs decoded clipped to white (mean 234 instead of 60): a real face gave
+    `no_face`. Now they decode to the 8-bit image they were made from, and the face is found."""
+    from advplugin.adapters import create_extractor
+
+    jpg = sorted((face_data / "lfw-dev" / "Aaron_Peirsol").glob("*.jpg"))[0]
+    gray8 = np.asarray(Image.open(jpg).convert("L"))
+    data = _sixteen_bit_png(gray8)
+    assert Image.open(io.BytesIO(data)).mode.startswith("I")  # really a 16-bit image
+    img = load_image(data)
+    assert img.dtype == np.uint8 and img.shape == (*gray8.shape, 3)
+    np.testing.assert_array_equal(img[..., 0], gray8)
+    assert len(create_extractor("dlib").extract(img).detections) == 1
+
+
+def test_32_bit_integer_image_with_8_bit_values_is_kept() -> None:
+    values = np.arange(64 * 64, dtype=np.int32).reshape(64, 64) % 256
+    buf = io.BytesIO()
+    Image.fromarray(values, "I").save(buf, format="TIFF")
+    np.testing.assert_array_equal(load_image(buf.getvalue())[..., 0], values)

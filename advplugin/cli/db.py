@@ -1,14 +1,29 @@
-"""`advplugin db`: migrate the gallery database, show its state, manage API keys."""
+"""`advplugin db`: migrate the gallery database, show its state, manage API keys, seal it.
+
+Sealed storage (docs/sealed-storage.md): `db seal` converts an unsealed gallery in place
+(chunked, resumable), `db rewrap --new-master-key FILE` moves the gallery's data keys to a
+new master key in one transaction (rows untouched), and with `--new-data-key` also moves
+every subject key to a new gallery data key (resumable), after which a copy of the database
+taken before, and the old master key, open nothing of it.
+"""
 
 from __future__ import annotations
 
 import argparse
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from advplugin.gallery import Gallery
 
 DB_HELP = "SQLAlchemy URL of the gallery (default: $ADVPLUGIN_DATABASE_URL or the data folder's SQLite file)"
+MASTER_HELP = (
+    "master key file (default: $ADVPLUGIN_MASTER_KEY_FILE, $ADVPLUGIN_MASTER_KEY, or "
+    "master.key beside the data folder)"
+)
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("db", help="gallery database: migrate, status, API keys")
+    p = sub.add_parser("db", help="gallery database: migrate, status, API keys, sealing")
     dbsub = p.add_subparsers(dest="db_command", required=True, metavar="DB_COMMAND")
 
     up = dbsub.add_parser("upgrade", help="apply Alembic migrations up to the newest revision")
@@ -16,7 +31,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     up.add_argument("--revision", default="head")
     up.set_defaults(func=run_upgrade)
 
-    st = dbsub.add_parser("status", help="schema revision, template counts and provenance")
+    st = dbsub.add_parser("status", help="schema revision, sealing, template counts and provenance")
     st.add_argument("--database-url", help=DB_HELP)
     st.set_defaults(func=run_status)
 
@@ -32,15 +47,72 @@ def register(sub: argparse._SubParsersAction) -> None:
     rk.add_argument("--name", required=True)
     rk.set_defaults(func=run_revoke_api_key)
 
+    se = dbsub.add_parser(
+        "seal", help="encrypt an unsealed gallery in place (chunked, resumable: rerun to continue)",
+        description="Creates the gallery's data key (wrapped by the master key, made 0600 "
+        "when missing) and seals every plaintext template, one transaction per chunk. Stop "
+        "or restart services that write without the master key first.",
+    )
+    se.add_argument("--database-url", help=DB_HELP)
+    se.add_argument("--master-key-file", help=MASTER_HELP)
+    se.add_argument("--chunk-size", type=int, default=10_000, help="templates per transaction")
+    se.set_defaults(func=run_seal)
+
+    rw = dbsub.add_parser(
+        "rewrap", help="move the gallery's data keys to a new master key (rows untouched, atomic)",
+        description="Re-wraps the gallery data key(s) under the new master key in one "
+        "transaction. With --new-data-key, also moves every subject key to a new gallery "
+        "data key (resumable: rerun to continue); then a database copy taken before, with "
+        "the old master key destroyed, opens nothing (docs/sealed-storage.md, erasure).",
+    )
+    rw.add_argument("--database-url", help=DB_HELP)
+    rw.add_argument("--master-key-file", help="the CURRENT " + MASTER_HELP)
+    rw.add_argument("--new-master-key", required=True, help="the new master key file (0600); made when missing")
+    rw.add_argument("--new-data-key", action="store_true", help="also re-key the subjects under a new data key")
+    rw.add_argument("--chunk-size", type=int, default=10_000, help="subject keys per transaction")
+    rw.set_defaults(func=run_rewrap)
+
+
+def _settings(args: argparse.Namespace):  # type: ignore[no-untyped-def]
+    from pathlib import Path
+
+    from advplugin.settings import Settings
+
+    extra = {}
+    if getattr(args, "master_key_file", None):
+        extra["master_key_file"] = Path(args.master_key_file)
+    settings = Settings(**extra)
+    return settings
+
 
 def _url(args: argparse.Namespace) -> str:
     if args.database_url:
         return args.database_url
-    from advplugin.settings import Settings
+    from advplugin.service.startup import prepare_data_dir
 
-    settings = Settings()
-    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    settings = _settings(args)
+    prepare_data_dir(settings.data_dir)
     return settings.resolved_database_url
+
+
+def open_gallery(url: str, *, upgrade: bool = False, seal_new: bool = True, args: argparse.Namespace | None = None) -> Gallery:
+    """A gallery for a command that reads or writes vectors: unlocked with the master key of
+    the settings when sealed, sealed when new (as the service does). Configuration errors
+    become ValueError: one clear line from the CLI, no traceback."""
+    from advplugin.gallery import Gallery
+    from advplugin.service.protection import ConfigurationError
+    from advplugin.service.startup import unlock_gallery
+
+    gallery = Gallery.open(url, upgrade=upgrade)
+    try:
+        unlock_gallery(gallery, _settings(args) if args is not None else _settings(argparse.Namespace()), seal_new=seal_new)
+    except ConfigurationError as e:
+        gallery.close()
+        raise ValueError(str(e)) from None
+    except BaseException:
+        gallery.close()
+        raise
+    return gallery
 
 
 def run_upgrade(args: argparse.Namespace) -> int:
@@ -62,6 +134,12 @@ def run_status(args: argparse.Namespace) -> int:
     from advplugin.gallery import Gallery
 
     with Gallery.open(_url(args)) as g:
+        info = g.seal_info()
+        if info.sealed:
+            state = "sealed, converting (run `advplugin db seal` to finish)" if info.converting else "sealed"
+            print(f"storage: {state}; data key wrapped by master key id {', '.join(info.master_key_ids)}")
+        else:
+            print("storage: NOT sealed (a copy of the database reveals the templates); run `advplugin db seal`")
         for name in g.collections():
             print(f"collection {name}: {g.count_subjects(collection=name)} subjects, "
                   f"{g.count_templates(collection=name)} templates")
@@ -85,4 +163,84 @@ def run_revoke_api_key(args: argparse.Namespace) -> int:
     with Gallery.open(_url(args)) as g:
         n = g.revoke_api_keys(args.name, collection=args.collection)
     print(f"revoked {n} API key(s) named {args.name!r}")
+    return 0
+
+
+def _provider(args: argparse.Namespace, *, create: bool):  # type: ignore[no-untyped-def]
+    from advplugin.service.protection import ConfigurationError
+    from advplugin.service.startup import master_key_provider
+
+    settings = _settings(args)
+    try:
+        provider = master_key_provider(settings, create=create)
+    except ConfigurationError as e:
+        raise ValueError(str(e)) from None
+    if provider is None:
+        raise ValueError(
+            f"no master key: {settings.resolved_master_key_file} does not exist; pass "
+            "--master-key-file or set ADVPLUGIN_MASTER_KEY_FILE / ADVPLUGIN_MASTER_KEY"
+        )
+    return provider
+
+
+def run_seal(args: argparse.Namespace) -> int:
+    from advplugin.gallery import Gallery
+    from advplugin.gallery.sealing import MasterKeyError
+
+    if args.chunk_size < 1:
+        raise ValueError("--chunk-size must be positive")
+    url = _url(args)
+    with Gallery.open(url) as g:
+        before = g.seal_info()
+        provider = _provider(args, create=not before.sealed)
+        try:
+            g.unlock(provider, seal_if_empty=True)
+            done = 0
+            for n in g.seal_templates(chunk_size=args.chunk_size):
+                done += n
+                print(f"sealed {done} templates", flush=True)
+        except MasterKeyError as e:
+            raise ValueError(str(e)) from None
+        info = g.seal_info()
+    print(f"gallery sealed: {done} templates converted now; data key wrapped by master key id "
+          f"{', '.join(info.master_key_ids)} ({provider.description})")
+    return 0
+
+
+def run_rewrap(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from advplugin.gallery import Gallery
+    from advplugin.gallery.sealing import LocalKeyProvider, MasterKeyError
+
+    if args.chunk_size < 1:
+        raise ValueError("--chunk-size must be positive")
+    new_path = Path(args.new_master_key)
+    try:
+        new = LocalKeyProvider.from_file(new_path, create=not new_path.exists())
+    except MasterKeyError as e:
+        raise ValueError(str(e)) from None
+    url = _url(args)
+    with Gallery.open(url) as g:
+        try:
+            info = g.seal_info()
+            if not info.sealed:
+                raise ValueError("this gallery is not sealed; run `advplugin db seal` first")
+            if info.master_key_ids == [new.key_id]:
+                print(f"data keys already wrapped by master key id {new.key_id}")
+            else:
+                g.unlock(_provider(args, create=False), seal_if_empty=False)
+                n = g.rewrap(new)
+                print(f"re-wrapped {n} data key(s) under master key id {new.key_id} ({new.description})")
+            if args.new_data_key:
+                g.unlock(new, seal_if_empty=False)
+                serial = g.begin_rekey()
+                moved = 0
+                for n in g.rekey_subjects(chunk_size=args.chunk_size):
+                    moved += n
+                    print(f"moved {moved} subject keys to data key #{serial}", flush=True)
+                print(f"re-keyed: every subject key is under data key #{serial}; older data keys deleted")
+        except MasterKeyError as e:
+            raise ValueError(str(e)) from None
+    print("keep the new master key; destroy the old one once backups made before are to become unreadable")
     return 0

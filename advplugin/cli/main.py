@@ -21,6 +21,7 @@ COMMAND_MODULES = [
     "advplugin.cli.migrate",
     "advplugin.cli.protect",
     "advplugin.cli.verify",
+    "advplugin.cli.blind",
 ]
 
 

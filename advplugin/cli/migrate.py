@@ -76,11 +76,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     r.set_defaults(func=run_rotate)
 
 
-def _open_gallery(url: str, *, upgrade: bool):
-    from advplugin.gallery import Gallery, NotMigratedError
+def _open_gallery(url: str, *, upgrade: bool, seal_new: bool = True):
+    from advplugin.cli.db import open_gallery
+    from advplugin.gallery import NotMigratedError
 
-    try:
-        return Gallery.open(url, upgrade=upgrade)
+    try:  # unlocked with the master key when sealed; a new gallery is sealed (not on a dry run)
+        return open_gallery(url, upgrade=upgrade, seal_new=seal_new)
     except NotMigratedError as e:
         raise ValueError(f"{e} (or pass --upgrade)") from None
 
@@ -110,7 +111,7 @@ def run_migrate(args: argparse.Namespace) -> int:
         vector_format=args.vector_format,
         mapping=args.mapping,
     )
-    gallery = _open_gallery(args.gallery, upgrade=args.upgrade and not args.dry_run)
+    gallery = _open_gallery(args.gallery, upgrade=args.upgrade and not args.dry_run, seal_new=not args.dry_run)
     try:
         report = validate_source(source, chunk_size=args.chunk_size, progress=progress)
         print(f"source: {source.describe()}")

@@ -36,7 +36,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     # Settings checks the name and lists the registered ones. --index-kind: the old spelling.
     p.add_argument(
         "--index-backend", "--index-kind", dest="index_backend",
-        help="search index backend: faiss-flat (default), faiss-ivf, faiss-hnsw (or flat, ivf, hnsw)",
+        help="search index backend: faiss-flat (default), faiss-ivf, faiss-hnsw (or flat, ivf, hnsw), milvus",
     )
     p.add_argument("--log-level", default="info")
 
@@ -78,8 +78,14 @@ def run(args: argparse.Namespace) -> int:
     except (NotMigratedError, ConfigurationError) as e:
         print(f"advplugin serve: error: {e}", file=sys.stderr)
         return 2
+    from advplugin.service.logs import configure_logging
+
     app = create_app(state=state)
-    uvicorn.run(app, host=settings.host, port=settings.port, log_level=args.log_level)
+    configure_logging(args.log_level, settings.log_format)
+    # access_log off, log_config None: the service writes its own access log (route templates,
+    # never paths or query strings) and uvicorn's lines go through the handler just configured.
+    uvicorn.run(app, host=settings.host, port=settings.port, log_level=args.log_level,
+                access_log=False, log_config=None)
     return 0
 
 

@@ -14,11 +14,15 @@ also what lets the templates room allocate ids itself without ever reusing one.
 from __future__ import annotations
 
 import copy
+import os
+import stat
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Self
 
-from sqlalchemy import Connection, Engine, create_engine, event, insert, select
+from sqlalchemy import Connection, Engine, create_engine, event, insert, make_url, select
 
 from advplugin.gallery.models import Collection, utcnow
 from advplugin.gallery.schema import check_migrated
@@ -27,16 +31,67 @@ DEFAULT_COLLECTION = "default"
 _PG_WRITE_LOCK = 0x61647670  # "advp": one advisory lock id for all gallery writers
 
 
+#: SQLite files of a gallery: the database and the WAL/shared-memory files beside it.
+SQLITE_SUFFIXES = ("", "-wal", "-shm", "-journal")
+
+
+def sqlite_path(url: str) -> Path | None:
+    """The file of a SQLite URL (None: in memory, or not SQLite)."""
+    parsed = make_url(url)
+    if not parsed.drivername.startswith("sqlite") or parsed.database in (None, "", ":memory:"):
+        return None
+    return Path(parsed.database)
+
+
+def restrict_sqlite_files(db_path: Path) -> None:
+    """Owner-only modes (0600) on a gallery's SQLite files: they hold templates of real
+    people (sealed or not) and API-key hashes. New files are created under an owner-only
+    umask (`make_engine`), and SQLite gives `-wal`/`-shm`/`-journal` the database file's
+    mode; this tightens the files of a gallery made before (0644 then)."""
+    for suffix in SQLITE_SUFFIXES:
+        f = db_path.with_name(db_path.name + suffix)
+        try:
+            if stat.S_IMODE(f.stat().st_mode) & 0o077:
+                f.chmod(0o600)
+        except FileNotFoundError:
+            continue
+
+
+@contextmanager
+def _owner_only_umask() -> Iterator[None]:
+    """Files SQLite creates in here are born 0600 (no moment with a wider mode). The umask is
+    process-wide, so it is narrowed only around the connect call, under a lock."""
+    with _UMASK_LOCK:
+        old = os.umask(0o077)
+        try:
+            yield
+        finally:
+            os.umask(old)
+
+
+_UMASK_LOCK = threading.Lock()
+
+
 def make_engine(url: str) -> Engine:
-    """An engine with the settings the gallery relies on (SQLite: foreign keys, WAL, fsync).
+    """An engine with the settings the gallery relies on (SQLite: foreign keys, WAL, fsync,
+    secure delete, owner-only files).
 
     `hide_parameters`: bound values (template vectors, API-key hashes) never appear in
     database error messages, which may reach logs and tracebacks.
     """
     if url.startswith("sqlite"):
+        db_path = sqlite_path(url)
         engine = create_engine(
             url, connect_args={"timeout": 30, "check_same_thread": False}, hide_parameters=True
         )
+
+        @event.listens_for(engine, "do_connect")
+        def _owner_only_connect(dialect, _record, cargs, cparams):  # type: ignore[no-untyped-def]
+            with _owner_only_umask():
+                dbapi_conn = dialect.loaded_dbapi.connect(*cargs, **cparams)
+            if db_path is not None:
+                restrict_sqlite_files(db_path)
+            return dbapi_conn
 
         @event.listens_for(engine, "connect")
         def _sqlite_connect(dbapi_conn, _record) -> None:  # type: ignore[no-untyped-def]
@@ -46,6 +101,10 @@ def make_engine(url: str) -> Engine:
             cur.execute("PRAGMA journal_mode=WAL")
             # FULL: an acknowledged enrolment survives a crash of the process *and* the OS.
             cur.execute("PRAGMA synchronous=FULL")
+            # Deleted content is overwritten with zeros, not left in free pages: with a
+            # checkpoint after a delete (`Database.checkpoint`), a deleted template's bytes
+            # leave the files. Many builds default to off; the gallery never relies on that.
+            cur.execute("PRAGMA secure_delete=ON")
             cur.close()
 
         @event.listens_for(engine, "begin")
@@ -97,6 +156,17 @@ class Database:
     @property
     def dialect(self) -> str:
         return self.engine.dialect.name
+
+    def checkpoint(self) -> bool:
+        """SQLite: copy the WAL into the database and truncate it, so that content deleted
+        (and, with secure_delete, zeroed) leaves the WAL's older frames too. Returns False
+        when a reader kept part of the WAL busy (it is truncated at a later checkpoint).
+        Nothing to do on PostgreSQL (its WAL and dead tuples are why sealing shreds)."""
+        if self.dialect != "sqlite" or self._conn is not None:
+            return True
+        with self.engine.connect() as conn:
+            busy, _log, _done = conn.exec_driver_sql("PRAGMA wal_checkpoint(TRUNCATE)").one()
+        return not busy
 
     # -- transactions ----------------------------------------------------------------------
     @contextmanager

@@ -66,8 +66,15 @@ class TemplateIndex:
         self.snapshot_path = Path(snapshot_path) if snapshot_path else None
         self.last_seq = 0
         self._lock = threading.RLock()
+        # Snapshot writes one at a time: two concurrent saves (an enrolment's `maybe_save`
+        # and a delete's `save`) shared the temporary file, and the second rename failed
+        # (FileNotFoundError, a 500); in order, so an older state never replaces a newer one.
+        self._save_lock = threading.Lock()
         self._backend: IndexBackend = create_index_backend(self.config.backend, dim=dim, config=self.config)
+        self._backend.bind(self._fingerprint)
         self._changes_since_snapshot = 0
+        # A removal since the last snapshot: the next one overwrites the old file first.
+        self._removed_since_snapshot = False
         self._synced = 0.0  # monotonic time of the last catch-up
         self._subjects = SubjectMap()  # template id -> subject, kept with the backend
 
@@ -132,6 +139,7 @@ class TemplateIndex:
         present = [i for i in touched if i in current]
         if gone:
             self._backend.remove(np.asarray(gone, np.int64))
+            self._removed_since_snapshot = True
             self._subjects.remove(gone)
         if present:
             self._subjects.set(present, [current[i][0] for i in present])
@@ -198,14 +206,17 @@ class TemplateIndex:
         contains. Nothing to do without a path or for a backend that cannot persist."""
         if self.snapshot_path is None or not self._backend.persistent:
             return
-        with self._lock:
-            meta = {
-                "version": SNAPSHOT_VERSION, "backend": self._backend.name, "dim": self.dim,
-                "last_seq": self.last_seq, "fingerprint": self._fingerprint(),
-            }
-            blob = self._backend.serialize()
-            self._changes_since_snapshot = 0
-        write_snapshot(self.snapshot_path, blob, meta)
+        sealer = self.gallery.snapshot_sealer()  # sealed gallery: sealed snapshot, never plaintext
+        with self._save_lock:
+            with self._lock:
+                meta = {
+                    "version": SNAPSHOT_VERSION, "backend": self._backend.name, "dim": self.dim,
+                    "last_seq": self.last_seq, "fingerprint": self._fingerprint(),
+                }
+                blob = self._backend.serialize()
+                self._changes_since_snapshot = 0
+                shred, self._removed_since_snapshot = self._removed_since_snapshot, False
+            write_snapshot(self.snapshot_path, blob, meta, sealer=sealer, shred_previous=shred)
 
     def maybe_save(self, every: int) -> None:
         if self._changes_since_snapshot >= every:
@@ -231,8 +242,12 @@ class TemplateIndex:
         if path is None or not self._backend.persistent or not path.is_file():
             return False
         try:
-            meta, blob = read_snapshot(path)
+            sealer = self.gallery.snapshot_sealer()
+            meta, blob = read_snapshot(path, sealer=sealer)
             valid = (
+                # A sealed gallery never trusts a plaintext snapshot (one from before it was
+                # sealed, or one planted): rebuilt from SQL and then written sealed.
+                (sealer is None or "sealed" in meta) and
                 meta.get("version") == SNAPSHOT_VERSION
                 and meta.get("backend") == self._backend.name
                 and meta.get("dim") == self.dim
@@ -241,11 +256,13 @@ class TemplateIndex:
             )
             if not valid:
                 log.warning("index snapshot %s does not match this gallery; rebuilding", path)
+                self._removed_since_snapshot = True  # overwrite it when the rebuild is saved
                 return False
             backend = type(self._backend).deserialize(blob, dim=self.dim, config=self.config)
         except UNREADABLE as e:
             log.warning("index snapshot %s unreadable (%s); rebuilding", path, type(e).__name__)
             return False
+        backend.bind(self._fingerprint)
         self._backend = backend
         self._subjects.clear()  # filled from SQL as searches return ids (`subjects`)
         self.last_seq = int(meta["last_seq"])

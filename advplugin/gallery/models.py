@@ -13,6 +13,7 @@ from datetime import UTC, datetime
 from sqlalchemy import (
     JSON,
     BigInteger,
+    Boolean,
     DateTime,
     ForeignKey,
     Index,
@@ -67,6 +68,10 @@ class Subject(Base):
     name: Mapped[str] = mapped_column(String(255))
     # Operator metadata about the person (free JSON); never biometric vectors.
     info: Mapped[dict | None] = mapped_column(JSON, nullable=True)
+    # Sealed galleries: this subject's data key, sealed under the gallery data key
+    # (`advplugin.gallery.sealing`); deleting the subject deletes the key its templates are
+    # sealed under. NULL in a gallery that is not (yet) sealed (revision 0005).
+    sealed_key: Mapped[bytes | None] = mapped_column(LargeBinary, nullable=True)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
 
     templates: Mapped[list[Template]] = relationship(
@@ -93,7 +98,9 @@ class Template(Base):
         ForeignKey("subjects.id", ondelete="CASCADE"), index=True
     )
     collection_id: Mapped[int] = mapped_column(ForeignKey("collections.id", ondelete="CASCADE"))
-    # float32 little-endian bytes of the *protected* template, `dim` values.
+    # float32 little-endian bytes of the *protected* template, `dim` values; in a sealed
+    # gallery those bytes AES-256-GCM-sealed under the subject's key: nonce || ct || tag,
+    # 4*dim + 28 bytes (`advplugin.gallery.sealing`), so the length tells the two apart.
     vector: Mapped[bytes] = mapped_column(LargeBinary)
     dim: Mapped[int] = mapped_column(Integer)
     scheme: Mapped[str] = mapped_column(String(64))
@@ -134,6 +141,24 @@ class TemplateChange(Base):
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
 
 
+class SealingKey(Base):
+    """A gallery data key, wrapped by the master key (which never enters the database), and
+    the gallery's sealing state. No row: the gallery is not sealed. Several rows only while
+    the gallery is re-keyed (`advplugin db rewrap --new-data-key`): the newest (largest
+    `serial`) seals new subject keys, older ones still open the subject keys not yet moved."""
+
+    __tablename__ = "sealing_keys"
+
+    serial: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=False)
+    key_id: Mapped[str] = mapped_column(String(16))  # one-way id of the data key
+    wrapped: Mapped[bytes] = mapped_column(LargeBinary)  # the data key under the master key
+    master_key_id: Mapped[str] = mapped_column(String(128))  # which master key wraps it
+    # True from `advplugin db seal` until no unsealed template remains; meanwhile plaintext
+    # rows are still read, afterwards one is refused as tampering.
+    converting: Mapped[bool] = mapped_column(Boolean)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
 class ApiKey(Base):
     """An API key of one collection, stored as SHA-256 only (the key is 256 random bits, so
     a plain hash is enough; no slow KDF is needed as for passwords)."""
@@ -146,3 +171,55 @@ class ApiKey(Base):
     key_sha256: Mapped[str] = mapped_column(String(64), unique=True)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     revoked_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+
+
+class BlindBlock(Base):
+    """A block of a blind collection (docs/blind.md): up to `capacity` templates as CKKS
+    ciphertexts, one per dimension (slot s of ciphertext d = dimension d of the template in
+    slot s), packed in `data` (`advplugin.he.ServerContext.pack_block`). The server cannot
+    decrypt them: it holds no key. `fill` is the next free slot (enrolments append at it,
+    checked in the write transaction); `version` grows with every change, which is what the
+    in-memory encrypted index follows. Deleted templates leave their slot dead (its score is
+    simply not reported) until the key holder re-packs the gallery."""
+
+    __tablename__ = "blind_blocks"
+    __table_args__ = (
+        Index("ix_blind_blocks_collection_id_id", "collection_id", "id"),
+        {"sqlite_autoincrement": True},
+    )
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True)
+    collection_id: Mapped[int] = mapped_column(ForeignKey("collections.id", ondelete="CASCADE"))
+    # The key id of the client's HE secret key (a one-way digest) and of the parameters.
+    he_key_id: Mapped[str] = mapped_column(String(16))
+    params_digest: Mapped[str] = mapped_column(String(16))
+    capacity: Mapped[int] = mapped_column(Integer)
+    fill: Mapped[int] = mapped_column(Integer)
+    version: Mapped[int] = mapped_column(Integer)
+    data: Mapped[bytes] = mapped_column(LargeBinary)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class BlindTemplate(Base):
+    """One encrypted template of a blind collection: its subject, and where it sits (block,
+    slot). The vector itself exists only inside the block's ciphertexts."""
+
+    __tablename__ = "blind_templates"
+    __table_args__ = (
+        UniqueConstraint("block_id", "slot", name="uq_blind_templates_block_slot"),
+        Index("ix_blind_templates_collection_id_id", "collection_id", "id"),
+        {"sqlite_autoincrement": True},
+    )
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True)
+    collection_id: Mapped[int] = mapped_column(ForeignKey("collections.id", ondelete="CASCADE"))
+    subject_id: Mapped[int] = mapped_column(ForeignKey("subjects.id", ondelete="CASCADE"), index=True)
+    block_id: Mapped[int] = mapped_column(ForeignKey("blind_blocks.id", ondelete="CASCADE"))
+    slot: Mapped[int] = mapped_column(Integer)
+    # How the template was protected before encryption (as `templates` records it).
+    scheme: Mapped[str] = mapped_column(String(64))
+    config_digest: Mapped[str] = mapped_column(String(16))
+    key_id: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    extractor_name: Mapped[str] = mapped_column(String(128))
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)

@@ -11,8 +11,12 @@ on PostgreSQL, one `executemany` on SQLite) and the rules that keep the FAISS in
 * every row records how it was made (scheme, version, `config_digest`, key id, extractor),
   so a gallery can be migrated or re-keyed row by row and mixed galleries are detected.
 
-Vectors are stored as float32 bytes of *protected* templates; this module refuses arrays
-that are not float32-compatible [N, dim] and never logs or echoes vector values.
+Vectors are stored as float32 bytes of *protected* templates, sealed (AES-256-GCM under the
+subject's key, bound to the row: `advplugin.gallery.sealing`) when the gallery is sealed
+(`advplugin.gallery.sealkeys`); every read and write of a vector goes through this module,
+so whatever reads templates (index rebuild and catch-up, matching, migration, rotation,
+evaluation) works on sealed and unsealed galleries alike. It refuses arrays that are not
+float32-compatible [N, dim] and never logs or echoes vector values.
 """
 
 from __future__ import annotations
@@ -21,7 +25,7 @@ import re
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from datetime import datetime
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import numpy as np
 from sqlalchemy import (
@@ -39,6 +43,14 @@ from sqlalchemy import (
 from advplugin.gallery.changelog import ChangeLog
 from advplugin.gallery.database import DEFAULT_COLLECTION
 from advplugin.gallery.models import Subject, Template, utcnow
+from advplugin.gallery.sealing import (
+    MasterKeyError,
+    Sealer,
+    TamperedError,
+    sealed_size,
+    template_ad,
+)
+from advplugin.gallery.sealkeys import MASTER_KEY_HINT, GalleryKeys
 from advplugin.protectors.base import ProtectorMetadata, validate_embeddings
 
 _IN_CHUNK = 500  # ids per IN (...) clause, well under every driver's parameter limit
@@ -65,15 +77,17 @@ _PG_INSERT_TEMPLATES = text(
 )
 
 _PG_INSERT_SUBJECTS = text(
-    "INSERT INTO subjects (collection_id, name, created_at) "
-    "SELECT :cid, unnest(CAST(:names AS VARCHAR[])), :now"
+    "INSERT INTO subjects (collection_id, name, sealed_key, created_at) "
+    "SELECT :cid, u.name, u.sealed_key, :now "
+    "FROM unnest(CAST(:names AS VARCHAR[]), CAST(:keys AS BYTEA[])) AS u(name, sealed_key)"
 )
 # One unique-index probe per name, whatever the planner's statistics say: with `name IN
 # (...)` a bulk load that outran autovacuum's ANALYZE got a plan that filtered every subject
 # of the collection against the whole list, a cost that grew with the table (O(N^2) overall).
 _PG_FIND_SUBJECTS = text(
-    "SELECT n.name, s.id FROM unnest(CAST(:names AS VARCHAR[])) AS n(name) "
-    "CROSS JOIN LATERAL (SELECT id FROM subjects WHERE collection_id = :cid AND name = n.name) AS s"
+    "SELECT n.name, s.id, s.sealed_key FROM unnest(CAST(:names AS VARCHAR[])) AS n(name) "
+    "CROSS JOIN LATERAL (SELECT id, sealed_key FROM subjects "
+    "WHERE collection_id = :cid AND name = n.name) AS s"
 )
 
 
@@ -123,16 +137,49 @@ def _to_bytes(vector: np.ndarray) -> bytes:
     return np.ascontiguousarray(vector, dtype="<f4").tobytes()
 
 
-def _from_bytes(blob: bytes, dim: int) -> np.ndarray:
-    v = np.frombuffer(blob, dtype="<f4")
-    if v.size != dim:
-        raise ValueError(f"stored template has {v.size} values, its row says dim={dim}")
-    return v
+class _Sealed(NamedTuple):
+    """A subject as a write needs it: its id and its sealed key (None: unsealed gallery)."""
+
+    id: int
+    key: bytes | None
 
 
 def _chunks(seq: Sequence, n: int = _IN_CHUNK) -> Iterator[Sequence]:
     for i in range(0, len(seq), n):
         yield seq[i : i + n]
+
+
+def check_text(value: object, what: str, max_length: int) -> str:
+    """`value` if it is a string that both databases store unchanged, else ValueError.
+
+    Why here and not only in the service: PostgreSQL refuses NUL characters in text and
+    strings longer than a VARCHAR(n) column (a DataError mid-transaction), while SQLite
+    stores anything, however long. Checked before any SQL so both databases accept exactly
+    the same strings and a caller of the gallery (service, bulk jobs) cannot grow rows
+    without bound. The message never echoes the value.
+    """
+    if not isinstance(value, str) or not value.strip() or len(value) > max_length or "\x00" in value:
+        raise ValueError(f"{what} must be a non-blank string of at most {max_length} characters without NUL")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:  # lone surrogates: not storable as UTF-8 text
+        raise ValueError(f"{what} must be valid Unicode text") from None
+    return value
+
+
+#: Longest strings the columns hold (PostgreSQL enforces them; `check_text` does on both).
+SUBJECT_NAME_MAX = Subject.__table__.c.name.type.length
+EXTRACTOR_NAME_MAX = Template.__table__.c.extractor_name.type.length
+EXTRACTOR_VERSION_MAX = Template.__table__.c.extractor_version.type.length
+
+
+def _stored_name(name: str, collection: str) -> str:
+    """A name looked up: one that could never have been stored is absent (and PostgreSQL
+    would refuse it in a query), without asking the database."""
+    try:
+        return check_text(name, "subject name", SUBJECT_NAME_MAX)
+    except ValueError:
+        raise SubjectNotFound(f"no such subject in collection {collection!r}") from None
 
 
 def _check_digest(digest: str) -> str:
@@ -148,9 +195,73 @@ def _template_count() -> ScalarSelect[int]:
     )
 
 
-class TemplateRepository(ChangeLog):
+class TemplateRepository(ChangeLog, GalleryKeys):
     """Templates and subjects: writes (each logged in its own transaction through the
-    `ChangeLog` it extends), reads by id and in id order, counts and provenance."""
+    `ChangeLog` it extends), reads by id and in id order, counts and provenance; vectors
+    sealed and opened with the keys of `GalleryKeys`."""
+
+    # -- vectors: the one place they are encoded and decoded --------------------------------------
+    def _encode(
+        self, sealer: Sealer | None, cid: int, ids: Sequence[int], subject_keys: Sequence[tuple[str, bytes | None]],
+        vectors: np.ndarray, *, scheme: Sequence[str], scheme_version: Sequence[int],
+        config_digest: Sequence[str], key_id: Sequence[str | None],
+    ) -> list[bytes]:
+        """Stored bytes of each row: plaintext float32 in an unsealed gallery, else sealed
+        under its subject's key and bound to the row's id and provenance."""
+        if sealer is None:
+            return [_to_bytes(v) for v in vectors]
+        dim = vectors.shape[1]
+        ciphers = [sealer.subject_cipher(cid, name, key) for name, key in subject_keys]  # type: ignore[arg-type]
+        ads = [
+            template_ad(cid, t, s, v, d, k, dim)
+            for t, s, v, d, k in zip(ids, scheme, scheme_version, config_digest, key_id, strict=True)
+        ]
+        return sealer.seal_vectors(ciphers, ads, vectors)
+
+    def _decode(self, rows: Sequence) -> list[np.ndarray]:  # type: ignore[type-arg]
+        """Vectors of rows carrying (id, collection_id, name, sealed_key, vector, dim, scheme,
+        scheme_version, config_digest, key_id). A sealed row failing authentication raises
+        `TamperedError` naming the template; a plaintext row in a gallery sealed to the end
+        is refused the same way (someone wrote it around the gallery)."""
+        out = []
+        sealer: Sealer | None = None
+        refuse_plain = self._seal.sealed and not self._seal.converting
+        # Small reads (search candidates, catch-up) share the sealer's cache of subject keys;
+        # bulk reads keep their own for the call only.
+        bulk = len(rows) > _IN_CHUNK
+        local: dict[tuple[int, str, bytes], Any] = {}
+        for r in rows:
+            # Positional unpacking: attribute access on rows cost more than the decryption.
+            tid, cid, name, skey, blob, dim, scheme, version, digest, kid = r[:10]
+            if len(blob) == 4 * dim:
+                if refuse_plain:
+                    raise TamperedError(f"template {tid} is stored unsealed in a sealed gallery (written around it?)")
+                out.append(np.frombuffer(blob, dtype="<f4"))
+                continue
+            if len(blob) != sealed_size(dim):
+                raise ValueError(f"stored template {tid} has {len(blob)} bytes, its row says dim={dim}")
+            if skey is None:
+                raise TamperedError(f"template {tid} is sealed but its subject has no key")
+            if sealer is None:
+                sealer = self._read_sealer()
+                if Sealer.subject_key_serial(skey) not in sealer.serials:
+                    sealer = self._read_sealer(refresh=True)  # re-keyed by another process
+            aead = local.get((cid, name, skey)) if bulk else None
+            if aead is None:
+                aead = sealer.subject_cipher(cid, name, skey, cache=not bulk)
+                if bulk:
+                    local[cid, name, skey] = aead
+            ad = template_ad(cid, tid, scheme, version, digest, kid, dim)
+            out.append(np.frombuffer(Sealer.open_vector(aead, ad, blob, tid), dtype="<f4"))
+        return out
+
+    def _vector_columns(self) -> tuple:  # type: ignore[type-arg]
+        """What `_decode` needs of a row (templates joined with subjects)."""
+        return (
+            Template.id, Template.collection_id, Subject.name, Subject.sealed_key, Template.vector,
+            Template.dim, Template.scheme, Template.scheme_version, Template.config_digest,
+            Template.key_id,
+        )
 
     # -- writing ---------------------------------------------------------------------------
     def add_templates(
@@ -180,18 +291,26 @@ class TemplateRepository(ChangeLog):
             if extra is not None and len(extra) != len(vectors):
                 raise ValueError(f"{what} has {len(extra)} entries for {len(vectors)} templates")
         for name in subjects:
-            if not isinstance(name, str) or not name.strip() or len(name) > 255:
-                raise ValueError("subject names must be non-empty strings of at most 255 characters")
+            check_text(name, "subject names", SUBJECT_NAME_MAX)
+        check_text(extractor_name, "extractor_name", EXTRACTOR_NAME_MAX)
+        check_text(extractor_version, "extractor_version", EXTRACTOR_VERSION_MAX)
         if not len(vectors):
             return []
         cid = self.collection_id(collection)
         now = utcnow()
         with self._write() as conn:
-            subject_ids = self._subject_ids(conn, cid, subjects, create=True)
+            sealer = self._write_sealer(conn)
+            found = self._subject_ids(conn, cid, subjects, create=True, sealer=sealer)
             ids = self._next_template_ids(conn, len(vectors))
+            n = len(ids)
+            stored = self._encode(
+                sealer, cid, ids, [(name, found[name].key) for name in subjects], vectors,
+                scheme=[protection.scheme] * n, scheme_version=[protection.scheme_version] * n,
+                config_digest=[digest] * n, key_id=[protection.key_id] * n,
+            )
             columns = {
                 "id": ids,
-                "subject_id": [subject_ids[name] for name in subjects],
+                "subject_id": [found[name].id for name in subjects],
                 "image_sha256": list(image_sha256) if image_sha256 is not None else [None] * len(ids),
                 "image": list(images) if images is not None else [None] * len(ids),
             }
@@ -208,12 +327,13 @@ class TemplateRepository(ChangeLog):
                 "updated_at": now,
             }
             if self.dialect == "postgresql":
+                # Sealed or not, every row of the chunk has the same length: one bytea still.
                 conn.execute(
                     _PG_INSERT_TEMPLATES,
-                    columns | shared | {"vectors": _to_bytes(vectors), "nbytes": 4 * vectors.shape[1]},
+                    columns | shared | {"vectors": b"".join(stored), "nbytes": len(stored[0])},
                 )
             else:  # SQLite: the driver's executemany, one prepared statement
-                columns["vector"] = [_to_bytes(v) for v in vectors]
+                columns["vector"] = stored
                 names = list(columns)
                 rows = [dict(zip(names, r, strict=True)) | shared for r in zip(*columns.values(), strict=True)]
                 conn.execute(insert(Template), rows)
@@ -244,31 +364,47 @@ class TemplateRepository(ChangeLog):
         return list(range(int(last) + 1, int(last) + 1 + n))
 
     def _subject_ids(
-        self, conn: Connection, cid: int, names: Sequence[str], *, create: bool
-    ) -> dict[str, int]:
+        self, conn: Connection, cid: int, names: Sequence[str], *, create: bool, sealer: Sealer | None = None
+    ) -> dict[str, _Sealed]:
+        """{name: (subject id, sealed subject key)}, creating missing subjects when `create`.
+        With a sealer every subject has a key: new ones get theirs on insert, ones made
+        before the gallery was sealed get one now."""
         wanted = sorted(set(names))
         found = self._find_subjects(conn, cid, wanted)
         missing = [n for n in wanted if n not in found]
         if missing and create:
             # Bulk insert without RETURNING, then read the ids back (see _next_template_ids).
             now = utcnow()
+            keys = [sealer.new_subject_key(cid, n) if sealer else None for n in missing]
             if self.dialect == "postgresql":
-                conn.execute(_PG_INSERT_SUBJECTS, {"cid": cid, "names": missing, "now": now})
+                conn.execute(_PG_INSERT_SUBJECTS, {"cid": cid, "names": missing, "keys": keys, "now": now})
             else:
-                rows = [{"collection_id": cid, "name": n, "created_at": now} for n in missing]
+                rows = [
+                    {"collection_id": cid, "name": n, "sealed_key": k, "created_at": now}
+                    for n, k in zip(missing, keys, strict=True)
+                ]
                 conn.execute(insert(Subject), rows)
             found.update(self._find_subjects(conn, cid, missing))
+        if sealer is not None:
+            keyless = {n: sealer.new_subject_key(cid, n) for n, s in found.items() if s.key is None}
+            if keyless:
+                conn.execute(
+                    update(Subject).where(Subject.id == bindparam("sid")).values(sealed_key=bindparam("k")),
+                    [{"sid": found[n].id, "k": k} for n, k in keyless.items()],
+                )
+                found.update({n: _Sealed(found[n].id, k) for n, k in keyless.items()})
         return found
 
-    def _find_subjects(self, conn: Connection, cid: int, names: Sequence[str]) -> dict[str, int]:
+    def _find_subjects(self, conn: Connection, cid: int, names: Sequence[str]) -> dict[str, _Sealed]:
         if self.dialect == "postgresql":
-            return {n: int(i) for n, i in conn.execute(_PG_FIND_SUBJECTS, {"cid": cid, "names": list(names)})}
-        found: dict[str, int] = {}
+            rows = conn.execute(_PG_FIND_SUBJECTS, {"cid": cid, "names": list(names)})
+            return {n: _Sealed(int(i), k) for n, i, k in rows}
+        found: dict[str, _Sealed] = {}
         for part in _chunks(names):
-            q = select(Subject.name, Subject.id).where(
+            q = select(Subject.name, Subject.id, Subject.sealed_key).where(
                 Subject.collection_id == cid, Subject.name.in_(part)
             )
-            found.update({n: int(i) for n, i in conn.execute(q)})
+            found.update({n: _Sealed(int(i), k) for n, i, k in conn.execute(q)})
         return found
 
     def replace_templates(
@@ -304,19 +440,29 @@ class TemplateRepository(ChangeLog):
             raise ValueError("duplicate template ids")
         now = utcnow()
         with self._write() as conn:
-            current: dict[int, tuple[int, int, str | None]] = {}
+            sealer = self._write_sealer(conn)
+            current: dict[int, Any] = {}
             for part in _chunks(ids):
-                q = select(Template.id, Template.collection_id, Template.dim, Template.key_id).where(
-                    Template.id.in_(part)
+                q = (
+                    select(
+                        Template.id, Template.collection_id, Template.dim, Template.key_id,
+                        Template.scheme, Template.scheme_version, Template.config_digest, Subject.name,
+                    )
+                    .join(Subject, Subject.id == Template.subject_id)
+                    .where(Template.id.in_(part))
                 )
-                current.update({int(r.id): (r.collection_id, r.dim, r.key_id) for r in conn.execute(q)})
+                current.update({int(r.id): r for r in conn.execute(q)})
             missing = [i for i in ids if i not in current]
             if missing:
                 raise KeyError(f"{len(missing)} template ids do not exist (first: {missing[0]})")
-            if any(dim != vectors.shape[1] for _, dim, _ in current.values()):
+            if any(r.dim != vectors.shape[1] for r in current.values()):
                 raise ValueError("replacement templates must keep each row's dimension")
-            if from_key_id is not None and any(k != from_key_id for _, _, k in current.values()):
+            if from_key_id is not None and any(r.key_id != from_key_id for r in current.values()):
                 raise ValueError(f"some templates are not under key {from_key_id}; nothing replaced")
+            stored = self._encode_replacements(
+                conn, sealer, ids, current, vectors, key_id=key_id, scheme=scheme,
+                scheme_version=scheme_version, config_digest=config_digest,
+            )
             values: dict[str, object] = {
                 "vector": bindparam("v"), "key_id": key_id, "updated_at": now,
             }
@@ -329,14 +475,95 @@ class TemplateRepository(ChangeLog):
             stmt = update(Template).where(Template.id == bindparam("tid")).values(**values)
             conn.execute(
                 stmt.execution_options(synchronize_session=False),
-                [{"tid": i, "v": _to_bytes(v)} for i, v in zip(ids, vectors, strict=True)],
+                [{"tid": i, "v": v} for i, v in zip(ids, stored, strict=True)],
             )
             by_collection: dict[int, list[int]] = {}
             for i in ids:
-                by_collection.setdefault(current[i][0], []).append(i)
+                by_collection.setdefault(current[i].collection_id, []).append(i)
             for cid, part in by_collection.items():
                 self._log(conn, cid, part, "upsert", now)
         return len(ids)
+
+    def _encode_replacements(
+        self, conn: Connection, sealer: Sealer | None, ids: list[int], current: dict[int, Any],
+        vectors: np.ndarray, *, key_id: str | None, scheme: str | None, scheme_version: int | None,
+        config_digest: str | None,
+    ) -> list[bytes]:
+        """Stored bytes of replacement vectors, sealed under each row's NEW provenance."""
+        if sealer is None:
+            return [_to_bytes(v) for v in vectors]
+        out: list[bytes] = [b""] * len(ids)
+        by_collection: dict[int, list[int]] = {}
+        for pos, i in enumerate(ids):
+            by_collection.setdefault(current[i].collection_id, []).append(pos)
+        for cid, positions in by_collection.items():
+            rows = [current[ids[p]] for p in positions]
+            keys = self._subject_ids(conn, cid, [r.name for r in rows], create=False, sealer=sealer)
+            sealed = self._encode(
+                sealer, cid, [ids[p] for p in positions], [(r.name, keys[r.name].key) for r in rows],
+                vectors[positions],
+                scheme=[scheme if scheme is not None else r.scheme for r in rows],
+                scheme_version=[scheme_version if scheme_version is not None else r.scheme_version for r in rows],
+                config_digest=[config_digest if config_digest is not None else r.config_digest for r in rows],
+                key_id=[key_id] * len(rows),
+            )
+            for p, b in zip(positions, sealed, strict=True):
+                out[p] = b
+        return out
+
+    def seal_templates(self, *, chunk_size: int = 10_000) -> Iterator[int]:
+        """Convert an unsealed gallery in place (`advplugin db seal`): create its data key,
+        then seal the plaintext rows in id order, `chunk_size` per transaction (yields how
+        many each time), and finally mark the gallery sealed, after which a plaintext row is
+        refused. Resumable: a rerun seals only what is still plaintext. Sealing changes no
+        vector's meaning, so nothing is logged for the index. Needs the master key."""
+        if self._seal.provider is None:
+            raise self._locked() if self._seal.sealed else MasterKeyError(
+                f"sealing needs a master key: {MASTER_KEY_HINT}"
+            )
+        self.begin_sealing()
+        last = 0
+        while True:
+            with self._write() as conn:
+                sealer = self._write_sealer(conn)
+                assert sealer is not None
+                rows = conn.execute(
+                    select(*self._vector_columns())
+                    .join(Subject, Subject.id == Template.subject_id)
+                    .where(Template.id > last, func.length(Template.vector) == 4 * Template.dim)
+                    .order_by(Template.id)
+                    .limit(chunk_size)
+                ).all()
+                if not rows:
+                    self._finish_converting(conn)
+                    self._refresh(conn)
+                    return
+                by_collection: dict[int, list[Any]] = {}
+                for r in rows:
+                    by_collection.setdefault(int(r.collection_id), []).append(r)
+                params = []
+                for cid, part in by_collection.items():
+                    keys = self._subject_ids(conn, cid, [r.name for r in part], create=False, sealer=sealer)
+                    sealed = self._encode(
+                        sealer, cid, [int(r.id) for r in part], [(r.name, keys[r.name].key) for r in part],
+                        np.stack([np.frombuffer(r.vector, dtype="<f4") for r in part]),
+                        scheme=[r.scheme for r in part], scheme_version=[r.scheme_version for r in part],
+                        config_digest=[r.config_digest for r in part], key_id=[r.key_id for r in part],
+                    )
+                    params += [{"tid": int(r.id), "v": v} for r, v in zip(part, sealed, strict=True)]
+                conn.execute(
+                    update(Template).where(Template.id == bindparam("tid")).values(vector=bindparam("v"))
+                    .execution_options(synchronize_session=False),
+                    params,
+                )
+                last = int(rows[-1].id)
+            yield len(rows)
+
+    def count_unsealed(self) -> int:
+        """Templates still stored in plaintext (a full scan: for status and tests)."""
+        q = select(func.count()).select_from(Template).where(func.length(Template.vector) == 4 * Template.dim)
+        with self._read() as conn:
+            return int(conn.scalar(q) or 0)
 
     def delete_templates(self, ids: Sequence[int]) -> int:
         """Delete templates by id (unknown ids are ignored); returns how many were deleted."""
@@ -357,6 +584,7 @@ class TemplateRepository(ChangeLog):
     def delete_subject(self, name: str, *, collection: str = DEFAULT_COLLECTION) -> int:
         """Delete a subject and every template of it; returns the number of templates.
         Raises `SubjectNotFound`."""
+        name = _stored_name(name, collection)
         cid = self.collection_id(collection)
         now = utcnow()
         with self._write() as conn:
@@ -389,11 +617,7 @@ class TemplateRepository(ChangeLog):
         last = after_id
         while True:
             q = (
-                select(
-                    Template.id, Subject.name, Template.vector, Template.dim, Template.scheme,
-                    Template.scheme_version, Template.key_id, Template.extractor_name,
-                    Template.extractor_version, Template.config_digest,
-                )
+                select(*self._vector_columns(), Template.extractor_name, Template.extractor_version)
                 .join(Subject, Subject.id == Template.subject_id)
                 .where(Template.id > last)
                 .order_by(Template.id)
@@ -415,7 +639,7 @@ class TemplateRepository(ChangeLog):
             yield TemplateBatch(
                 ids=np.array([r.id for r in rows], np.int64),
                 subjects=[r.name for r in rows],
-                vectors=np.stack([_from_bytes(r.vector, r.dim) for r in rows]).astype(np.float32),
+                vectors=np.stack(self._decode(rows)).astype(np.float32),
                 scheme=[r.scheme for r in rows],
                 scheme_version=[r.scheme_version for r in rows],
                 key_id=[r.key_id for r in rows],
@@ -437,12 +661,13 @@ class TemplateRepository(ChangeLog):
         with self._read() as conn:
             for part in _chunks([int(i) for i in ids]):
                 q = (
-                    select(Template.id, Subject.name, Template.key_id, Template.vector, Template.dim)
+                    select(*self._vector_columns())
                     .join(Subject, Subject.id == Template.subject_id)
                     .where(Template.id.in_(part))
                 )
-                for r in conn.execute(q):
-                    out[int(r.id)] = StoredTemplate(r.name, r.key_id, _from_bytes(r.vector, r.dim))
+                rows = conn.execute(q).all()
+                for r, v in zip(rows, self._decode(rows), strict=True):
+                    out[int(r.id)] = StoredTemplate(r.name, r.key_id, v)
         return out
 
     def template_subjects(self, ids: Sequence[int]) -> dict[int, str]:
@@ -524,6 +749,7 @@ class TemplateRepository(ChangeLog):
             return [SubjectInfo(r[0], int(r[3]), r[1], r[2]) for r in conn.execute(q)]
 
     def get_subject(self, name: str, *, collection: str = DEFAULT_COLLECTION) -> SubjectInfo:
+        name = _stored_name(name, collection)
         cid = self.collection_id(collection)
         q = select(Subject.name, Subject.created_at, Subject.info, _template_count()).where(
             Subject.collection_id == cid, Subject.name == name
@@ -535,6 +761,7 @@ class TemplateRepository(ChangeLog):
         return SubjectInfo(r[0], int(r[3]), r[1], r[2])
 
     def subject_template_ids(self, name: str, *, collection: str = DEFAULT_COLLECTION) -> list[int]:
+        name = _stored_name(name, collection)
         cid = self.collection_id(collection)
         q = (
             select(Template.id)

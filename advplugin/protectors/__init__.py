@@ -1,6 +1,6 @@
 """Protection schemes. Importing this package registers every built-in scheme."""
 
-from advplugin.protectors import advface, none, xnn  # noqa: F401  (registration side effect)
+from advplugin.protectors import advface, none, xnn, xnnd  # noqa: F401  (registration side effect)
 from advplugin.protectors.base import (
     SCHEMES,
     KeyRotation,

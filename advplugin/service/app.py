@@ -6,11 +6,16 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
+from fastapi_offline import FastAPIOffline
+from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from advplugin import __version__
-from advplugin.service import routes_recognition, routes_subjects, routes_system
-from advplugin.service.errors import envelope, install_error_handlers
+from advplugin.he import HEParams
+from advplugin.service import routes_blind, routes_recognition, routes_subjects, routes_system
+from advplugin.service.blind_service import max_request_bytes
+from advplugin.service.errors import CatchAll, envelope, install_error_handlers
+from advplugin.service.metrics import Metrics, RequestMetrics, metrics_endpoint
 from advplugin.service.state import ServiceState
 from advplugin.settings import Settings
 
@@ -25,24 +30,58 @@ Errors share one envelope: `{"error": {"code": "...", "message": "..."}}`.
 
 # multipart framing around the largest allowed file
 _MULTIPART_OVERHEAD = 64 * 1024
+#: Bodies of every route that takes no upload and no templates (GET, DELETE, ...).
+_SMALL_BODY = 64 * 1024
+#: Per template in JSON: 24 bytes per value ("-0.12345678901234567, "), plus a subject of up
+#: to 255 characters written as \uXXXX escapes and the item's framing.
+_TEMPLATE_VALUE_BYTES = 24
+_TEMPLATE_ITEM_BYTES = 255 * 6 + 64
+
+
+def body_limits(settings: Settings, template_dim: int) -> dict[str, int]:
+    """The largest body each route can legitimately need, by path (others: `_SMALL_BODY`).
+    Per route, so a template request is refused before FastAPI parses it when it cannot
+    hold `max_templates_per_request` templates (a 9 MB JSON body once cost 160 MB of RSS to
+    parse before its template count was checked), and an image upload is bounded by
+    `max_upload_bytes`."""
+    upload = settings.max_upload_bytes + _MULTIPART_OVERHEAD
+    per_template = template_dim * _TEMPLATE_VALUE_BYTES + _TEMPLATE_ITEM_BYTES
+    templates = settings.max_templates_per_request * per_template + _SMALL_BODY
+    # Blind mode: `dim` ciphertexts of a fixed size, plus the header (subjects of a block).
+    blind = max_request_bytes(HEParams(dim=template_dim)) if settings.mode == "blind" else _SMALL_BODY
+    return {
+        "/enroll": upload, "/identify": upload, "/verify": upload,
+        "/enroll/templates": templates, "/identify/templates": templates,
+        "/blind/enroll": blind, "/blind/identify": blind,
+    }
 
 
 class BodySizeLimit:
-    """Rejects request bodies over the limit with 413 before they are parsed: by
-    Content-Length when given, by counting the stream otherwise (chunked uploads)."""
+    """Rejects request bodies over their route's limit with 413 before they are parsed: by
+    Content-Length when given, by counting the stream otherwise (chunked uploads). The
+    limits are computed on the first request, from the running service's settings and the
+    dimension of the templates it serves."""
 
-    def __init__(self, app: ASGIApp, limit: int) -> None:
-        self.app, self.limit = app, limit
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+        self.limits: dict[str, int] | None = None
+
+    def limit(self, scope: Scope) -> int:
+        if self.limits is None:
+            service: ServiceState = scope["app"].state.service
+            self.limits = body_limits(service.settings, service.protection.expected.output_dim)
+        return self.limits.get(scope["path"].rstrip("/") or "/", _SMALL_BODY)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
+        limit = self.limit(scope)
         headers = dict(scope.get("headers") or [])
         length = headers.get(b"content-length")
-        too_large = envelope(413, "too_large", f"request body is larger than {self.limit} bytes")
-        if length is not None and (not length.isdigit() or int(length) > self.limit):
-            await too_large(scope, receive, send)
+        too_large = f"request body is larger than {limit} bytes"
+        if length is not None and (not length.isdigit() or int(length) > limit):
+            await envelope(413, "too_large", too_large)(scope, receive, send)
             return
         seen = 0
 
@@ -50,18 +89,14 @@ class BodySizeLimit:
             nonlocal seen
             message = await receive()
             seen += len(message.get("body", b""))
-            if seen > self.limit:
-                raise _BodyTooLarge
+            if seen > limit:
+                # An HTTPException: FastAPI re-raises it from its body parsing (anything
+                # else becomes its 400 "error parsing the body"), and the app's handler
+                # answers it with the 413 envelope.
+                raise StarletteHTTPException(413, too_large)
             return message
 
-        try:
-            await self.app(scope, counting_receive, send)
-        except _BodyTooLarge:
-            await too_large(scope, receive, send)
-
-
-class _BodyTooLarge(Exception):
-    pass
+        await self.app(scope, counting_receive, send)
 
 
 def create_app(settings: Settings | None = None, *, state: ServiceState | None = None) -> FastAPI:
@@ -77,15 +112,20 @@ def create_app(settings: Settings | None = None, *, state: ServiceState | None =
         finally:
             app.state.service.close()
 
-    app = FastAPI(
+    # FastAPIOffline: FastAPI whose /docs (Swagger UI) and /redoc load their scripts from
+    # assets shipped in the package, not from a CDN (blank pages on an offline deployment).
+    app = FastAPIOffline(
         title="advplugin", version=__version__, description=DESCRIPTION, lifespan=lifespan,
     )
     install_error_handlers(app)
     app.include_router(routes_system.router)
     app.include_router(routes_recognition.router)
     app.include_router(routes_subjects.router)
-    # Template requests are JSON: up to max_templates_per_request rows of ~20 bytes per value.
-    template_bytes = settings.max_templates_per_request * settings.template_dim * 24
-    limit = max(settings.max_upload_bytes + _MULTIPART_OVERHEAD, template_bytes)
-    app.add_middleware(BodySizeLimit, limit=limit)
+    app.include_router(routes_blind.router)
+    # Prometheus text format; not in the OpenAPI schema (not part of the API clients use).
+    app.state.metrics = Metrics()
+    app.add_route("/metrics", metrics_endpoint, include_in_schema=False)
+    app.add_middleware(BodySizeLimit)
+    app.add_middleware(RequestMetrics, metrics=app.state.metrics)
+    app.add_middleware(CatchAll)  # added last: the outermost of ours
     return app

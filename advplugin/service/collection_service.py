@@ -112,7 +112,13 @@ class CollectionService:
         """Delete a subject and its templates (SubjectNotFound if absent); unsearchable on
         return."""
         n = self.gallery.delete_subject(name, collection=collection)
-        self._caught_up(collection)
+        index = self.index(collection)
+        index.catch_up()
+        # Erasure (docs/sealed-storage.md): the snapshot that held the subject is rewritten
+        # now (overwriting the old file), and SQLite's WAL, whose older frames still hold
+        # the deleted rows, is checkpointed into the (secure-delete, zeroed) database.
+        index.save()
+        self.gallery.checkpoint()
         return n
 
     # -- keys of a collection (key rotation) -----------------------------------------------------

@@ -11,7 +11,7 @@ from fastapi import APIRouter, File, Form, Query, UploadFile
 from advplugin.adapters import Detections
 from advplugin.gallery.matcher import ProbeSet
 from advplugin.gallery.store import SubjectNotFound
-from advplugin.images import ImageError, load_image
+from advplugin.images import ImageError
 from advplugin.protectors.base import validate_embeddings
 from advplugin.service.deps import CollectionName, State
 from advplugin.service.errors import ServiceError
@@ -27,12 +27,17 @@ from advplugin.service.schemas import (
     IdentifyResponse,
     IdentifyTemplatesRequest,
     Protection,
+    SubjectName,
     SubjectSimilarity,
+    Threshold,
     VerifyResponse,
 )
 from advplugin.service.state import KeyView, ServiceState, image_sha256
 
 ERRORS = {s: {"model": ErrorResponse} for s in (401, 404, 413, 422, 503)}
+#: Image routes may also answer 429 (too many images in progress), with Retry-After.
+BUSY = {429: {"model": ErrorResponse, "headers": {"Retry-After": {
+    "description": "seconds to wait before retrying", "schema": {"type": "integer"}}}}}
 router = APIRouter(tags=["recognition"], responses=ERRORS)
 
 
@@ -60,39 +65,47 @@ def _protected_faces(
     state: ServiceState, data: bytes, view: KeyView, *, largest_only: bool, max_faces: int
 ) -> tuple[Detections, ProbeSet]:
     """Detect, embed and protect under every key of `view` (during a key rotation: the new
-    and the previous key); the raw embeddings never leave this function."""
-    extractor = state.protection.extractor
-    if extractor is None:
+    and the previous key), admitted under the per-process cap; the raw embeddings never
+    leave `state.extraction` (nor, with worker processes, the worker)."""
+    if state.protection.extractor is None:
         raise ServiceError(
             422, "images_disabled",
             "this service runs in template mode (it holds no key): send protected templates "
             "to /enroll/templates or /identify/templates",
         )
-    try:
-        image = load_image(data, max_pixels=state.settings.max_pixels)
-    except ImageError as e:
-        raise ServiceError(422, "invalid_image", str(e)) from None
-    with state.protection.extract_lock:
-        faces = extractor.extract(image, max_faces=max_faces, largest_only=largest_only)
-    if len(faces.detections) == 0:
+    with state.extraction_slot():
+        try:
+            detections, probes = state.extraction.faces(
+                data, view, largest_only=largest_only, max_faces=max_faces
+            )
+        except ImageError as e:
+            raise ServiceError(422, "invalid_image", str(e)) from None
+    if len(detections) == 0:
         raise ServiceError(422, "no_face", "no face found in the image")
-    return faces.detections, state.protection.protect_for(view, faces.embeddings)
+    return detections, probes
 
 
-def _box(det: Detections, i: int) -> Box:
+def _box(state: ServiceState, det: Detections, i: int) -> Box:
     x1, y1, x2, y2 = (round(float(v)) for v in det.boxes[i])
-    return Box(x_min=x1, y_min=y1, x_max=x2, y_max=y2, probability=float(det.scores[i]))
+    score = float(det.scores[i])
+    assert state.protection.extractor is not None  # boxes exist only in images mode
+    probability = float(state.protection.extractor.confidence(det.scores[i : i + 1])[0])
+    return Box(x_min=x1, y_min=y1, x_max=x2, y_max=y2, probability=probability, score=score)
 
 
 def _check_subject(name: str) -> str:
+    """The name as stored: without surrounding blanks (the schema bounded its length and
+    refused NUL; `SubjectName`)."""
     name = name.strip()
-    if not name or len(name) > 255:
-        raise ServiceError(422, "invalid_subject", "subject must be 1 to 255 characters")
+    if not name:
+        raise ServiceError(422, "invalid_subject", "subject must not be blank")
     return name
 
 
 def _client_templates(state: ServiceState, protection: Protection, rows: list[list[float]]) -> np.ndarray:
     """Check that client templates were made by the gallery's scheme, key and extractor."""
+    if state.blind is not None:  # a plaintext template would defeat the blind gallery
+        raise ServiceError(422, "blind_mode", "this service runs in blind mode: use the /blind routes")
     e = state.protection.expected
     if (protection.scheme, protection.scheme_version) != (e.scheme, e.scheme_version):
         raise ServiceError(
@@ -118,12 +131,12 @@ def _client_templates(state: ServiceState, protection: Protection, rows: list[li
 
 
 # -- images ----------------------------------------------------------------------------------------
-@router.post("/enroll", response_model=EnrollResponse, status_code=201)
+@router.post("/enroll", response_model=EnrollResponse, status_code=201, responses=BUSY)
 def enroll(
     state: State,
     collection: CollectionName,
     file: Annotated[UploadFile, File(description="image (JPEG, PNG, ...)")],
-    subject: Annotated[str, Form(description="the person's name in this collection")],
+    subject: Annotated[SubjectName, Form(description="the person's name in this collection")],
     faces: Annotated[
         Literal["largest", "all"], Form(description="enrol only the largest face, or every face")
     ] = "largest",
@@ -144,18 +157,18 @@ def enroll(
     )
     return EnrollResponse(
         subject=name,
-        templates=[EnrolledTemplate(template_id=t, box=_box(det, i)) for i, t in enumerate(ids)],
+        templates=[EnrolledTemplate(template_id=t, box=_box(state, det, i)) for i, t in enumerate(ids)],
     )
 
 
-@router.post("/identify", response_model=IdentifyResponse)
+@router.post("/identify", response_model=IdentifyResponse, responses=BUSY)
 def identify(
     state: State,
     collection: CollectionName,
     file: Annotated[UploadFile, File(description="image (JPEG, PNG, ...)")],
     limit: Annotated[int, Query(ge=0, description="faces to recognise, largest first; 0: all")] = 0,
     prediction_count: Annotated[int, Query(ge=1, le=100, description="subjects per face")] = 1,
-    threshold: Annotated[float | None, Query(description="only subjects at least this similar")] = None,
+    threshold: Annotated[Threshold | None, Query(description="only subjects at least this similar")] = None,
 ) -> IdentifyResponse:
     """For every face (up to `limit`): its box and the most similar subjects."""
     data = _read_upload(state, file)
@@ -166,7 +179,7 @@ def identify(
     return IdentifyResponse(
         result=[
             FaceResult(
-                box=_box(det, i),
+                box=_box(state, det, i),
                 subjects=[SubjectSimilarity(subject=m.subject, similarity=m.similarity) for m in ms],
             )
             for i, ms in enumerate(matches)
@@ -174,13 +187,13 @@ def identify(
     )
 
 
-@router.post("/verify", response_model=VerifyResponse)
+@router.post("/verify", response_model=VerifyResponse, responses=BUSY)
 def verify(
     state: State,
     collection: CollectionName,
     file: Annotated[UploadFile, File(description="image (JPEG, PNG, ...)")],
-    subject: Annotated[str, Form(description="the subject to compare with")],
-    threshold: Annotated[float | None, Form(description="decide verified = similarity >= threshold")] = None,
+    subject: Annotated[SubjectName, Form(description="the subject to compare with")],
+    threshold: Annotated[Threshold | None, Form(description="decide verified = similarity >= threshold")] = None,
 ) -> VerifyResponse:
     """Similarity of the image's largest face to the subject's best template."""
     name = _check_subject(subject)
@@ -194,7 +207,7 @@ def verify(
     m = state.collections.verify(view, collection, probes, name)
     return VerifyResponse(
         subject=name, similarity=m.similarity,
-        verified=None if threshold is None else m.similarity >= threshold, box=_box(det, 0),
+        verified=None if threshold is None else m.similarity >= threshold, box=_box(state, det, 0),
     )
 
 

@@ -4,12 +4,24 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import APIRouter, Query
+from fastapi import APIRouter, Path, Query
 
 from advplugin.gallery.store import SubjectNotFound
 from advplugin.service.deps import CollectionName, State
 from advplugin.service.errors import ServiceError
-from advplugin.service.schemas import DeleteSubjectResponse, ErrorResponse, SubjectOut, SubjectPage
+from advplugin.service.schemas import (
+    DeleteSubjectResponse,
+    ErrorResponse,
+    SubjectName,
+    SubjectOut,
+    SubjectPage,
+)
+
+#: `{name:path}`: a subject named `a/b` (or `../x`), which /enroll accepts, is reached with
+#: its `/` percent-encoded or not; with a plain `{name}` it could never be read or erased.
+NamePath = Annotated[SubjectName, Path(description="the subject's name (`/` may be percent-encoded)")]
+#: Pages beyond this are refused (422): page * size must fit the databases' 64-bit OFFSET.
+MAX_PAGE = 2**31 - 1
 
 router = APIRouter(
     prefix="/subjects", tags=["subjects"],
@@ -21,7 +33,7 @@ router = APIRouter(
 def list_subjects(
     state: State,
     collection: CollectionName,
-    page: Annotated[int, Query(ge=0)] = 0,
+    page: Annotated[int, Query(ge=0, le=MAX_PAGE)] = 0,
     size: Annotated[int, Query(ge=1, le=1000)] = 100,
 ) -> SubjectPage:
     rows = state.gallery.list_subjects(collection=collection, offset=page * size, limit=size)
@@ -31,8 +43,8 @@ def list_subjects(
     )
 
 
-@router.get("/{name}", response_model=SubjectOut)
-def get_subject(state: State, collection: CollectionName, name: str) -> SubjectOut:
+@router.get("/{name:path}", response_model=SubjectOut)
+def get_subject(state: State, collection: CollectionName, name: NamePath) -> SubjectOut:
     try:
         r = state.gallery.get_subject(name, collection=collection)
     except SubjectNotFound as e:
@@ -40,8 +52,8 @@ def get_subject(state: State, collection: CollectionName, name: str) -> SubjectO
     return SubjectOut(subject=r.name, template_count=r.template_count, created_at=r.created_at)
 
 
-@router.delete("/{name}", response_model=DeleteSubjectResponse)
-def delete_subject(state: State, collection: CollectionName, name: str) -> DeleteSubjectResponse:
+@router.delete("/{name:path}", response_model=DeleteSubjectResponse)
+def delete_subject(state: State, collection: CollectionName, name: NamePath) -> DeleteSubjectResponse:
     """Delete the subject and every template of it. SQL commits first (with the change-log
     rows), then the index applies them; after a crash in between, the restart replays them."""
     try:

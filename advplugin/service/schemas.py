@@ -4,10 +4,48 @@ they were made by the same scheme and key as the gallery."""
 
 from __future__ import annotations
 
-from datetime import datetime
-from typing import Literal
+from datetime import UTC, datetime
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StrictFloat, StringConstraints
+
+from advplugin.gallery.templates import (
+    EXTRACTOR_NAME_MAX,
+    EXTRACTOR_VERSION_MAX,
+    SUBJECT_NAME_MAX,
+    check_text,
+)
+
+#: No NUL character: PostgreSQL cannot store one. In the OpenAPI schema so clients (and
+#: fuzzers) see the rule; `check_text` enforces it with the length on both databases.
+NO_NUL = r"^[^\x00]*$"
+
+
+def _stored_text(max_length: int, what: str) -> tuple[StringConstraints, AfterValidator]:
+    """Constraints of a string the gallery stores: bounded by its column's length (checked
+    by pydantic while validating, before anything reaches the gallery, which checks again)."""
+    return (
+        StringConstraints(min_length=1, max_length=max_length, pattern=NO_NUL),
+        AfterValidator(lambda v: check_text(v, what, max_length)),
+    )
+
+
+#: A subject's name: 1 to 255 characters, not blank, no NUL (form field, JSON and path).
+SubjectName = Annotated[str, *_stored_text(SUBJECT_NAME_MAX, "subject")]
+#: Short identifiers compared with the served ones (never stored): bounded all the same.
+ShortText = Annotated[str, StringConstraints(max_length=128, pattern=NO_NUL)]
+#: A template value: a JSON number (not a string such as "0.1", not a boolean), finite.
+TemplateValue = Annotated[StrictFloat, Field(allow_inf_nan=False)]
+#: An optional similarity threshold: a finite number.
+Threshold = Annotated[float, Field(allow_inf_nan=False)]
+
+
+def _assume_utc(value: datetime) -> datetime:
+    """Stored times are UTC (`models.utcnow`); SQLite returns them without a zone."""
+    return value if value.tzinfo is not None else value.replace(tzinfo=UTC)
+
+
+UtcDatetime = Annotated[datetime, AfterValidator(_assume_utc)]
 
 
 class ErrorBody(BaseModel):
@@ -24,7 +62,14 @@ class Box(BaseModel):
     y_min: int
     x_max: int
     y_max: int
-    probability: float = Field(description="detector confidence (0 where the detector gives none)")
+    probability: float = Field(
+        ge=0.0, le=1.0,
+        description="detector confidence in [0, 1] (0 where the detector gives none); for dlib's "
+        "HOG detector the logistic of its SVM margin, 1 / (1 + exp(-score)), so >= 0.5",
+    )
+    score: float | None = Field(
+        None, description="the detector's own score (for dlib, the SVM margin: unbounded)"
+    )
 
 
 class EnrolledTemplate(BaseModel):
@@ -39,7 +84,8 @@ class EnrollResponse(BaseModel):
     model_config = ConfigDict(
         json_schema_extra={
             "examples": [{"subject": "Ada", "templates": [{"template_id": 17, "box": {
-                "x_min": 68, "y_min": 80, "x_max": 175, "y_max": 187, "probability": 1.2}}]}]
+                "x_min": 68, "y_min": 80, "x_max": 175, "y_max": 187, "probability": 0.77,
+                "score": 1.2}}]}]
         }
     )
 
@@ -60,7 +106,7 @@ class IdentifyResponse(BaseModel):
     model_config = ConfigDict(
         json_schema_extra={
             "examples": [{"result": [{"box": {"x_min": 68, "y_min": 80, "x_max": 175, "y_max": 187,
-                                              "probability": 1.2},
+                                              "probability": 0.77, "score": 1.2},
                                       "subjects": [{"subject": "Ada", "similarity": 0.93}]}]}]
         }
     )
@@ -76,7 +122,7 @@ class VerifyResponse(BaseModel):
 class SubjectOut(BaseModel):
     subject: str
     template_count: int
-    created_at: datetime
+    created_at: UtcDatetime
 
 
 class SubjectPage(BaseModel):
@@ -141,16 +187,22 @@ class StatusResponse(BaseModel):
 class Protection(BaseModel):
     """Metadata of the protector that made the templates; must match the gallery's."""
 
-    scheme: str = Field(examples=["xnn"])
+    scheme: ShortText = Field(examples=["xnn"])
     scheme_version: int = Field(examples=[1])
-    key_id: str | None = Field(examples=["3f9a0c1d2e4b5a69"])
-    extractor_name: str = Field("dlib", examples=["dlib"])
-    extractor_version: str = Field("unknown", examples=["dlib_face_recognition_resnet_model_v1"])
+    key_id: ShortText | None = Field(examples=["3f9a0c1d2e4b5a69"])
+    extractor_name: Annotated[str, *_stored_text(EXTRACTOR_NAME_MAX, "extractor_name")] = Field(
+        "dlib", examples=["dlib"]
+    )
+    # Stored on every template row: bounded like its column (a 100 kB version copied into
+    # 1,000 rows once grew a gallery by 200 MB).
+    extractor_version: Annotated[str, *_stored_text(EXTRACTOR_VERSION_MAX, "extractor_version")] = Field(
+        "unknown", examples=["dlib_face_recognition_resnet_model_v1"]
+    )
 
 
 class TemplateItem(BaseModel):
-    subject: str = Field(min_length=1, max_length=255)
-    template: list[float]
+    subject: SubjectName
+    template: list[TemplateValue]
 
 
 class EnrollTemplatesRequest(BaseModel):
@@ -169,6 +221,6 @@ class EnrollTemplatesResponse(BaseModel):
 
 class IdentifyTemplatesRequest(BaseModel):
     protection: Protection
-    templates: list[list[float]] = Field(min_length=1)
+    templates: list[list[TemplateValue]] = Field(min_length=1)
     prediction_count: int = Field(1, ge=1, le=100)
-    threshold: float | None = None
+    threshold: Threshold | None = None

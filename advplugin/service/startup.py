@@ -1,5 +1,6 @@
-"""Start-up checks: open the gallery, refuse to serve one this service cannot match
-correctly, and make sure a fresh gallery has an API key. Each check says what to run.
+"""Start-up checks: open the gallery (unlocking it with the master key when it is sealed,
+sealing it when it is new), refuse to serve one this service cannot match correctly, and
+make sure a fresh gallery has an API key. Each check says what to run.
 
 Why refuse instead of serving: templates of another scheme, another configuration of the
 scheme, another dimension, or under a key this service lacks give meaningless scores, which
@@ -9,21 +10,104 @@ look like answers (a wrong person identified) rather than errors.
 from __future__ import annotations
 
 import os
+import stat
 from collections.abc import Mapping
 from pathlib import Path
 
 from advplugin.gallery.apikeys import hash_api_key
+from advplugin.gallery.sealing import KeyProvider, LocalKeyProvider, MasterKeyError
 from advplugin.gallery.store import Gallery
 from advplugin.service.protection import ROTATION_DOC, ConfigurationError, Protection
 from advplugin.settings import Settings
 
 
+def prepare_data_dir(data_dir: Path) -> None:
+    """The data folder, owner-only (0700): it holds the gallery, snapshots and key files. An
+    existing folder of ours with a wider mode is tightened."""
+    data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    st = data_dir.stat()
+    if st.st_uid == os.getuid() and stat.S_IMODE(st.st_mode) & 0o077:
+        data_dir.chmod(0o700)
+
+
 def open_gallery(settings: Settings) -> Gallery:
-    """The gallery database. Embedded default only: a brand-new SQLite file in the data
-    folder is created and migrated. An existing database is never migrated implicitly."""
-    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    """The gallery database, unlocked (`unlock_gallery`). Embedded default only: a brand-new
+    SQLite file in the data folder is created and migrated. An existing database is never
+    migrated implicitly."""
+    prepare_data_dir(settings.data_dir)
     fresh = settings.database_url is None and not (settings.data_dir / "gallery.db").exists()
-    return Gallery.open(settings.resolved_database_url, upgrade=fresh)
+    gallery = Gallery.open(settings.resolved_database_url, upgrade=fresh)
+    try:
+        unlock_gallery(gallery, settings)
+        gallery.checkpoint()  # a WAL left by a killed process may still hold deleted pages
+    except BaseException:
+        gallery.close()
+        raise
+    return gallery
+
+
+def master_key_provider(settings: Settings, *, create: bool = False) -> KeyProvider | None:
+    """The master key of the settings: ADVPLUGIN_MASTER_KEY (base64), else the master key
+    file (made 0600 when missing and `create`); None when neither exists. Raises
+    ConfigurationError for a key that is malformed or readable by others."""
+    try:
+        if settings.master_key is not None:
+            if settings.master_key_file is not None:
+                raise ConfigurationError(
+                    "set ADVPLUGIN_MASTER_KEY or ADVPLUGIN_MASTER_KEY_FILE, not both"
+                )
+            return LocalKeyProvider.from_base64(settings.master_key.get_secret_value())
+        path = settings.resolved_master_key_file
+        if not path.exists() and not create:
+            return None
+        made = not path.exists()
+        provider = LocalKeyProvider.from_file(path, create=create)
+    except MasterKeyError as e:
+        raise ConfigurationError(str(e)) from None
+    if made:
+        print(
+            f"advplugin: created master key file {path} (key id {provider.key_id}); back it up "
+            "and keep it apart from the data and its backups: without it the sealed gallery "
+            "cannot be read",
+            flush=True,
+        )
+    return provider
+
+
+def unlock_gallery(gallery: Gallery, settings: Settings, *, seal_new: bool = True) -> None:
+    """A sealed gallery is unlocked with the master key, or start-up fails saying which key
+    is missing or wrong (never a crash at the first request, never an empty answer). A
+    gallery without templates is sealed now (new galleries are sealed by default). An
+    unsealed gallery with templates keeps working as it is, with a reminder to seal it.
+    `seal_new=False` (a dry run) leaves an unsealed gallery as it is."""
+    info = gallery.seal_info()
+    try:
+        if info.sealed:
+            provider = master_key_provider(settings)
+            if provider is None:
+                raise ConfigurationError(
+                    f"the gallery is sealed (its data key is wrapped by master key id "
+                    f"{', '.join(info.master_key_ids)}), but no master key was given: "
+                    f"{settings.resolved_master_key_file} does not exist. Set "
+                    "ADVPLUGIN_MASTER_KEY_FILE=<the master key file> or "
+                    "ADVPLUGIN_MASTER_KEY=<base64> (docs/sealed-storage.md)"
+                )
+            gallery.unlock(provider)
+        elif not seal_new:
+            return
+        elif gallery.count_templates(collection=None) == 0:
+            provider = master_key_provider(settings, create=True)
+            assert provider is not None
+            gallery.unlock(provider)
+        else:
+            print(
+                "advplugin: WARNING: this gallery is not sealed; a copy of its database or "
+                "snapshots reveals its templates. Seal it with `advplugin db seal` "
+                "(docs/sealed-storage.md)",
+                flush=True,
+            )
+    except MasterKeyError as e:
+        raise ConfigurationError(str(e)) from None
 
 
 def check_gallery_matches(gallery: Gallery, protection: Protection, settings: Settings) -> None:

@@ -12,10 +12,16 @@ Four parts, each in its own module, so that a route depends on what it uses:
 from __future__ import annotations
 
 import hashlib
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 from advplugin.gallery.store import Gallery
 from advplugin.service.auth import ApiKeyAuth
+from advplugin.service.blind_service import BlindService
 from advplugin.service.collection_service import CollectionService
+from advplugin.service.errors import ServiceError
+from advplugin.service.extraction import RETRY_AFTER_SECONDS, Extraction
 from advplugin.service.protection import ConfigurationError, KeyView, Protection
 from advplugin.service.startup import (
     bootstrap_api_key,
@@ -42,6 +48,25 @@ class ServiceState:
         self.protection = protection
         self.collections = collections
         self.auth = auth
+        self._extraction_slots = threading.BoundedSemaphore(settings.max_concurrent_extractions)
+        self.extraction = Extraction(protection, settings)
+        #: Blind mode only (ADVPLUGIN_MODE=blind): the encrypted collections (docs/blind.md).
+        self.blind: BlindService | None = None
+
+    @contextmanager
+    def extraction_slot(self) -> Iterator[None]:
+        """Admission of one heavy request (image decoding and extraction). Over the cap the
+        request is refused at once with 429 and `Retry-After` rather than queued: a queue of
+        crafted images would delay every later `/identify` by the whole queue's cost."""
+        if not self._extraction_slots.acquire(blocking=False):
+            raise ServiceError(
+                429, "busy", "too many images are being processed; retry shortly",
+                headers={"retry-after": str(RETRY_AFTER_SECONDS)},
+            )
+        try:
+            yield
+        finally:
+            self._extraction_slots.release()
 
     @classmethod
     def start(cls, settings: Settings) -> ServiceState:
@@ -55,12 +80,16 @@ class ServiceState:
             bootstrap_api_key(gallery, settings)
             collections = CollectionService(gallery, protection, settings)
             collections.open_all()
+            blind = BlindService(gallery, protection, settings) if settings.mode == "blind" else None
         except BaseException:
             gallery.close()
             raise
-        return cls(settings, gallery, protection, collections, ApiKeyAuth(gallery))
+        state = cls(settings, gallery, protection, collections, ApiKeyAuth(gallery))
+        state.blind = blind
+        return state
 
     def close(self) -> None:
+        self.extraction.close()
         self.collections.close()
         self.gallery.close()
 

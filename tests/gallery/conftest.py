@@ -1,4 +1,5 @@
-"""Gallery fixtures: one migrated gallery per backend (SQLite file, real PostgreSQL)."""
+"""Gallery fixtures: one migrated gallery per backend (SQLite file, real PostgreSQL), sealed
+as new galleries are by default (a master key file beside the test's folder)."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import pytest
 from sqlalchemy import text
 
 from advplugin.gallery import Gallery, make_engine
+from advplugin.gallery.sealing import LocalKeyProvider
 
 
 def _empty_postgres(url: str) -> None:
@@ -30,7 +32,13 @@ def gallery_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
 
 
 @pytest.fixture
-def gallery(gallery_url: str) -> Iterator[Gallery]:
-    g = Gallery.open(gallery_url, upgrade=True)
+def master_key(tmp_path: Path) -> LocalKeyProvider:
+    """A master key file (0600, created as the service creates it)."""
+    return LocalKeyProvider.from_file(tmp_path / "master.key", create=True)
+
+
+@pytest.fixture
+def gallery(gallery_url: str, master_key: LocalKeyProvider) -> Iterator[Gallery]:
+    g = Gallery.open(gallery_url, upgrade=True, master_key=master_key)
     yield g
     g.close()

@@ -249,4 +249,4 @@ def test_backend_class_lookup_for_snapshots() -> None:
 
     assert index_backend_class("faiss-hnsw").name == "faiss-hnsw"
     with pytest.raises(ValueError, match="available: faiss-flat"):
-        index_backend_class("milvus")
+        index_backend_class("nope")

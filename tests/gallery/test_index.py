@@ -12,7 +12,7 @@ from advplugin.gallery.matcher import Matcher
 from advplugin.keys import Key
 from advplugin.protectors import create_protector
 
-KINDS = ["flat", "ivf", "hnsw"]
+KINDS = ["flat", "ivf", "hnsw", "milvus"]
 
 
 @pytest.fixture

@@ -22,6 +22,7 @@ from advplugin.gallery import Gallery, make_engine
 from advplugin.images import load_image
 from advplugin.keys import load_key
 from advplugin.protectors import create_protector
+from tests.conftest import env_master_key
 from tests.service.conftest import migrated_database
 from tests.service.helpers import (
     assert_no_raw_bytes,
@@ -137,7 +138,7 @@ def test_lfw_subset_with_images_and_raw_embedding_scan(
     # --- scan everything the server wrote for the raw embeddings of these images ---------------
     raws = np.stack([it[3] for it in usable]).astype(np.float64)
     server.stop()  # flushes the FAISS snapshot and the SQLite WAL
-    with Gallery.open(url) as g:
+    with Gallery.open(url, master_key=env_master_key()) as g:
         stored = np.concatenate([b.vectors for b in g.iter_templates()])
     assert len(stored) == len(gallery)
     # Control: the stored templates are the protected ones...
@@ -166,11 +167,13 @@ def test_lfw_subset_with_images_and_raw_embedding_scan(
         found = vectors_in_blob(blob, 128)
         if len(found):
             assert max_cosine(found, raws) < 0.99, where
-    # Controls that the scans can fail: the SQL store and the snapshot do hold the protected
-    # vectors (so the scanner sees vectors where they are), and a raw vector is detected.
+    # Controls that the scans can fail: the scanner finds the protected vectors in their
+    # plaintext bytes, and a raw vector is detected. Sealed storage (the default,
+    # docs/sealed-storage.md) leaves not even the protected vectors in SQL or the snapshot.
     db_blob = blobs.get("SQLite file", blobs.get("PostgreSQL tables"))
-    assert len(vectors_in_blob(db_blob, 128)) >= len(gallery)
-    assert len(vectors_in_blob(snapshot, 128)) >= len(gallery)
+    assert len(vectors_in_blob(np.asarray(gal_t, "<f4").tobytes(), 128)) >= len(gallery)
+    assert len(vectors_in_blob(db_blob, 128)) == 0
+    assert len(vectors_in_blob(snapshot, 128)) == 0
     with pytest.raises(AssertionError):
         assert_no_raw_bytes(b"x" + raws[0].astype("<f4").tobytes(), raws, "control")
     import base64

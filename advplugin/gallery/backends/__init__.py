@@ -1,7 +1,10 @@
 """Pluggable search backends of the gallery index. Importing this package registers every
 built-in backend (like `advplugin.protectors` does for schemes)."""
 
-from advplugin.gallery.backends import faiss_backends  # noqa: F401  (registration side effect)
+from advplugin.gallery.backends import (  # noqa: F401  (registration side effect)
+    faiss_backends,
+    milvus_backend,  # pymilvus is imported only when a milvus backend is created
+)
 from advplugin.gallery.backends.base import (
     INDEX_BACKENDS,
     Batch,

@@ -95,6 +95,14 @@ class IndexBackend(ABC):
         (their total, maybe slightly off under concurrent writes) sizes structures such as
         IVF centroids. Should leave the old content in place if reading `batches` fails."""
 
+    def bind(self, namespace: Callable[[], str]) -> None:  # noqa: B027  (optional hook)
+        """Told by `TemplateIndex`, before other calls, which gallery collection this backend
+        serves: `namespace()` is a stable fingerprint of the database + collection (no
+        secrets). A backend whose state lives outside the process (a vector database that
+        replicas share) names its storage by it, so replicas of one deployment meet in one
+        place and two galleries never do; it is a callable because computing it reads SQL,
+        which only such a backend needs. In-process backends ignore it."""
+
     @property
     def needs_rebuild(self) -> bool:
         """True when an update could not be applied in place, or the structure degraded so

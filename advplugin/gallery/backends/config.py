@@ -8,7 +8,9 @@ A pydantic model (frozen) rather than a dataclass, so the service's `Settings` n
 
 from __future__ import annotations
 
-from pydantic import AliasChoices, BaseModel, ConfigDict, Field, field_validator
+from typing import Any, Literal
+
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field, SecretStr, field_validator
 
 from advplugin.gallery.backends.base import INDEX_BACKENDS
 
@@ -33,6 +35,28 @@ class IndexConfig(BaseModel):
     #: bounds how stale a search may be for changes made by *other* processes (workers, a key
     #: rotation). 0: every search asks SQL first.
     sync_interval: float = Field(0.05, ge=0.0)
+
+    # -- milvus (advplugin.gallery.backends.milvus_backend, docs/milvus.md) ------------------
+    #: A Milvus server (`http://host:19530`: standalone or a cluster's proxy, shared by every
+    #: replica) or a milvus-lite folder (a path ending in `.db`: embedded, one process only).
+    #: Empty: the service uses `<data_dir>/milvus.db`; a bare IndexConfig (library use, tests)
+    #: a temporary milvus-lite folder private to the process.
+    milvus_uri: str = ""
+    milvus_token: SecretStr | None = Field(None, description="`user:password` or an API key of the server")
+    #: Collections are named `<prefix>_<fingerprint of database + collection>`: replicas of
+    #: one deployment share one, two galleries never do.
+    milvus_collection_prefix: str = Field("advplugin", pattern=r"^[A-Za-z_][A-Za-z0-9_]{0,100}$")
+    #: FLAT is exact (what faiss-flat answers); HNSW / IVF_FLAT / ... trade recall for speed.
+    milvus_index_type: str = Field("FLAT", pattern=r"^[A-Z_0-9]+$")
+    milvus_index_params: dict[str, Any] = Field(default_factory=dict, description="e.g. {\"M\": 32}")
+    milvus_search_params: dict[str, Any] = Field(default_factory=dict, description="e.g. {\"ef\": 128}")
+    #: Strong: a search sees every write acknowledged before it, which the service needs
+    #: (its own writes are searchable before it responds).
+    milvus_consistency: Literal["Strong", "Bounded", "Session", "Eventually"] = "Strong"
+
+    def __hash__(self) -> int:
+        """Frozen configs stay hashable although the milvus params are dicts."""
+        return hash(self.model_dump_json())
 
     @field_validator("backend", mode="before")
     @classmethod

@@ -1,0 +1,391 @@
+"""Sealed storage: the cryptography that keeps stored templates useless without a master key.
+
+Why: any template the server can match without a secret can be matched by whoever copies it
+(a database dump, a backup, an index snapshot); an attacker who enrolled ~`dim` chosen faces
+first maps leaked templates back to raw embeddings by least squares. So storage holds only
+AES-256-GCM ciphertext, and the secret that opens it lives elsewhere.
+
+Key hierarchy (envelope encryption; docs/sealed-storage.md):
+
+* the **master key** never enters the database. A `KeyProvider` wraps and unwraps with it:
+  `LocalKeyProvider` over a key file (default: beside, not inside, the data folder) or the
+  `ADVPLUGIN_MASTER_KEY` variable; a KMS (Vault Transit, a cloud KMS) is another subclass
+  whose `wrap`/`unwrap` are the KMS's encrypt/decrypt calls;
+* the **gallery data key** (32 random bytes) is stored in `sealing_keys`, wrapped by the
+  master key: rotating the master key re-wraps one row (`advplugin db rewrap`);
+* a **subject key** per subject (32 random bytes), stored in its `subjects` row, wrapped by
+  the gallery data key: deleting the subject deletes its key, and re-keying the gallery
+  re-wraps these small keys, never the templates;
+* every **template vector** is sealed under its subject's key with a fresh 96-bit nonce and
+  associated data binding it to its row (collection, template id, scheme, scheme version,
+  config digest, key id, dimension): a row swapped with another, moved to another collection
+  or gallery, or replayed under other provenance fails authentication on read.
+
+A sealed vector is `nonce (12) || ciphertext (4*dim) || tag (16)`: a fixed length per
+dimension, so bulk inserts still ship one chunk as one bytea cut by the server, and a
+plaintext row (4*dim bytes, a gallery not yet converted by `advplugin db seal`) is told
+apart by its length alone.
+
+Errors name rows and key ids, never key material or vector values.
+"""
+
+from __future__ import annotations
+
+import base64
+import functools
+import hashlib
+import os
+import secrets
+import struct
+import threading
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+from advplugin.keys import KEY_BYTES, Key, load_key, write_key
+
+NONCE_BYTES = 12
+TAG_BYTES = 16
+#: Bytes a sealed value has beyond its plaintext.
+OVERHEAD = NONCE_BYTES + TAG_BYTES
+_SERIAL = struct.Struct(">I")
+#: A sealed subject key: gallery key serial (4) + nonce + 32-byte key + tag.
+SUBJECT_KEY_BYTES = _SERIAL.size + OVERHEAD + KEY_BYTES
+#: Snapshots are sealed in segments: AES-GCM in `cryptography` takes at most 2**31-1 bytes.
+SEGMENT_BYTES = 1 << 26
+_SUBJECT_CACHE = 200_000  # unwrapped subject keys kept (a cache; cleared when full)
+
+
+class SealingError(RuntimeError):
+    """Base class of sealed-storage errors."""
+
+
+class MasterKeyError(SealingError):
+    """The master key is missing, unreadable, or not the one the gallery's key is wrapped by."""
+
+
+class TamperedError(SealingError):
+    """A sealed value failed authentication: altered, swapped, moved, or under another key."""
+
+
+def sealed_size(dim: int) -> int:
+    """Stored bytes of one sealed `dim`-value template."""
+    return 4 * dim + OVERHEAD
+
+
+def _part(p: object) -> bytes:
+    if p is None:
+        return b"\xff\xff\xff\xff"
+    b = str(p).encode()
+    return _SERIAL.pack(len(b)) + b
+
+
+def associated_data(label: str, *parts: object) -> bytes:
+    """Unambiguous bytes for AES-GCM's associated data: a label and length-prefixed parts
+    (None and '' differ), so no two different rows can ever produce the same AD."""
+    return b"advplugin/" + label.encode() + b"\0" + b"".join(_part(p) for p in parts)
+
+
+@functools.lru_cache(maxsize=4096)
+def _template_ad_head(collection_id: int) -> bytes:
+    return associated_data("template/v1", collection_id)
+
+
+@functools.lru_cache(maxsize=4096)
+def _template_ad_tail(scheme: str, scheme_version: int, config_digest: str, key_id: str | None, dim: int) -> bytes:
+    return b"".join(_part(p) for p in (scheme, scheme_version, config_digest, key_id, dim))
+
+
+def template_ad(
+    collection_id: int, template_id: int, scheme: str, scheme_version: int,
+    config_digest: str, key_id: str | None, dim: int,
+) -> bytes:
+    """What a template's ciphertext is bound to: its row and everything that says how it
+    was made. Changing any of these (a swap, a move, a forged provenance) breaks the tag.
+    Equal to `associated_data("template/v1", collection_id, template_id, scheme, ...)`; the
+    parts shared by many rows are cached (this runs once per row on every gallery read)."""
+    tid = str(int(template_id)).encode()
+    return (
+        _template_ad_head(collection_id) + _SERIAL.pack(len(tid)) + tid
+        + _template_ad_tail(scheme, scheme_version, config_digest, key_id, dim)
+    )
+
+
+@functools.lru_cache(maxsize=4096)
+def _subject_ad_head(collection_id: int) -> bytes:
+    return associated_data("subject-key/v1", collection_id)
+
+
+def subject_key_ad(collection_id: int, name: str, serial: int) -> bytes:
+    """What a sealed subject key is bound to: its collection, its subject's name and the data
+    key serial. Equal to `subject_key_ad(collection_id, name, serial)`,
+    built from cached parts (it runs once per subject on a cold read)."""
+    b = name.encode()
+    return _subject_ad_head(collection_id) + _SERIAL.pack(len(b)) + b + _part(serial)
+
+
+def _key_id(label: str, secret: bytes) -> str:
+    """A one-way identifier of a data key (to name it in messages), never the key."""
+    return hashlib.sha256(b"advplugin/" + label.encode() + b"/" + secret).hexdigest()[:16]
+
+
+# -- master keys ---------------------------------------------------------------------------------
+class KeyProvider(ABC):
+    """Wraps and unwraps data keys with a master key kept outside the database.
+
+    A KMS plugs in here: `wrap` = the KMS's encrypt (e.g. Vault Transit
+    `POST /transit/encrypt/<name>` with `context`), `unwrap` = its decrypt, `key_id` = the
+    KMS key's name (and version), `description` = where it is. The gallery calls `unwrap`
+    once per data key when it opens, `wrap` when a gallery is sealed or re-wrapped, so a
+    remote call per request never happens.
+    """
+
+    @property
+    @abstractmethod
+    def key_id(self) -> str:
+        """Identifies the master key (recorded beside each wrapped key; not secret)."""
+
+    @property
+    @abstractmethod
+    def description(self) -> str:
+        """Where the master key comes from, for messages (never the key)."""
+
+    @abstractmethod
+    def wrap(self, data_key: bytes, context: bytes) -> bytes:
+        """The data key encrypted and authenticated under the master key, bound to `context`."""
+
+    @abstractmethod
+    def unwrap(self, wrapped: bytes, context: bytes) -> bytes:
+        """The data key; raises `MasterKeyError` when this master key cannot open `wrapped`."""
+
+
+class LocalKeyProvider(KeyProvider):
+    """A master key held in this process: from a key file (rules of `advplugin.keys`: 32
+    bytes, created O_EXCL with mode 0600, refused when group or others can read it) or from
+    a base64 environment variable. It wraps with AES-256-GCM under a key derived for this
+    purpose only, so even a key file reused by mistake as a scheme key leaks nothing."""
+
+    def __init__(self, key: Key, description: str) -> None:
+        self._aead = AESGCM(key.derive("master-wrap/v1", 32))
+        self._key_id = key.key_id
+        self._description = description
+
+    @classmethod
+    def from_file(cls, path: str | os.PathLike[str], *, create: bool = False) -> LocalKeyProvider:
+        """Load a master key file; with `create`, make one (0600, never overwriting) when it
+        is missing. Raises `MasterKeyError` saying what is wrong."""
+        path = Path(path)
+        if create and not path.exists():
+            path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+            try:
+                write_key(path)
+            except FileExistsError:
+                pass  # another process made it first: use theirs
+        try:
+            key = load_key(path)
+        except FileNotFoundError:
+            raise MasterKeyError(f"master key file {path} not found") from None
+        except (PermissionError, ValueError) as e:
+            raise MasterKeyError(f"master key file: {e}") from None
+        return cls(key, f"master key file {path}")
+
+    @classmethod
+    def from_base64(cls, value: str, *, variable: str = "ADVPLUGIN_MASTER_KEY") -> LocalKeyProvider:
+        """A master key given as base64 of 32 bytes (e.g. in an environment variable)."""
+        try:
+            secret = base64.b64decode(value.strip(), validate=True)
+        except ValueError:
+            raise MasterKeyError(f"{variable} is not valid base64") from None
+        if len(secret) != KEY_BYTES:
+            raise MasterKeyError(f"{variable} must hold {KEY_BYTES} bytes (base64), got {len(secret)}")
+        return cls(Key(secret), variable)
+
+    @property
+    def key_id(self) -> str:
+        return self._key_id
+
+    @property
+    def description(self) -> str:
+        return self._description
+
+    def wrap(self, data_key: bytes, context: bytes) -> bytes:
+        nonce = secrets.token_bytes(NONCE_BYTES)
+        return nonce + self._aead.encrypt(nonce, data_key, associated_data("master-wrap/v1", context))
+
+    def unwrap(self, wrapped: bytes, context: bytes) -> bytes:
+        try:
+            return self._aead.decrypt(
+                wrapped[:NONCE_BYTES], wrapped[NONCE_BYTES:], associated_data("master-wrap/v1", context)
+            )
+        except InvalidTag:
+            raise MasterKeyError(f"{self._description} (key id {self._key_id}) cannot unwrap this data key") from None
+
+
+def generate_master_key_base64() -> str:
+    """A new master key as base64 (for ADVPLUGIN_MASTER_KEY or a KMS import)."""
+    return base64.b64encode(secrets.token_bytes(KEY_BYTES)).decode()
+
+
+# -- data keys -----------------------------------------------------------------------------------
+def new_data_key() -> bytes:
+    return AESGCM.generate_key(bit_length=256)
+
+
+def gallery_key_id(secret: bytes) -> str:
+    return _key_id("gallery-key-id", secret)
+
+
+def gallery_key_context(serial: int) -> bytes:
+    """What the master-key wrap of gallery data key `serial` is bound to."""
+    return associated_data("gallery-key/v1", serial)
+
+
+class Sealer:
+    """The unwrapped gallery data keys of one open gallery (by serial; the newest seals new
+    subject keys) and a cache of unwrapped subject keys. Thread-safe: AES-GCM objects are
+    stateless per call and the cache is guarded."""
+
+    def __init__(self, keys: dict[int, bytes]) -> None:
+        if not keys:
+            raise ValueError("a sealer needs at least one gallery data key")
+        self._keys = dict(keys)
+        self._gallery = {s: AESGCM(k) for s, k in keys.items()}
+        self._snapshot = {s: AESGCM(hashlib.sha256(b"advplugin/snapshot-key/v1" + k).digest()) for s, k in keys.items()}
+        self.current = max(keys)
+        self._subjects: dict[tuple[int, str, bytes], AESGCM] = {}
+        self._lock = threading.Lock()
+
+    def __repr__(self) -> str:
+        return f"Sealer(serials={self.serials})"
+
+    @property
+    def serials(self) -> list[int]:
+        return sorted(self._keys)
+
+    def keys_for_rewrap(self) -> list[tuple[int, bytes]]:
+        """(serial, data key) pairs, for re-wrapping under a new master key only."""
+        return sorted(self._keys.items())
+
+    # subject keys
+    def new_subject_key(self, collection_id: int, name: str) -> bytes:
+        """A fresh subject key, sealed under the current gallery key (what the row stores)."""
+        nonce = secrets.token_bytes(NONCE_BYTES)
+        ad = subject_key_ad(collection_id, name, self.current)
+        ct = self._gallery[self.current].encrypt(nonce, new_data_key(), ad)
+        return _SERIAL.pack(self.current) + nonce + ct
+
+    @staticmethod
+    def subject_key_serial(sealed: bytes) -> int:
+        return int(_SERIAL.unpack_from(sealed)[0])
+
+    def _unwrap_subject_key(self, collection_id: int, name: str, sealed: bytes) -> bytes:
+        serial = self.subject_key_serial(sealed)
+        aead = self._gallery.get(serial)
+        if aead is None:
+            raise TamperedError(f"subject {name!r} (collection {collection_id}) is sealed under gallery key #{serial}, which this gallery does not hold")
+        ad = subject_key_ad(collection_id, name, serial)
+        try:
+            return aead.decrypt(sealed[_SERIAL.size : _SERIAL.size + NONCE_BYTES], sealed[_SERIAL.size + NONCE_BYTES :], ad)
+        except InvalidTag:
+            raise TamperedError(
+                f"the key of subject {name!r} (collection {collection_id}) failed authentication "
+                "(altered, or moved from another subject or gallery)"
+            ) from None
+
+    def subject_cipher(self, collection_id: int, name: str, sealed: bytes, *, cache: bool = True) -> AESGCM:
+        """The AES-GCM of a subject's templates (cached by its sealed key, so a re-wrapped
+        key is simply a new entry). `cache=False` for bulk reads (an index rebuild visits
+        each subject once: caching them all only fed the garbage collector)."""
+        cache_key = (collection_id, name, sealed)
+        aead = self._subjects.get(cache_key)
+        if aead is None:
+            aead = AESGCM(self._unwrap_subject_key(collection_id, name, sealed))
+            if not cache:
+                return aead
+            with self._lock:
+                if len(self._subjects) >= _SUBJECT_CACHE:
+                    self._subjects.clear()
+                self._subjects[cache_key] = aead
+        return aead
+
+    def rewrap_subject_key(self, collection_id: int, name: str, sealed: bytes) -> bytes:
+        """The same subject key sealed under the current gallery key (re-keying the gallery)."""
+        raw = self._unwrap_subject_key(collection_id, name, sealed)
+        nonce = secrets.token_bytes(NONCE_BYTES)
+        ad = subject_key_ad(collection_id, name, self.current)
+        return _SERIAL.pack(self.current) + nonce + self._gallery[self.current].encrypt(nonce, raw, ad)
+
+    # template vectors
+    @staticmethod
+    def seal_vectors(ciphers: Sequence[AESGCM], ads: Sequence[bytes], vectors: np.ndarray) -> list[bytes]:
+        """One sealed value per row: a fresh random nonce each (96 bits: collisions are
+        negligible far beyond any gallery size)."""
+        data = np.ascontiguousarray(vectors, dtype="<f4")
+        nonces = secrets.token_bytes(NONCE_BYTES * len(data))
+        out = []
+        for i, (aead, ad) in enumerate(zip(ciphers, ads, strict=True)):
+            nonce = nonces[NONCE_BYTES * i : NONCE_BYTES * (i + 1)]
+            out.append(nonce + aead.encrypt(nonce, data[i].tobytes(), ad))
+        return out
+
+    @staticmethod
+    def open_vector(aead: AESGCM, ad: bytes, sealed: bytes, template_id: int) -> bytes:
+        try:
+            return aead.decrypt(sealed[:NONCE_BYTES], sealed[NONCE_BYTES:], ad)
+        except InvalidTag:
+            raise TamperedError(
+                f"template {template_id} failed authentication: its stored vector was altered, "
+                "swapped with another row, moved from another collection or gallery, or its "
+                "provenance columns were changed"
+            ) from None
+
+    # snapshots (whole blobs)
+    def seal_blob(self, data: bytes | memoryview, ad: bytes) -> tuple[int, bytearray]:
+        """(serial, sealed bytes) of a large blob, sealed in segments bound to their index and
+        to their count (no truncation, reordering or splicing goes unnoticed). Encrypted in
+        place into one buffer: a snapshot of 1M templates is 0.5 GB, and each extra copy
+        would show in start-up time."""
+        aead = self._snapshot[self.current]
+        view = memoryview(data)
+        n = max(1, -(-len(view) // SEGMENT_BYTES))
+        out = bytearray(len(view) + n * OVERHEAD)
+        dst = memoryview(out)
+        pos = 0
+        for i in range(n):
+            seg = view[i * SEGMENT_BYTES : (i + 1) * SEGMENT_BYTES]
+            nonce = secrets.token_bytes(NONCE_BYTES)
+            dst[pos : pos + NONCE_BYTES] = nonce
+            pos += NONCE_BYTES
+            aead.encrypt_into(nonce, seg, ad + struct.pack(">QQ", i, n), dst[pos : pos + len(seg) + TAG_BYTES])
+            pos += len(seg) + TAG_BYTES
+        return self.current, out
+
+    def open_blob(self, serial: int, sealed: bytes | memoryview, ad: bytes) -> bytes:
+        """The blob `seal_blob` sealed; raises `TamperedError` if any segment fails."""
+        aead = self._snapshot.get(serial)
+        if aead is None:
+            raise TamperedError(f"sealed under gallery key #{serial}, which this gallery does not hold")
+        src = memoryview(sealed)
+        seg = SEGMENT_BYTES + OVERHEAD
+        n = max(1, -(-len(src) // seg))
+        size = len(src) - n * OVERHEAD
+        if size < 0:
+            raise TamperedError("sealed blob is truncated")
+        out = bytearray(size)
+        dst = memoryview(out)
+        pos = 0
+        for i in range(n):
+            part = src[i * seg : (i + 1) * seg]
+            length = len(part) - OVERHEAD
+            try:
+                aead.decrypt_into(
+                    part[:NONCE_BYTES], part[NONCE_BYTES:], ad + struct.pack(">QQ", i, n), dst[pos : pos + length]
+                )
+            except (InvalidTag, ValueError):
+                raise TamperedError("sealed blob failed authentication") from None
+            pos += length
+        return bytes(out)

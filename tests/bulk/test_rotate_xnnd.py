@@ -1,0 +1,34 @@
+"""`xnn-d` galleries re-key without raw embeddings (`advplugin rotate-key`): the key acts
+last and is orthogonal, so the stored templates become exactly the new key's templates and
+the old key's probes stop matching."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from advplugin.bulk import rotate_key
+from advplugin.gallery import Gallery
+from advplugin.keys import load_key
+from advplugin.protectors import create_protector
+
+
+def test_xnnd_gallery_rotates_to_the_new_keys_templates(lfw_rows, database_url, key_files) -> None:
+    k1, k2 = load_key(key_files[0]), load_key(key_files[1])
+    p1, p2 = (create_protector("xnn-d", key=k, dim=128) for k in (k1, k2))
+    raw = lfw_rows.vectors[:300]
+    gallery = Gallery.open(database_url("sqlite", "gallery"), upgrade=True)
+    try:
+        gallery.add_templates(
+            list(lfw_rows.subjects[:300]), p1.protect(raw), protection=p1.metadata,
+            extractor_name="dlib", extractor_version="test",
+        )  # fmt: skip
+        result = rotate_key(gallery, k1, k2)
+        assert result.rotated == 300
+        assert gallery.count_templates(key_id=k2.key_id) == 300
+        stored = np.concatenate([b.vectors for b in gallery.iter_templates(key_id=k2.key_id)])
+        np.testing.assert_allclose(stored, p2.protect(raw), atol=1e-4)
+        # A probe protected under the retired key no longer finds its own template.
+        s = p2.score(p1.protect(raw[:50]), stored)
+        assert np.mean(np.argmax(s, axis=1) == np.arange(50)) < 0.1
+    finally:
+        gallery.close()
