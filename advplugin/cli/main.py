@@ -22,6 +22,7 @@ COMMAND_MODULES = [
     "advplugin.cli.protect",
     "advplugin.cli.verify",
     "advplugin.cli.blind",
+    "advplugin.cli.train",
 ]
 
 

@@ -169,8 +169,34 @@ class ApiKey(Base):
     collection_id: Mapped[int] = mapped_column(ForeignKey("collections.id", ondelete="CASCADE"))
     name: Mapped[str] = mapped_column(String(128))
     key_sha256: Mapped[str] = mapped_column(String(64), unique=True)
+    # What the key may do: "identify" (read and match), "enrol" (also enrol and delete),
+    # "admin" (also the audit trail). The server default keeps keys made before revision
+    # 0007 at the full rights they had.
+    scope: Mapped[str] = mapped_column(String(16), server_default="admin")
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     revoked_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+
+
+class AuditEvent(Base):
+    """Who changed what and when: one row per enrolment (per subject), subject deletion and
+    API-key operation, written in the same transaction as the change, so neither can exist
+    without the other. Deliberately no vectors, images or keys: only ids, names and counts.
+    No foreign keys: the trail outlives revoked keys and deleted subjects."""
+
+    __tablename__ = "audit_events"
+    __table_args__ = (
+        Index("ix_audit_events_collection_id_id", "collection_id", "id"),
+        {"sqlite_autoincrement": True},
+    )
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    collection_id: Mapped[int] = mapped_column(Integer)
+    api_key_id: Mapped[int | None] = mapped_column(Integer, nullable=True)  # None: CLI, bulk
+    actor: Mapped[str] = mapped_column(String(64))  # "api-key", "cli", "service", ...
+    action: Mapped[str] = mapped_column(String(32))
+    subject: Mapped[str | None] = mapped_column(String(255), nullable=True)
+    template_count: Mapped[int | None] = mapped_column(Integer, nullable=True)
 
 
 class BlindBlock(Base):

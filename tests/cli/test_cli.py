@@ -174,3 +174,12 @@ def test_verify_pairs_reports_missing_images(face_data: Path, lfw_cache, tmp_pat
         == 2
     )
     assert "have no embedding" in capsys.readouterr().err
+
+
+def test_train_dispatches_to_the_schemes_trainer(capsys) -> None:
+    with pytest.raises(SystemExit) as e:
+        main(["train", "xnn-d", "--help"])
+    assert e.value.code == 0 and "--embeddings" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as e:
+        main(["train", "xnn"])  # not a learned scheme
+    assert e.value.code == 2 and "invalid choice" in capsys.readouterr().err
