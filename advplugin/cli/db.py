@@ -1,5 +1,10 @@
 """`advplugin db`: migrate the gallery database, show its state, manage API keys, seal it.
 
+API keys: `db api-key create --scope identify|enrol|admin` (printed once, stored hashed),
+`db api-key list` (names, scopes, dates; never hashes), `db api-key revoke`; the older
+`db create-api-key` / `db revoke-api-key` still work (admin keys). `db audit` prints the
+audit trail (enrolments, deletions, key operations: who, what, when).
+
 Sealed storage (docs/sealed-storage.md): `db seal` converts an unsealed gallery in place
 (chunked, resumable), `db rewrap --new-master-key FILE` moves the gallery's data keys to a
 new master key in one transaction (rows untouched), and with `--new-data-key` also moves
@@ -15,6 +20,9 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     from advplugin.gallery import Gallery
 
+#: Mirrors `advplugin.gallery.apikeys.SCOPES` (not imported: the CLI parser loads nothing heavy).
+SCOPES = ("identify", "enrol", "admin")
+SCOPE_HELP = "identify: identify/verify/read; enrol: also enrol and delete; admin: also the audit trail"
 DB_HELP = "SQLAlchemy URL of the gallery (default: $ADVPLUGIN_DATABASE_URL or the data folder's SQLite file)"
 MASTER_HELP = (
     "master key file (default: $ADVPLUGIN_MASTER_KEY_FILE, $ADVPLUGIN_MASTER_KEY, or "
@@ -39,7 +47,33 @@ def register(sub: argparse._SubParsersAction) -> None:
     ak.add_argument("--database-url", help=DB_HELP)
     ak.add_argument("--collection", default="default")
     ak.add_argument("--name", default="default", help="a label to revoke it by later")
+    ak.add_argument("--scope", choices=SCOPES, default="admin", help=SCOPE_HELP)
     ak.set_defaults(func=run_create_api_key)
+
+    keys = dbsub.add_parser("api-key", help="API keys with scopes: create, list, revoke")
+    keysub = keys.add_subparsers(dest="api_key_command", required=True, metavar="API_KEY_COMMAND")
+    kc = keysub.add_parser("create", help="create an API key (printed once, stored hashed)")
+    kc.add_argument("--database-url", help=DB_HELP)
+    kc.add_argument("--collection", default="default")
+    kc.add_argument("--name", default="default", help="a label to revoke it by later")
+    kc.add_argument("--scope", choices=SCOPES, default="admin", help=SCOPE_HELP)
+    kc.set_defaults(func=run_create_api_key)
+    kl = keysub.add_parser("list", help="names, scopes, created and revoked times (never hashes)")
+    kl.add_argument("--database-url", help=DB_HELP)
+    kl.add_argument("--collection", help="only this collection (default: all)")
+    kl.set_defaults(func=run_list_api_keys)
+    kr = keysub.add_parser("revoke", help="revoke the API keys of a label")
+    kr.add_argument("--database-url", help=DB_HELP)
+    kr.add_argument("--collection", default="default")
+    kr.add_argument("--name", required=True)
+    kr.set_defaults(func=run_revoke_api_key)
+
+    au = dbsub.add_parser("audit", help="the audit trail: enrolments, deletions, API-key operations")
+    au.add_argument("--database-url", help=DB_HELP)
+    au.add_argument("--collection", help="only this collection (default: all)")
+    au.add_argument("--limit", type=int, default=1000, help="at most this many events (oldest first)")
+    au.add_argument("--offset", type=int, default=0)
+    au.set_defaults(func=run_audit)
 
     rk = dbsub.add_parser("revoke-api-key", help="revoke the API keys of a label")
     rk.add_argument("--database-url", help=DB_HELP)
@@ -152,8 +186,36 @@ def run_create_api_key(args: argparse.Namespace) -> int:
     from advplugin.gallery import Gallery
 
     with Gallery.open(_url(args)) as g:
-        api_key = g.create_api_key(args.name, collection=args.collection)
+        api_key = g.create_api_key(args.name, collection=args.collection, scope=args.scope)
     print(api_key)
+    return 0
+
+
+def run_list_api_keys(args: argparse.Namespace) -> int:
+    from advplugin.gallery import Gallery
+
+    with Gallery.open(_url(args)) as g:
+        keys = g.list_api_keys(collection=args.collection)
+    for k in keys:
+        revoked = f"revoked {k.revoked_at.isoformat()}" if k.revoked_at else "active"
+        print(f"id={k.id} collection={k.collection} name={k.name} scope={k.scope} "
+              f"created={k.created_at.isoformat()} {revoked}")
+    return 0
+
+
+def run_audit(args: argparse.Namespace) -> int:
+    from advplugin.gallery import Gallery
+
+    with Gallery.open(_url(args)) as g:
+        try:
+            events = g.audit_events(collection=args.collection, offset=args.offset, limit=args.limit)
+        except KeyError:
+            raise ValueError(f"no collection named {args.collection!r}") from None
+    for e in events:
+        who = f"api-key:{e.api_key_id}" if e.api_key_id is not None else e.actor
+        count = f" templates={e.template_count}" if e.template_count is not None else ""
+        subject = f" subject={e.subject!r}" if e.subject is not None else ""
+        print(f"{e.created_at.isoformat()} #{e.id} collection={e.collection} by={who} {e.action}{subject}{count}")
     return 0
 
 

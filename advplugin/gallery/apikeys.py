@@ -4,17 +4,59 @@ Why a room of its own: authentication needs these four operations and must not b
 touch templates; a component typed with `ApiKeyStore` gets exactly that. A key is 256
 random bits, so a plain SHA-256 suffices (no slow KDF as for passwords); the key itself is
 returned once at creation and cannot be recovered from the database.
+
+Every key has a scope (`SCOPES`, least to most rights); creating and revoking a key writes
+an audit event in the same transaction (`advplugin.gallery.audit`).
 """
 
 from __future__ import annotations
 
 import hashlib
 import secrets
+from dataclasses import dataclass
+from datetime import datetime
 
 from sqlalchemy import insert, select, update
 
-from advplugin.gallery.database import DEFAULT_COLLECTION, Database
+from advplugin.gallery.audit import CLI, Actor, AuditLog, as_utc
+from advplugin.gallery.database import DEFAULT_COLLECTION
 from advplugin.gallery.models import ApiKey, Collection, utcnow
+
+#: Scopes from least to most rights; each includes the rights of those before it.
+SCOPES = ("identify", "enrol", "admin")
+
+
+def check_scope(scope: str) -> str:
+    if scope not in SCOPES:
+        raise ValueError(f"unknown API-key scope {scope!r}; one of {', '.join(SCOPES)}")
+    return scope
+
+
+def scope_allows(scope: str, needed: str) -> bool:
+    """Whether a key of `scope` may do what needs `needed` (unknown scopes: nothing)."""
+    return scope in SCOPES and SCOPES.index(scope) >= SCOPES.index(needed)
+
+
+@dataclass(frozen=True)
+class ActiveKey:
+    """What authentication needs of an active key (its hash, never the key)."""
+
+    key_sha256: str
+    collection: str
+    id: int
+    scope: str
+
+
+@dataclass(frozen=True)
+class ApiKeyInfo:
+    """What `advplugin db api-key list` shows: never the hash."""
+
+    id: int
+    collection: str
+    name: str
+    scope: str
+    created_at: datetime
+    revoked_at: datetime | None
 
 
 def hash_api_key(api_key: str) -> str:
@@ -22,25 +64,56 @@ def hash_api_key(api_key: str) -> str:
     return hashlib.sha256(api_key.encode()).hexdigest()
 
 
-class ApiKeyStore(Database):
-    def create_api_key(self, name: str = "default", *, collection: str = DEFAULT_COLLECTION) -> str:
+class ApiKeyStore(AuditLog):
+    def create_api_key(
+        self, name: str = "default", *, collection: str = DEFAULT_COLLECTION, scope: str = "admin",
+        actor: Actor = CLI,
+    ) -> str:
         """Create an API key for a collection; returns the key, which is stored only hashed
         (show it once, it cannot be recovered)."""
         api_key = secrets.token_urlsafe(32)
-        self.create_api_key_hash(hash_api_key(api_key), name, collection=collection)
+        self.create_api_key_hash(hash_api_key(api_key), name, collection=collection, scope=scope, actor=actor)
         return api_key
 
     def create_api_key_hash(
-        self, key_sha256: str, name: str = "default", *, collection: str = DEFAULT_COLLECTION
+        self, key_sha256: str, name: str = "default", *, collection: str = DEFAULT_COLLECTION,
+        scope: str = "admin", actor: Actor = CLI,
     ) -> None:
         """Register an API key chosen elsewhere (e.g. ADVPLUGIN_API_KEY) by its SHA-256."""
-        cid = self.collection_id(collection)
-        with self._write() as conn:
-            conn.execute(
+        check_scope(scope)
+        with self.transaction() as g:
+            cid = g.collection_id(collection)
+            g.connection.execute(
                 insert(ApiKey).values(
-                    collection_id=cid, name=name, key_sha256=key_sha256, created_at=utcnow()
+                    collection_id=cid, name=name, key_sha256=key_sha256, scope=scope, created_at=utcnow()
                 )
             )
+            g.record_audit(actor, "create_api_key", collection=collection, subject=f"{name} ({scope})")
+
+    def active_api_keys(self) -> list[ActiveKey]:
+        """Every active API key: hash, collection, row id and scope."""
+        q = (
+            select(ApiKey.key_sha256, Collection.name, ApiKey.id, ApiKey.scope)
+            .join(Collection, Collection.id == ApiKey.collection_id)
+            .where(ApiKey.revoked_at.is_(None))
+        )
+        with self._read() as conn:
+            return [ActiveKey(h, c, int(i), s) for h, c, i, s in conn.execute(q)]
+
+    def list_api_keys(self, *, collection: str | None = None) -> list[ApiKeyInfo]:
+        """Every key, revoked ones included, oldest first; never their hashes."""
+        q = (
+            select(ApiKey.id, Collection.name, ApiKey.name, ApiKey.scope, ApiKey.created_at, ApiKey.revoked_at)
+            .join(Collection, Collection.id == ApiKey.collection_id)
+            .order_by(ApiKey.id)
+        )
+        if collection is not None:
+            q = q.where(Collection.name == collection)
+        with self._read() as conn:
+            return [
+                ApiKeyInfo(int(i), c, n, s, as_utc(cr), as_utc(rv) if rv is not None else None)
+                for i, c, n, s, cr, rv in conn.execute(q)
+            ]
 
     def api_key_hashes(self) -> list[tuple[str, str]]:
         """(sha256 hex, collection name) of every active API key."""
@@ -52,13 +125,18 @@ class ApiKeyStore(Database):
         with self._read() as conn:
             return [(h, c) for h, c in conn.execute(q)]
 
-    def revoke_api_keys(self, name: str, *, collection: str = DEFAULT_COLLECTION) -> int:
+    def revoke_api_keys(
+        self, name: str, *, collection: str = DEFAULT_COLLECTION, actor: Actor = CLI
+    ) -> int:
         """Revoke every active key of that name in the collection; returns how many."""
-        cid = self.collection_id(collection)
-        with self._write() as conn:
-            result = conn.execute(
+        with self.transaction() as g:
+            cid = g.collection_id(collection)
+            result = g.connection.execute(
                 update(ApiKey)
                 .where(ApiKey.collection_id == cid, ApiKey.name == name, ApiKey.revoked_at.is_(None))
                 .values(revoked_at=utcnow())
             )
-        return int(result.rowcount or 0)
+            n = int(result.rowcount or 0)
+            if n:
+                g.record_audit(actor, "revoke_api_key", collection=collection, subject=name, template_count=None)
+        return n

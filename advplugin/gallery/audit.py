@@ -34,6 +34,10 @@ class Actor:
         return cls(actor="api-key", api_key_id=api_key_id)
 
 
+#: Changes made from the command line (`advplugin db ...`): no API key involved.
+CLI = Actor("cli")
+
+
 @dataclass(frozen=True)
 class AuditRecord:
     id: int
@@ -84,7 +88,7 @@ class AuditLog(Database):
             rows = conn.execute(q).all()
         return [
             AuditRecord(
-                id=int(r.id), created_at=_aware(r.created_at),
+                id=int(r.id), created_at=as_utc(r.created_at),
                 collection=r.collection_name or str(r.collection_id), actor=r.actor,
                 api_key_id=r.api_key_id, action=r.action, subject=r.subject,
                 template_count=r.template_count,
@@ -100,6 +104,6 @@ class AuditLog(Database):
             return int(conn.scalar(q) or 0)
 
 
-def _aware(value: datetime) -> datetime:
+def as_utc(value: datetime) -> datetime:
     """SQLite returns the stored UTC time without its zone: say it is UTC."""
     return value if value.tzinfo is not None else value.replace(tzinfo=UTC)

@@ -233,8 +233,10 @@ class Database:
                     cid = conn.scalar(
                         insert(Collection).values(name=name, created_at=utcnow()).returning(Collection.id)
                     )
-                    if self._conn is not None:
-                        return int(cid)  # not cached: the transaction may still roll back
+        if self._conn is not None:
+            # Not cached inside a transaction: the row may be its own uncommitted insert
+            # (found again by a second call in it), which a rollback would take back.
+            return int(cid)
         self._collections[name] = int(cid)
         return int(cid)
 

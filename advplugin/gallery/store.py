@@ -9,7 +9,10 @@ module, documented there, and can be depended on alone:
   replays (`last_change_seq`, `changes_since`, `key_ids_changed`), `Change`;
 * `advplugin.gallery.templates`: `TemplateRepository` (extends `ChangeLog`: every template
   write logs itself), `TemplateBatch`, `StoredTemplate`, `SubjectInfo`, `SubjectNotFound`;
-* `advplugin.gallery.apikeys`: `ApiKeyStore`, `hash_api_key`.
+* `advplugin.gallery.apikeys`: `ApiKeyStore` (extends `AuditLog`: key operations audit
+  themselves), `hash_api_key`, `SCOPES`;
+* `advplugin.gallery.audit`: `AuditLog` (`record_audit` in the caller's transaction,
+  `audit_events`), `Actor`.
 
 So an authentication component can be typed with `ApiKeyStore`, the index follower with
 `TemplateRepository` (template reads + the change log), and both receive the same `Gallery`.

@@ -4,6 +4,9 @@ Depends only on the gallery's API-key store. Keys are stored hashed; every store
 compared in constant time with no early exit, so timing reveals neither which key nor how
 much of one matched. The hashes are cached and re-read every few seconds, so revocations
 take effect within seconds without a query per request.
+
+`caller` says who the key is (collection, the key's row id for the audit trail, its scope);
+what a scope may do is decided by the route dependencies (`advplugin.service.deps`).
 """
 
 from __future__ import annotations
@@ -11,8 +14,9 @@ from __future__ import annotations
 import hmac
 import threading
 import time
+from typing import NamedTuple
 
-from advplugin.gallery.apikeys import ApiKeyStore, hash_api_key
+from advplugin.gallery.apikeys import ActiveKey, ApiKeyStore, hash_api_key
 
 #: Longest API key looked at: longer ones are refused without hashing (bounded input).
 MAX_API_KEY_LENGTH = 256
@@ -20,15 +24,28 @@ _RELOAD_EVERY = 5.0  # seconds: how stale a revocation may be
 _RELOAD_MISS_AFTER = 1.0  # seconds: an unknown key re-reads the store at most this often
 
 
+class Caller(NamedTuple):
+    """An authenticated request's key: its collection, row id (never the key) and scope."""
+
+    collection: str
+    api_key_id: int
+    scope: str
+
+
 class ApiKeyAuth:
     def __init__(self, store: ApiKeyStore) -> None:
         self.store = store
-        self._hashes: list[tuple[str, str]] = []
+        self._hashes: list[ActiveKey] = []
         self._loaded = 0.0
         self._lock = threading.Lock()
 
     def authenticate(self, api_key: str | None) -> str | None:
         """The collection of a valid API key, else None."""
+        caller = self.caller(api_key)
+        return caller.collection if caller is not None else None
+
+    def caller(self, api_key: str | None) -> Caller | None:
+        """Collection, key id and scope of a valid API key, else None."""
         if not api_key or len(api_key) > MAX_API_KEY_LENGTH:
             return None
         digest = hash_api_key(api_key).encode()
@@ -42,13 +59,13 @@ class ApiKeyAuth:
         return found
 
     def _reload(self) -> None:
-        hashes = self.store.api_key_hashes()
+        hashes = self.store.active_api_keys()
         with self._lock:
             self._hashes, self._loaded = hashes, time.monotonic()
 
-    def _match(self, digest: bytes) -> str | None:
+    def _match(self, digest: bytes) -> Caller | None:
         found = None
-        for stored, collection in self._hashes:
-            if hmac.compare_digest(stored.encode(), digest):
-                found = collection
+        for key in self._hashes:
+            if hmac.compare_digest(key.key_sha256.encode(), digest):
+                found = Caller(key.collection, key.id, key.scope)
         return found

@@ -13,11 +13,13 @@ from __future__ import annotations
 
 import logging
 import threading
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
 
+from advplugin.gallery.audit import Actor
 from advplugin.gallery.index import TemplateIndex
 from advplugin.gallery.matcher import Match, Matcher, ProbeSet
 from advplugin.gallery.store import Gallery
@@ -97,21 +99,30 @@ class CollectionService:
         extractor_version: str | None = None,
         image_sha256: Sequence[str | None] | None = None,
         images: Sequence[bytes | None] | None = None,
+        actor: Actor | None = None,
     ) -> list[int]:
-        """Store protected templates of the served scheme and key; searchable on return."""
+        """Store protected templates of the served scheme and key; searchable on return.
+        With `actor`, one audit event per subject commits in the same transaction."""
         p = self.protection
-        ids = self.gallery.add_templates(
-            subjects, templates, protection=p.expected,
-            extractor_name=p.extractor_name, extractor_version=extractor_version or p.extractor_version,
-            collection=collection, image_sha256=image_sha256, images=images,
-        )
+        with self.gallery.transaction() as g:
+            ids = g.add_templates(
+                subjects, templates, protection=p.expected,
+                extractor_name=p.extractor_name, extractor_version=extractor_version or p.extractor_version,
+                collection=collection, image_sha256=image_sha256, images=images,
+            )
+            if actor is not None:
+                for name, count in Counter(subjects).items():
+                    g.record_audit(actor, "enroll", collection=collection, subject=name, template_count=count)
         self._caught_up(collection)
         return ids
 
-    def delete_subject(self, collection: str, name: str) -> int:
+    def delete_subject(self, collection: str, name: str, *, actor: Actor | None = None) -> int:
         """Delete a subject and its templates (SubjectNotFound if absent); unsearchable on
-        return."""
-        n = self.gallery.delete_subject(name, collection=collection)
+        return. With `actor`, the audit event commits in the deletion's transaction."""
+        with self.gallery.transaction() as g:
+            n = g.delete_subject(name, collection=collection)
+            if actor is not None:
+                g.record_audit(actor, "delete_subject", collection=collection, subject=name, template_count=n)
         index = self.index(collection)
         index.catch_up()
         # Erasure (docs/sealed-storage.md): the snapshot that held the subject is rewritten

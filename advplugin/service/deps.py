@@ -1,11 +1,20 @@
-"""FastAPI dependencies (Annotated style): the running state and the caller's collection."""
+"""FastAPI dependencies (Annotated style): the running state, the caller's collection and
+what its key's scope allows.
+
+Scopes (`advplugin.gallery.apikeys.SCOPES`): every key may read and match (`CollectionName`,
+`IdentifyCaller`); enrolling and deleting need an `enrol` or `admin` key (`EnrolCaller`); the
+audit trail needs `admin` (`AdminCaller`). FastAPI resolves `get_caller` once per request,
+however many of these a route uses."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Annotated
 
 from fastapi import Depends, Header, Request
 
+from advplugin.gallery.apikeys import scope_allows
+from advplugin.service.auth import Caller
 from advplugin.service.errors import ServiceError
 from advplugin.service.state import ServiceState
 
@@ -17,15 +26,36 @@ def get_state(request: Request) -> ServiceState:
 State = Annotated[ServiceState, Depends(get_state)]
 
 
-def get_collection(
+def get_caller(
     state: State,
     x_api_key: Annotated[str | None, Header(description="API key of a collection")] = None,
-) -> str:
-    collection = state.auth.authenticate(x_api_key)
-    if collection is None:
+) -> Caller:
+    caller = state.auth.caller(x_api_key)
+    if caller is None:
         # Same answer for a missing and a wrong key; the key is never echoed.
         raise ServiceError(401, "unauthorized", "missing or invalid x-api-key header")
-    return collection
+    return caller
+
+
+IdentifyCaller = Annotated[Caller, Depends(get_caller)]
+
+
+def get_collection(caller: IdentifyCaller) -> str:
+    return caller.collection
 
 
 CollectionName = Annotated[str, Depends(get_collection)]
+
+
+def _require(needed: str) -> Callable[[Caller], Caller]:
+    def check(caller: IdentifyCaller) -> Caller:
+        if not scope_allows(caller.scope, needed):
+            # Names the scope needed, never the key (nor its id: the caller knows its key).
+            raise ServiceError(403, "forbidden", f"this API key's scope does not allow this: needs scope {needed!r}")
+        return caller
+
+    return check
+
+
+EnrolCaller = Annotated[Caller, Depends(_require("enrol"))]
+AdminCaller = Annotated[Caller, Depends(_require("admin"))]

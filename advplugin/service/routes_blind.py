@@ -15,7 +15,7 @@ from starlette.concurrency import run_in_threadpool
 
 from advplugin.he.wire import MEDIA_TYPE
 from advplugin.service.blind_service import BlindService
-from advplugin.service.deps import CollectionName, State
+from advplugin.service.deps import CollectionName, EnrolCaller, State
 from advplugin.service.errors import ServiceError
 from advplugin.service.schemas import ErrorResponse
 from advplugin.service.state import ServiceState
@@ -57,15 +57,16 @@ def params(state: State, collection: CollectionName) -> dict[str, Any]:
     return _blind(state).describe(collection)
 
 
-@router.post("/enroll", status_code=201, openapi_extra=_BINARY_BODY)
+@router.post("/enroll", status_code=201, openapi_extra=_BINARY_BODY, responses={403: {"model": ErrorResponse}})
 async def enroll(
-    request: Request, state: State, collection: CollectionName,
+    request: Request, state: State, caller: EnrolCaller,
 ) -> dict[str, Any]:
     """Enrol encrypted templates at the block and offset of `GET /blind/params` (409
-    `slot_conflict` when another enrolment took those slots first: re-read and retry)."""
+    `slot_conflict` when another enrolment took those slots first: re-read and retry).
+    Needs an `enrol` or `admin` key."""
     blind = _blind(state)
     body = await _body(request)
-    return await run_in_threadpool(blind.enroll, collection, body)
+    return await run_in_threadpool(blind.enroll, caller.collection, body)
 
 
 @router.post("/identify", responses=_BINARY_RESPONSE, response_class=Response, openapi_extra=_BINARY_BODY)

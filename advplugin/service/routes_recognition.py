@@ -9,11 +9,12 @@ import numpy as np
 from fastapi import APIRouter, File, Form, Query, UploadFile
 
 from advplugin.adapters import Detections
+from advplugin.gallery.audit import Actor
 from advplugin.gallery.matcher import ProbeSet
 from advplugin.gallery.store import SubjectNotFound
 from advplugin.images import ImageError
 from advplugin.protectors.base import validate_embeddings
-from advplugin.service.deps import CollectionName, State
+from advplugin.service.deps import CollectionName, EnrolCaller, State
 from advplugin.service.errors import ServiceError
 from advplugin.service.schemas import (
     Box,
@@ -35,6 +36,8 @@ from advplugin.service.schemas import (
 from advplugin.service.state import KeyView, ServiceState, image_sha256
 
 ERRORS = {s: {"model": ErrorResponse} for s in (401, 404, 413, 422, 503)}
+#: Enrolment routes need an `enrol` or `admin` key (`advplugin.service.deps`).
+FORBIDDEN = {403: {"model": ErrorResponse}}
 #: Image routes may also answer 429 (too many images in progress), with Retry-After.
 BUSY = {429: {"model": ErrorResponse, "headers": {"Retry-After": {
     "description": "seconds to wait before retrying", "schema": {"type": "integer"}}}}}
@@ -131,10 +134,10 @@ def _client_templates(state: ServiceState, protection: Protection, rows: list[li
 
 
 # -- images ----------------------------------------------------------------------------------------
-@router.post("/enroll", response_model=EnrollResponse, status_code=201, responses=BUSY)
+@router.post("/enroll", response_model=EnrollResponse, status_code=201, responses=BUSY | FORBIDDEN)
 def enroll(
     state: State,
-    collection: CollectionName,
+    caller: EnrolCaller,
     file: Annotated[UploadFile, File(description="image (JPEG, PNG, ...)")],
     subject: Annotated[SubjectName, Form(description="the person's name in this collection")],
     faces: Annotated[
@@ -142,6 +145,7 @@ def enroll(
     ] = "largest",
 ) -> EnrollResponse:
     """Enrol the face(s) of an image as protected templates of `subject` (created if new)."""
+    collection = caller.collection
     name = _check_subject(subject)
     data = _read_upload(state, file)
     # Enrolments use the current key only (during a rotation: the new key).
@@ -154,6 +158,7 @@ def enroll(
     ids = state.collections.enroll(
         collection, [name] * len(templates), templates, image_sha256=[digest] * len(templates),
         images=[data] * len(templates) if state.settings.store_images else None,
+        actor=Actor.api_key(caller.api_key_id),
     )
     return EnrollResponse(
         subject=name,
@@ -212,16 +217,17 @@ def verify(
 
 
 # -- protected templates (client-side protection) --------------------------------------------------
-@router.post("/enroll/templates", response_model=EnrollTemplatesResponse, status_code=201)
+@router.post("/enroll/templates", response_model=EnrollTemplatesResponse, status_code=201, responses=FORBIDDEN)
 def enroll_templates(
-    state: State, collection: CollectionName, body: EnrollTemplatesRequest
+    state: State, caller: EnrolCaller, body: EnrollTemplatesRequest
 ) -> EnrollTemplatesResponse:
     """Enrol templates protected on the client with the gallery's scheme and key (the
     service needs no key for this and never sees an image or a raw embedding)."""
     names = [_check_subject(it.subject) for it in body.items]
     templates = _client_templates(state, body.protection, [it.template for it in body.items])
     ids = state.collections.enroll(
-        collection, names, templates, extractor_version=body.protection.extractor_version
+        caller.collection, names, templates, extractor_version=body.protection.extractor_version,
+        actor=Actor.api_key(caller.api_key_id),
     )
     return EnrollTemplatesResponse(
         templates=[EnrolledItem(subject=n, template_id=i) for n, i in zip(names, ids, strict=True)]

@@ -6,8 +6,9 @@ from typing import Annotated
 
 from fastapi import APIRouter, Path, Query
 
+from advplugin.gallery.audit import Actor
 from advplugin.gallery.store import SubjectNotFound
-from advplugin.service.deps import CollectionName, State
+from advplugin.service.deps import CollectionName, EnrolCaller, State
 from advplugin.service.errors import ServiceError
 from advplugin.service.schemas import (
     DeleteSubjectResponse,
@@ -52,12 +53,13 @@ def get_subject(state: State, collection: CollectionName, name: NamePath) -> Sub
     return SubjectOut(subject=r.name, template_count=r.template_count, created_at=r.created_at)
 
 
-@router.delete("/{name:path}", response_model=DeleteSubjectResponse)
-def delete_subject(state: State, collection: CollectionName, name: NamePath) -> DeleteSubjectResponse:
-    """Delete the subject and every template of it. SQL commits first (with the change-log
-    rows), then the index applies them; after a crash in between, the restart replays them."""
+@router.delete("/{name:path}", response_model=DeleteSubjectResponse, responses={403: {"model": ErrorResponse}})
+def delete_subject(state: State, caller: EnrolCaller, name: NamePath) -> DeleteSubjectResponse:
+    """Delete the subject and every template of it (needs an `enrol` or `admin` key). SQL
+    commits first (with the change-log rows and the audit event), then the index applies
+    them; after a crash in between, the restart replays them."""
     try:
-        n = state.collections.delete_subject(collection, name)
+        n = state.collections.delete_subject(caller.collection, name, actor=Actor.api_key(caller.api_key_id))
     except SubjectNotFound as e:
         raise ServiceError(404, "unknown_subject", str(e)) from None
     return DeleteSubjectResponse(subject=name, deleted_templates=n)

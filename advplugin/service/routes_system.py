@@ -1,11 +1,16 @@
-"""/health (no key needed) and /status (what protects this gallery; never the key)."""
+"""/health (no key needed), /status (what protects this gallery; never the key) and /audit
+(the collection's audit trail; admin keys only)."""
 
 from __future__ import annotations
 
-from fastapi import APIRouter
+from typing import Annotated
 
-from advplugin.service.deps import CollectionName, State
+from fastapi import APIRouter, Query
+
+from advplugin.service.deps import AdminCaller, CollectionName, State
 from advplugin.service.schemas import (
+    AuditEventOut,
+    AuditPage,
     ErrorResponse,
     ExtractorOut,
     HealthResponse,
@@ -51,4 +56,29 @@ def status(state: State, collection: CollectionName) -> StatusResponse:
         template_count=template_count,
         index=IndexOut(kind=index.config.kind, size=index.size, last_change=index.last_seq),
         previous_key_id=previous, keys=keys,
+    )
+
+
+#: Pages beyond this are refused (422): page * size must fit the databases' 64-bit OFFSET.
+_MAX_PAGE = 2**31 - 1
+
+
+@router.get("/audit", response_model=AuditPage, responses={s: {"model": ErrorResponse} for s in (401, 403, 422)})
+def audit(
+    state: State,
+    caller: AdminCaller,
+    page: Annotated[int, Query(ge=0, le=_MAX_PAGE)] = 0,
+    size: Annotated[int, Query(ge=1, le=1000)] = 100,
+) -> AuditPage:
+    """The caller's collection's audit trail, oldest first: enrolments, deletions and API-key
+    operations, by whom (API-key id or tool) and when. Needs an `admin` key."""
+    g, c = state.gallery, caller.collection
+    rows = g.audit_events(collection=c, offset=page * size, limit=size)
+    return AuditPage(
+        events=[
+            AuditEventOut(id=r.id, created_at=r.created_at, actor=r.actor, api_key_id=r.api_key_id,
+                          action=r.action, subject=r.subject, template_count=r.template_count)
+            for r in rows
+        ],
+        page=page, size=size, total=g.count_audit_events(collection=c),
     )

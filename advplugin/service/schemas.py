@@ -132,6 +132,26 @@ class SubjectPage(BaseModel):
     total: int
 
 
+class AuditEventOut(BaseModel):
+    """One audit event: who (an API key by its id, or a tool such as `cli`), what, when;
+    never a vector, an image or a key."""
+
+    id: int
+    created_at: UtcDatetime
+    actor: str = Field(examples=["api-key"])
+    api_key_id: int | None
+    action: str = Field(examples=["enroll"])
+    subject: str | None
+    template_count: int | None
+
+
+class AuditPage(BaseModel):
+    events: list[AuditEventOut]
+    page: int
+    size: int
+    total: int
+
+
 class DeleteSubjectResponse(BaseModel):
     subject: str
     deleted_templates: int

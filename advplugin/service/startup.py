@@ -15,6 +15,7 @@ from collections.abc import Mapping
 from pathlib import Path
 
 from advplugin.gallery.apikeys import hash_api_key
+from advplugin.gallery.audit import Actor
 from advplugin.gallery.sealing import KeyProvider, LocalKeyProvider, MasterKeyError
 from advplugin.gallery.store import Gallery
 from advplugin.service.protection import ROTATION_DOC, ConfigurationError, Protection
@@ -182,9 +183,11 @@ def bootstrap_api_key(gallery: Gallery, settings: Settings) -> None:
     if gallery.api_key_hashes():
         return
     if settings.api_key is not None:
-        gallery.create_api_key_hash(hash_api_key(settings.api_key.get_secret_value()), "bootstrap")
+        gallery.create_api_key_hash(
+            hash_api_key(settings.api_key.get_secret_value()), "bootstrap", actor=Actor("service")
+        )
         return
-    api_key = gallery.create_api_key("bootstrap")
+    api_key = gallery.create_api_key("bootstrap", actor=Actor("service"))
     path = settings.data_dir / "api-key"
     if path.exists():
         path.unlink()
