@@ -124,9 +124,10 @@ class Matcher:
         the index's scores are final: no SQL and no vector read per identification."""
         n_cand = max(self.candidates, 5 * k)
         scores, ids, codes = self.index.search_subjects(probes, n_cand)
-        if not getattr(score, "matches_index", False):
+        ranked = getattr(score, "matches_index", False)  # the index's order is final
+        if not ranked:
             scores = self._rescore(probes, ids, score)
-        return [self._best(scores[p], ids[p], codes[p], k, threshold) for p in range(len(ids))]
+        return [self._best(scores[p], ids[p], codes[p], k, threshold, ranked) for p in range(len(ids))]
 
     def _rescore(self, probes: np.ndarray, ids: np.ndarray, score: ScoreFn) -> np.ndarray:
         """The scheme's own similarity of every candidate (-inf where it has vanished)."""
@@ -141,12 +142,18 @@ class Matcher:
         return out
 
     def _best(
-        self, scores: np.ndarray, ids: np.ndarray, codes: np.ndarray, k: int, threshold: float | None
+        self,
+        scores: np.ndarray,
+        ids: np.ndarray,
+        codes: np.ndarray,
+        k: int,
+        threshold: float | None,
+        ranked: bool = False,
     ) -> list[Match]:
         """`best_subjects` on arrays: each subject by its best template, best first. A walk
         down the ranked candidates that stops at the k-th subject (or the threshold): with
         k = 1 that is the first valid candidate, whatever the number of candidates."""
-        if len(scores) > 1 and not (scores[:-1] >= scores[1:]).all():  # re-scored: rank again
+        if not ranked and len(scores) > 1 and not (scores[:-1] >= scores[1:]).all():
             order = np.argsort(-scores, kind="stable")
             scores, ids, codes = scores[order], ids[order], codes[order]
         out: list[Match] = []

@@ -61,6 +61,8 @@ class SubjectMap:
     def codes(self, ids: np.ndarray) -> np.ndarray:
         """Subject codes of `ids` (any shape), -1 for ids it does not know (or -1 ids)."""
         ids = np.asarray(ids, np.int64)
+        if ids.size and ids.min() >= 0 and ids.max() < len(self._codes):
+            return self._codes[ids]  # the common case: every id in range, one gather
         known = (ids >= 0) & (ids < len(self._codes))
         out = np.full(ids.shape, _ABSENT, np.int32)
         out[known] = self._codes[ids[known]]
