@@ -127,7 +127,26 @@ class Matcher:
         ranked = getattr(score, "matches_index", False)  # the index's order is final
         if not ranked:
             scores = self._rescore(probes, ids, score)
+        elif k == 1:  # the usual question: the first usable candidate of each row, all rows at once
+            return self._top1(scores, ids, codes, threshold)
         return [self._best(scores[p], ids[p], codes[p], k, threshold, ranked) for p in range(len(ids))]
+
+    def _top1(
+        self, scores: np.ndarray, ids: np.ndarray, codes: np.ndarray, threshold: float | None
+    ) -> list[list[Match]]:
+        """`_best` with k = 1 on ranked rows, vectorised over the batch (rows are sorted, so
+        the first candidate that has a subject and passes the threshold is the answer)."""
+        usable = (codes >= 0) & np.isfinite(scores)
+        if threshold is not None:
+            usable &= scores >= threshold
+        first = usable.argmax(axis=1)
+        rows = np.arange(len(ids))
+        found = usable[rows, first]
+        return [
+            [Match(self.index.subject_name(int(codes[p, j])), float(scores[p, j]), int(ids[p, j]))]
+            if ok else []
+            for p, j, ok in zip(rows.tolist(), first.tolist(), found.tolist(), strict=True)
+        ]
 
     def _rescore(self, probes: np.ndarray, ids: np.ndarray, score: ScoreFn) -> np.ndarray:
         """The scheme's own similarity of every candidate (-inf where it has vanished)."""

@@ -138,3 +138,14 @@ def test_identify_while_subjects_are_deleted_never_fails(gallery: Gallery, two_k
     assert not errors
     remaining = {m.subject for r in matcher.identify(p1.protect(raw), k=20) for m in r}
     assert not remaining & {f"s{i}" for i in range(0, 20, 2)}
+
+
+def test_top1_of_a_batch_equals_the_first_of_the_ranked_walk(gallery: Gallery, two_keys) -> None:
+    raw, p1, _, index = two_keys
+    probes = p1.protect(raw + 0.5 * np.random.default_rng(2).normal(size=raw.shape).astype(np.float32))
+    matcher = Matcher(gallery, index, p1.score_fn)
+    for threshold in (None, 0.5, 2.0):
+        top1 = matcher.identify(probes, k=1, threshold=threshold)  # vectorised over the batch
+        walk = matcher.identify(probes, k=2, threshold=threshold)  # per-row walk
+        assert top1 == [w[:1] for w in walk]
+    assert matcher.identify(probes, k=1, threshold=2.0) == [[]] * len(probes)
