@@ -43,9 +43,8 @@ import numpy as np
 
 from advplugin.keys import Key
 from advplugin.protectors.base import (
-    Protector,
+    TrainedProtector,
     WeightsFile,
-    file_sha256,
     l2_normalize,
     register_scheme,
 )
@@ -75,18 +74,6 @@ class AdvFaceConfig:
             raise ValueError("advface refine_steps must be an integer from 0 to 100")
         if not 0 < float(self.refine_lr) <= 1:
             raise ValueError("advface refine_lr must be in (0, 1]")
-
-
-def weights_path(dim: int, override: str | None = None) -> Path:
-    if override is not None:
-        return Path(override)
-    if dim not in WEIGHTS:
-        have = ", ".join(f"{d} ({w.filename})" for d, w in WEIGHTS.items())
-        raise ValueError(
-            f"advface has no trained weights for dimension {dim}; weights exist for: {have}. "
-            "Train them with `python -m advplugin.training.advface`"
-        )
-    return WEIGHTS[dim].verified_path()
 
 
 @dataclass(frozen=True)
@@ -135,7 +122,7 @@ def load_weights(path: Path) -> tuple[NoiseGenerator, dict[str, np.ndarray], dic
 
 
 @register_scheme
-class AdvFaceProtector(Protector):
+class AdvFaceProtector(TrainedProtector):
     """Trained adversarial latent noise against face decoders (AdvFace), then a keyed transform."""
 
     scheme = "advface"
@@ -146,10 +133,11 @@ class AdvFaceProtector(Protector):
     config_class = AdvFaceConfig
     config: AdvFaceConfig
     weights = WEIGHTS
+    trainer = "advplugin train advface"
 
     def __init__(self, *, dim: int, key: Key | None, config: AdvFaceConfig | None = None) -> None:
         super().__init__(dim=dim, key=key, config=config)
-        self._weights = weights_path(dim, self.config.weights)
+        self._weights = self.weights_path(dim, self.config.weights)
         generator, _, record = load_weights(self._weights)
         if generator.layers[0][0].shape[0] != dim:
             raise ValueError(f"advface weights {self._weights.name} are not for dimension {dim}")
@@ -159,16 +147,6 @@ class AdvFaceProtector(Protector):
             # Per-template steps ignore the pairwise structure the generator keeps.
             self.accuracy_tolerance = 0.02  # type: ignore[misc]
 
-    @classmethod
-    def digest_options(cls, config: AdvFaceConfig) -> dict[str, object]:
-        # The weights *path* does not matter, their content does (`weights_sha256`).
-        return {k: v for k, v in super().digest_options(config).items() if k != "weights"}
-
-    @classmethod
-    def weights_sha256(cls, dim: int, config: AdvFaceConfig) -> str | None:
-        if config.weights is not None:
-            return file_sha256(Path(config.weights))
-        return super().weights_sha256(dim, config)
 
     @property
     def min_cosine(self) -> float:

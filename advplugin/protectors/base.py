@@ -290,6 +290,40 @@ class Protector(ABC):
         raise TypeError("protectors cannot be pickled: they hold a secret key")
 
 
+class TrainedProtector(Protector):
+    """A scheme with trained weights per input dimension (`weights`), which its config may
+    replace by a file of its own (a `weights` option holding a path, e.g. weights trained on
+    the deployment's embeddings). The path never enters the config digest; the file's
+    SHA-256 does, so galleries made with two weights files never mix."""
+
+    #: The command that trains weights, named in the error for a dimension without any.
+    trainer: ClassVar[str]
+
+    @classmethod
+    def weights_path(cls, dim: int, override: str | None = None) -> Path:
+        """The weights file to load: `override`, else the shipped file for `dim` (its
+        SHA-256 verified)."""
+        if override is not None:
+            return Path(override)
+        if dim not in cls.weights:
+            have = ", ".join(f"{d} ({w.filename})" for d, w in cls.weights.items())
+            raise ValueError(
+                f"{cls.scheme} has no trained weights for dimension {dim}; weights exist for: "
+                f"{have}. Train them with `{cls.trainer}`"
+            )
+        return cls.weights[dim].verified_path()
+
+    @classmethod
+    def digest_options(cls, config: Any) -> dict[str, object]:
+        return {k: v for k, v in super().digest_options(config).items() if k != "weights"}
+
+    @classmethod
+    def weights_sha256(cls, dim: int, config: Any) -> str | None:
+        if getattr(config, "weights", None) is not None:
+            return file_sha256(Path(config.weights))
+        return super().weights_sha256(dim, config)
+
+
 @dataclass(frozen=True)
 class SchemeInfo:
     """A registered scheme's metadata, read without a key or weights being loaded: like

@@ -39,8 +39,8 @@ from advplugin.keys import Key
 from advplugin.protectors.base import (
     KeyRotation,
     Protector,
+    TrainedProtector,
     WeightsFile,
-    file_sha256,
     l2_normalize,
     register_scheme,
 )
@@ -114,20 +114,8 @@ def load_weights(path: Path) -> tuple[XNNDNets, dict[str, object]]:
     return nets, record
 
 
-def weights_path(dim: int, override: str | None = None) -> Path:
-    if override is not None:
-        return Path(override)
-    if dim not in WEIGHTS:
-        have = ", ".join(f"{d} ({w.filename})" for d, w in WEIGHTS.items())
-        raise ValueError(
-            f"xnn-d has no trained weights for dimension {dim}; weights exist for: {have}. "
-            "Train them with `python -m advplugin.training.xnnd --embeddings RAW.npz`"
-        )
-    return WEIGHTS[dim].verified_path()
-
-
 @register_scheme
-class XNNDProtector(Protector):
+class XNNDProtector(TrainedProtector):
     """Generative adversarial noise + distilled matcher (XNN-d), then a keyed transform."""
 
     scheme = "xnn-d"
@@ -137,26 +125,17 @@ class XNNDProtector(Protector):
     config_class = XNNDConfig
     config: XNNDConfig
     weights = WEIGHTS
+    trainer = "advplugin train xnn-d --embeddings RAW.npz"
 
     def __init__(self, *, dim: int, key: Key | None, config: XNNDConfig | None = None) -> None:
         super().__init__(dim=dim, key=key, config=config)
-        self._weights = weights_path(dim, self.config.weights)
+        self._weights = self.weights_path(dim, self.config.weights)
         nets, record = load_weights(self._weights)
         if nets.dim != dim or nets.output_dim != dim:
             raise ValueError(f"xnn-d weights {self._weights.name} are not for dimension {dim}")
         self.nets = nets
         self.record = record
 
-    @classmethod
-    def digest_options(cls, config: XNNDConfig) -> dict[str, object]:
-        # The weights *path* does not matter, their content does (`weights_sha256`).
-        return {k: v for k, v in super().digest_options(config).items() if k != "weights"}
-
-    @classmethod
-    def weights_sha256(cls, dim: int, config: XNNDConfig) -> str | None:
-        if config.weights is not None:
-            return file_sha256(Path(config.weights))
-        return super().weights_sha256(dim, config)
 
     @cached_property
     def _keyed(self) -> XNNProtector:

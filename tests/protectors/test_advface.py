@@ -12,7 +12,7 @@ from advplugin.evaluation.data import identity_in_test
 from advplugin.evaluation.pairs_report import cosine_scores
 from advplugin.keys import Key
 from advplugin.protectors import create_protector
-from advplugin.protectors.advface import AdvFaceProtector, load_weights, weights_path
+from advplugin.protectors.advface import AdvFaceProtector, load_weights
 
 DIM = 128
 
@@ -89,7 +89,7 @@ def test_disrupts_the_shadow_decoder_more_than_random_noise(key: Key, heldout: n
     from advplugin.nets.advface import shadow_decoder
     from advplugin.training.advface import disruption, random_noise_at
 
-    generator, state, record = load_weights(weights_path(DIM))
+    generator, state, record = load_weights(AdvFaceProtector.weights_path(DIM))
     decoder = shadow_decoder(state, record)
     u = unit(heldout[:200])
     _, angle = generator.direction_and_angle(u)
@@ -104,7 +104,7 @@ def test_refinement_increases_disruption_within_budget(key: Key, heldout: np.nda
     from advplugin.nets.advface import shadow_decoder
     from advplugin.training.advface import disruption
 
-    _, state, record = load_weights(weights_path(DIM))
+    _, state, record = load_weights(AdvFaceProtector.weights_path(DIM))
     decoder = shadow_decoder(state, record)
     plain = create_protector("advface", key=key, dim=DIM, transform="none")
     refined = create_protector("advface", key=key, dim=DIM, transform="none", refine_steps=5)

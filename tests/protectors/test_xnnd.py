@@ -138,9 +138,9 @@ def test_altered_shipped_weights_are_refused(monkeypatch: pytest.MonkeyPatch) ->
     from advplugin.protectors import xnnd
 
     bad = {DIM: xnnd.WeightsFile(WEIGHTS[DIM].filename, "0" * 64)}
-    monkeypatch.setattr(xnnd, "WEIGHTS", bad)
+    monkeypatch.setattr(xnnd.XNNDProtector, "weights", bad)
     with pytest.raises(ValueError, match="SHA-256"):
-        xnnd.weights_path(DIM)
+        xnnd.XNNDProtector.weights_path(DIM)
 
 
 def test_runtime_does_not_import_torch() -> None:
