@@ -26,6 +26,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from advplugin.bulk.pipeline import _progress
+from advplugin.gallery.audit import CLI
 from advplugin.gallery.store import Gallery
 from advplugin.keys import Key
 from advplugin.protectors import KeyRotation, create_protector
@@ -105,15 +106,16 @@ def rotate_key(
     progress: bool = False,
     on_chunk: Callable[[int, int], None] | None = None,
 ) -> RotationResult:
-    """Re-key every template under `old` to `new`, chunk by chunk, each chunk atomic."""
+    """Re-key every template under `old` to `new`, chunk by chunk and collection by
+    collection, each chunk atomic together with its `rotate_key` audit event."""
     plan, already_new = plan_rotation(gallery, old, new)
     start = time.perf_counter()
     rotated = chunks = 0
     total = sum(g.count for g in plan)
     with _progress(total, 0, "rotate", progress) as bar:
-        for group in plan:
+        for group, collection in ((g, c) for g in plan for c in gallery.collections()):
             batches = gallery.iter_templates(
-                collection=None, key_id=old.key_id, scheme=group.scheme, chunk_size=chunk_size
+                collection=collection, key_id=old.key_id, scheme=group.scheme, chunk_size=chunk_size
             )
             for batch in batches:
                 same = np.array(batch.scheme_version) == group.scheme_version
@@ -121,7 +123,10 @@ def rotate_key(
                 if not len(ids):
                     continue
                 templates = group.rotation.apply(batch.vectors[same])
-                gallery.replace_templates(ids, templates, key_id=new.key_id, from_key_id=old.key_id)
+                # The chunk and its audit event commit together (or neither, if interrupted).
+                with gallery.transaction() as g:
+                    g.replace_templates(ids, templates, key_id=new.key_id, from_key_id=old.key_id)
+                    g.record_audit(CLI, "rotate_key", collection=collection, template_count=len(ids))
                 rotated += len(ids)
                 chunks += 1
                 bar.update(len(ids))  # type: ignore[attr-defined]

@@ -162,3 +162,27 @@ def test_scheme_that_cannot_be_rekeyed_is_refused_with_what_to_do(
             plan_rotation(gallery, k2, k2)
     finally:
         gallery.close()
+
+
+def test_rotation_is_audited_per_collection_and_chunk(tmp_path) -> None:
+    from advplugin.keys import Key
+    from tests.conftest import env_master_key
+
+    k1, k2 = Key.generate(), Key.generate()
+    p1 = create_protector("xnn", key=k1, dim=16)
+    rng = np.random.default_rng(0)
+    gallery = Gallery.open(f"sqlite:///{tmp_path / 'g.db'}", upgrade=True, master_key=env_master_key())
+    try:
+        for collection, n in (("default", 5), ("other", 3)):
+            gallery.add_templates(
+                [f"s{i}" for i in range(n)], p1.protect(rng.normal(size=(n, 16)).astype(np.float32)),
+                protection=p1.metadata, extractor_name="t", extractor_version="1", collection=collection,
+            )  # fmt: skip
+        result = rotate_key(gallery, k1, k2, chunk_size=4)
+        events = [e for e in gallery.audit_events() if e.action == "rotate_key"]
+        assert result.rotated == 8 and result.chunks == 3  # default: 4 + 1, other: 3
+        assert [(e.collection, e.template_count, e.actor) for e in events] == [
+            ("default", 4, "cli"), ("default", 1, "cli"), ("other", 3, "cli"),
+        ]
+    finally:
+        gallery.close()
