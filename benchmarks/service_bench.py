@@ -43,20 +43,9 @@ from advplugin.keys import load_key, write_key
 from advplugin.protectors import create_protector
 from advplugin.protectors.base import l2_normalize
 
-REPO = Path(__file__).resolve().parents[1]
-FACE_DATA = Path(os.environ.get("ADVPLUGIN_FACE_DATA", REPO.parent / "shared" / "data"))
-
-
-def table(title: str, header: list[str], rows: list[list[object]]) -> None:
-    print(f"\n## {title}\n")
-    print("| " + " | ".join(header) + " |")
-    print("|" + "---|" * len(header))
-    for r in rows:
-        print("| " + " | ".join(f"{v:.3g}" if isinstance(v, float) else str(v) for v in r) + " |")
-
-
-def pct(values: list[float], q: float) -> float:
-    return float(np.percentile(values, q)) * 1000
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import FACE_DATA, table
+from common import ms as pct
 
 
 def first_vs_rest(identity: np.ndarray, path: np.ndarray) -> tuple[list[int], list[int]]:

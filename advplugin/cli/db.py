@@ -115,8 +115,7 @@ def _settings(args: argparse.Namespace):  # type: ignore[no-untyped-def]
     extra = {}
     if getattr(args, "master_key_file", None):
         extra["master_key_file"] = Path(args.master_key_file)
-    settings = Settings(**extra)
-    return settings
+    return Settings(**extra)
 
 
 def _url(args: argparse.Namespace) -> str:
@@ -129,7 +128,7 @@ def _url(args: argparse.Namespace) -> str:
     return settings.resolved_database_url
 
 
-def open_gallery(url: str, *, upgrade: bool = False, seal_new: bool = True, args: argparse.Namespace | None = None) -> Gallery:
+def open_gallery(url: str, *, upgrade: bool = False, seal_new: bool = True) -> Gallery:
     """A gallery for a command that reads or writes vectors: unlocked with the master key of
     the settings when sealed, sealed when new (as the service does). Configuration errors
     become ValueError: one clear line from the CLI, no traceback."""
@@ -139,7 +138,7 @@ def open_gallery(url: str, *, upgrade: bool = False, seal_new: bool = True, args
 
     gallery = Gallery.open(url, upgrade=upgrade)
     try:
-        unlock_gallery(gallery, _settings(args) if args is not None else _settings(argparse.Namespace()), seal_new=seal_new)
+        unlock_gallery(gallery, _settings(argparse.Namespace()), seal_new=seal_new)
     except ConfigurationError as e:
         gallery.close()
         raise ValueError(str(e)) from None
@@ -279,7 +278,7 @@ def run_rewrap(args: argparse.Namespace) -> int:
         raise ValueError("--chunk-size must be positive")
     new_path = Path(args.new_master_key)
     try:
-        new = LocalKeyProvider.from_file(new_path, create=not new_path.exists())
+        new = LocalKeyProvider.from_file(new_path, create=True)
     except MasterKeyError as e:
         raise ValueError(str(e)) from None
     url = _url(args)

@@ -223,6 +223,3 @@ class BlindStore:
                 [str(r[3]) for r in rs],
             )
         return out
-
-    def count(self, collection: str) -> int:
-        return self.layout_stamp(collection)[0]

@@ -122,7 +122,7 @@ def _subject_ad_head(collection_id: int) -> bytes:
 
 def subject_key_ad(collection_id: int, name: str, serial: int) -> bytes:
     """What a sealed subject key is bound to: its collection, its subject's name and the data
-    key serial. Equal to `subject_key_ad(collection_id, name, serial)`,
+    key serial. Equal to `associated_data("subject-key/v1", collection_id, name, serial)`,
     built from cached parts (it runs once per subject on a cold read)."""
     b = name.encode()
     return _subject_ad_head(collection_id) + _SERIAL.pack(len(b)) + b + _part(serial)
@@ -273,10 +273,12 @@ class Sealer:
     # subject keys
     def new_subject_key(self, collection_id: int, name: str) -> bytes:
         """A fresh subject key, sealed under the current gallery key (what the row stores)."""
+        return self._seal_subject_key(collection_id, name, new_data_key())
+
+    def _seal_subject_key(self, collection_id: int, name: str, raw: bytes) -> bytes:
         nonce = secrets.token_bytes(NONCE_BYTES)
         ad = subject_key_ad(collection_id, name, self.current)
-        ct = self._gallery[self.current].encrypt(nonce, new_data_key(), ad)
-        return _SERIAL.pack(self.current) + nonce + ct
+        return _SERIAL.pack(self.current) + nonce + self._gallery[self.current].encrypt(nonce, raw, ad)
 
     @staticmethod
     def subject_key_serial(sealed: bytes) -> int:
@@ -315,9 +317,7 @@ class Sealer:
     def rewrap_subject_key(self, collection_id: int, name: str, sealed: bytes) -> bytes:
         """The same subject key sealed under the current gallery key (re-keying the gallery)."""
         raw = self._unwrap_subject_key(collection_id, name, sealed)
-        nonce = secrets.token_bytes(NONCE_BYTES)
-        ad = subject_key_ad(collection_id, name, self.current)
-        return _SERIAL.pack(self.current) + nonce + self._gallery[self.current].encrypt(nonce, raw, ad)
+        return self._seal_subject_key(collection_id, name, raw)
 
     # template vectors
     @staticmethod

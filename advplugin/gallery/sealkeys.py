@@ -155,12 +155,7 @@ class GalleryKeys(Database):
         """What index snapshots are sealed with: None for an unsealed gallery; raises when
         the gallery is sealed and locked (a snapshot must never be written in plaintext)."""
         with self._read() as conn:
-            self._refresh(conn)
-        if not self._seal.sealed:
-            return None
-        if self._seal.sealer is None:
-            raise self._locked()
-        return self._seal.sealer
+            return self._write_sealer(conn)
 
     # -- unlocking and sealing -------------------------------------------------------------------
     def unlock(self, provider: KeyProvider, *, seal_if_empty: bool = True) -> SealInfo:
@@ -232,7 +227,6 @@ class GalleryKeys(Database):
         """Start moving every subject key to a NEW gallery data key (resumable with
         `rekey_subjects`); returns the new key's serial. Idempotent while one is running."""
         with self._write() as conn:
-            self._refresh(conn)
             sealer = self._write_sealer(conn)
             if sealer is None:
                 raise MasterKeyError(f"gallery {self._where()} is not sealed; run `advplugin db seal` first")
@@ -273,7 +267,6 @@ class GalleryKeys(Database):
                     conn.execute(delete(SealingKey).where(SealingKey.serial != current))
             if not rows:
                 with self._read() as conn:
-                    self._seal.sealer = None
                     self._refresh(conn)
                 return
             yield len(rows)

@@ -139,8 +139,11 @@ class BlindKey:
     def _fingerprint(self) -> str:
         # A one-way commitment to the secret key (never the key): requests carry it so the
         # server can refuse ciphertexts under another key, which it cannot detect otherwise.
-        blob = self._ctx.serialize(save_secret_key=True, save_galois_keys=False, save_relin_keys=False)
-        return hashlib.sha256(b"advplugin/he-key-id/" + blob).hexdigest()[:16]
+        return hashlib.sha256(b"advplugin/he-key-id/" + self._secret_blob()).hexdigest()[:16]
+
+    def _secret_blob(self) -> bytes:
+        """The context with its secret key: the one place it is ever serialised."""
+        return self._ctx.serialize(save_secret_key=True, save_galois_keys=False, save_relin_keys=False)
 
     @classmethod
     def generate(cls, params: HEParams = DEFAULT_PARAMS) -> BlindKey:
@@ -148,7 +151,7 @@ class BlindKey:
 
     def save(self, path: str | os.PathLike[str]) -> None:
         """Write the key file with mode 0600, created exclusively (never overwrites)."""
-        blob = self._ctx.serialize(save_secret_key=True, save_galois_keys=False, save_relin_keys=False)
+        blob = self._secret_blob()
         data = pack({"kind": _KEY_KIND, "key_id": self.key_id, "params": self.params.as_dict()}, [blob])
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         with os.fdopen(fd, "wb") as f:

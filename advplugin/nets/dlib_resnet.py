@@ -106,37 +106,6 @@ def resnet_structure(net: DlibNet) -> Structure:
     return structure
 
 
-def describe(structure: Structure) -> list[str]:
-    """One line per stage, for reports and the docs: e.g. '3 x residual (3x3/1) 32'."""
-    conv, _, pool = structure.stem
-    lines = [
-        f"conv {conv.weight.shape[0]} {conv.weight.shape[2]}x{conv.weight.shape[3]} "
-        f"stride {conv.stride[0]} pad {conv.padding[0]}, affine, relu, "
-        f"max_pool {pool.window[0]}x{pool.window[1]} stride {pool.stride[0]} pad {pool.padding[0]}"
-    ]
-    # Consecutive identical blocks as one line; a down-sampling block always on its own.
-    runs: list[tuple[int, bool, int]] = []
-    for b in structure.blocks:
-        width, down = int(b.conv1.weight.shape[0]), b.down is not None
-        if runs and runs[-1][:2] == (width, down) and not down:
-            runs[-1] = (width, down, runs[-1][2] + 1)
-        else:
-            runs.append((width, down, 1))
-    for width, down, n in runs:
-        kind = (
-            "residual_down (3x3/2, shortcut avg_pool 2x2/2, zero-padded add)"
-            if down
-            else "residual (3x3/1)"
-        )
-        lines.append(f"{n} x {kind} {width}")
-    pool, dense = structure.head
-    lines.append(
-        f"avg_pool_everything, fc {dense.weight.shape[0]}->{dense.weight.shape[1]}"
-        f" {'with' if dense.bias is not None else 'no'} bias"
-    )
-    return lines
-
-
 def _folded(conv: Conv, affine: Affine) -> nn.Conv2d:
     """conv followed by affine as one convolution: w * gamma, b * gamma + beta."""
     out_c, in_c, kh, kw = conv.weight.shape
@@ -190,7 +159,6 @@ class DlibResNet(nn.Module):
     def __init__(self, net: DlibNet) -> None:
         super().__init__()
         structure = resnet_structure(net)
-        self.structure_lines = describe(structure)
         self.input_size = net.input_size
         conv, affine, pool = structure.stem
         self.register_buffer("mean", torch.from_numpy(net.mean_rgb.reshape(1, 3, 1, 1).copy()))

@@ -247,12 +247,16 @@ class Protector(ABC):
             config_digest=self._config_digest,
         )
 
+    @classmethod
+    def digest_for(cls, dim: int, config: Any) -> str:
+        """The config digest of templates this scheme makes at `dim` with `config`."""
+        return config_digest(
+            cls.scheme, cls.scheme_version, cls.digest_options(config), cls.weights_sha256(dim, config)
+        )
+
     @cached_property
     def _config_digest(self) -> str:
-        return config_digest(
-            self.scheme, self.scheme_version, self.digest_options(self.config),
-            self.weights_sha256(self.dim, self.config),
-        )
+        return self.digest_for(self.dim, self.config)
 
     def protect(self, raw: np.ndarray) -> np.ndarray:
         """Raw embeddings [N, dim] -> protected templates [N, output_dim] float32."""
@@ -363,11 +367,7 @@ class SchemeInfo:
         return self.dims is None or dim in self.dims
 
     def config_digest(self, dim: int, **options: object) -> str:
-        cfg = self.protector.make_config(**options)
-        p = self.protector
-        return config_digest(
-            self.name, self.version, p.digest_options(cfg), p.weights_sha256(dim, cfg)
-        )
+        return self.protector.digest_for(dim, self.protector.make_config(**options))
 
     def output_dim(self, dim: int, **options: object) -> int:
         return self.protector.output_dim_for(dim, self.protector.make_config(**options))

@@ -39,11 +39,6 @@ class ApiKeyAuth:
         self._loaded = 0.0
         self._lock = threading.Lock()
 
-    def authenticate(self, api_key: str | None) -> str | None:
-        """The collection of a valid API key, else None."""
-        caller = self.caller(api_key)
-        return caller.collection if caller is not None else None
-
     def caller(self, api_key: str | None) -> Caller | None:
         """Collection, key id and scope of a valid API key, else None."""
         if not api_key or len(api_key) > MAX_API_KEY_LENGTH:

@@ -123,12 +123,11 @@ class CollectionService:
             n = g.delete_subject(name, collection=collection)
             if actor is not None:
                 g.record_audit(actor, "delete_subject", collection=collection, subject=name, template_count=n)
-        index = self.index(collection)
-        index.catch_up()
+        self._caught_up(collection)
         # Erasure (docs/sealed-storage.md): the snapshot that held the subject is rewritten
         # now (overwriting the old file), and SQLite's WAL, whose older frames still hold
         # the deleted rows, is checkpointed into the (secure-delete, zeroed) database.
-        index.save()
+        self.index(collection).save()
         self.gallery.checkpoint()
         return n
 

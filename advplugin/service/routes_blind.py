@@ -17,7 +17,7 @@ from advplugin.he.wire import MEDIA_TYPE
 from advplugin.service.blind_service import BlindService
 from advplugin.service.deps import CollectionName, EnrolCaller, State
 from advplugin.service.errors import ServiceError
-from advplugin.service.schemas import ErrorResponse
+from advplugin.service.schemas import FORBIDDEN, ErrorResponse
 from advplugin.service.state import ServiceState
 
 router = APIRouter(
@@ -57,7 +57,7 @@ def params(state: State, collection: CollectionName) -> dict[str, Any]:
     return _blind(state).describe(collection)
 
 
-@router.post("/enroll", status_code=201, openapi_extra=_BINARY_BODY, responses={403: {"model": ErrorResponse}})
+@router.post("/enroll", status_code=201, openapi_extra=_BINARY_BODY, responses=FORBIDDEN)
 async def enroll(
     request: Request, state: State, caller: EnrolCaller,
 ) -> dict[str, Any]:

@@ -17,6 +17,7 @@ from advplugin.protectors.base import validate_embeddings
 from advplugin.service.deps import CollectionName, EnrolCaller, State
 from advplugin.service.errors import ServiceError
 from advplugin.service.schemas import (
+    FORBIDDEN,
     Box,
     EnrolledItem,
     EnrolledTemplate,
@@ -37,7 +38,6 @@ from advplugin.service.state import KeyView, ServiceState, image_sha256
 
 ERRORS = {s: {"model": ErrorResponse} for s in (401, 404, 413, 422, 503)}
 #: Enrolment routes need an `enrol` or `admin` key (`advplugin.service.deps`).
-FORBIDDEN = {403: {"model": ErrorResponse}}
 #: Image routes may also answer 429 (too many images in progress), with Retry-After.
 BUSY = {429: {"model": ErrorResponse, "headers": {"Retry-After": {
     "description": "seconds to wait before retrying", "schema": {"type": "integer"}}}}}

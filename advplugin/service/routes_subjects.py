@@ -11,6 +11,8 @@ from advplugin.gallery.store import SubjectNotFound
 from advplugin.service.deps import CollectionName, EnrolCaller, State
 from advplugin.service.errors import ServiceError
 from advplugin.service.schemas import (
+    FORBIDDEN,
+    MAX_PAGE,
     DeleteSubjectResponse,
     ErrorResponse,
     SubjectName,
@@ -21,8 +23,6 @@ from advplugin.service.schemas import (
 #: `{name:path}`: a subject named `a/b` (or `../x`), which /enroll accepts, is reached with
 #: its `/` percent-encoded or not; with a plain `{name}` it could never be read or erased.
 NamePath = Annotated[SubjectName, Path(description="the subject's name (`/` may be percent-encoded)")]
-#: Pages beyond this are refused (422): page * size must fit the databases' 64-bit OFFSET.
-MAX_PAGE = 2**31 - 1
 
 router = APIRouter(
     prefix="/subjects", tags=["subjects"],
@@ -53,7 +53,7 @@ def get_subject(state: State, collection: CollectionName, name: NamePath) -> Sub
     return SubjectOut(subject=r.name, template_count=r.template_count, created_at=r.created_at)
 
 
-@router.delete("/{name:path}", response_model=DeleteSubjectResponse, responses={403: {"model": ErrorResponse}})
+@router.delete("/{name:path}", response_model=DeleteSubjectResponse, responses=FORBIDDEN)
 def delete_subject(state: State, caller: EnrolCaller, name: NamePath) -> DeleteSubjectResponse:
     """Delete the subject and every template of it (needs an `enrol` or `admin` key). SQL
     commits first (with the change-log rows and the audit event), then the index applies

@@ -9,6 +9,7 @@ from fastapi import APIRouter, Query
 
 from advplugin.service.deps import AdminCaller, CollectionName, State
 from advplugin.service.schemas import (
+    MAX_PAGE,
     AuditEventOut,
     AuditPage,
     ErrorResponse,
@@ -60,14 +61,13 @@ def status(state: State, collection: CollectionName) -> StatusResponse:
 
 
 #: Pages beyond this are refused (422): page * size must fit the databases' 64-bit OFFSET.
-_MAX_PAGE = 2**31 - 1
 
 
 @router.get("/audit", response_model=AuditPage, responses={s: {"model": ErrorResponse} for s in (401, 403, 422)})
 def audit(
     state: State,
     caller: AdminCaller,
-    page: Annotated[int, Query(ge=0, le=_MAX_PAGE)] = 0,
+    page: Annotated[int, Query(ge=0, le=MAX_PAGE)] = 0,
     size: Annotated[int, Query(ge=1, le=1000)] = 100,
 ) -> AuditPage:
     """The caller's collection's audit trail, oldest first: enrolments, deletions and API-key

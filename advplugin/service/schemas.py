@@ -57,6 +57,12 @@ class ErrorResponse(BaseModel):
     error: ErrorBody
 
 
+#: OpenAPI entry of a route a key's scope may be refused (403 `forbidden`).
+FORBIDDEN = {403: {"model": ErrorResponse}}
+#: Pages beyond this are refused (422): page * size must fit the databases' 64-bit OFFSET.
+MAX_PAGE = 2**31 - 1
+
+
 class Box(BaseModel):
     x_min: int
     y_min: int

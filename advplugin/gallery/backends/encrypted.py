@@ -89,11 +89,6 @@ class EncryptedIndex:
         with self._lock:
             return sum(len(b.slots) for b in self._layout.values())
 
-    @property
-    def n_blocks(self) -> int:
-        with self._lock:
-            return len(self._blocks)
-
     def search(self, probe: list[ts.CKKSVector] | np.ndarray) -> EncryptedHits:
         """Encrypted scores of every block with live templates (a block whose templates were
         all deleted is skipped: its scores would tell the client nothing)."""
