@@ -76,8 +76,10 @@ def test_report_holds_no_vectors_and_no_key(
     index = {str(p): i for i, p in enumerate(lfw_cache["path"])}
     for rel in list_images(small_split["test"]).path[:5]:
         vector = lfw_cache["embedding"][index[str(rel)]]
-        for value in vector[:8]:
-            assert f"{value:.6f}"[:8] not in text
+        # A leaked vector shows all of its values; one 8-character prefix alone can match a
+        # full-precision number of the report by chance (seen once: a histogram bin edge).
+        found = [f"{value:.6f}"[:8] for value in vector[:8] if f"{value:.6f}"[:8] in text]
+        assert len(found) <= 1, found
     key = quick_report["key"]
     assert base64.b64encode(key.secret).decode() not in text
     assert key.key_id in text  # the report names the key by its id only
