@@ -84,6 +84,11 @@ class Settings(BaseSettings):
     #: ADVPLUGIN_MASTER_KEY (then no file is read or made).
     master_key_file: Path | None = Field(None, description="default: <data_dir>/../master.key")
     master_key: SecretStr | None = Field(None, description="base64 master key (instead of a file)")
+    #: Erasure keys (docs/sealed-storage.md, "Erasure"): one per subject, held OUTSIDE the
+    #: database, shredded when the subject is deleted, so copies of the database made before
+    #: (dumps, backups) lose the subject too. A file path (SQLite, made 0600) or a SQLAlchemy
+    #: URL (replicas share one: a small database of its own, not backed up with the gallery).
+    erasure_key_store: str | None = Field(None, description="default: <master key folder>/erasure-keys.db")
 
     #: "images": the service holds the key, extracts and protects uploads. "templates": it
     #: holds no key and accepts only templates protected on the client side. "blind": it holds
@@ -152,6 +157,10 @@ class Settings(BaseSettings):
     @property
     def resolved_master_key_file(self) -> Path:
         return self.master_key_file or self.data_dir.absolute().parent / "master.key"
+
+    @property
+    def resolved_erasure_key_store(self) -> str:
+        return self.erasure_key_store or str(self.resolved_master_key_file.absolute().parent / "erasure-keys.db")
 
     @property
     def resolved_index_dir(self) -> Path:

@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from advplugin.gallery.erasure import ErasureKeyStore
 from advplugin.gallery.sealing import LocalKeyProvider
 from advplugin.keys import Key
 
@@ -64,6 +65,12 @@ def master_key_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 def env_master_key() -> LocalKeyProvider:
     """The master key the current test's services and commands use (created if missing)."""
     return LocalKeyProvider.from_file(os.environ["ADVPLUGIN_MASTER_KEY_FILE"], create=True)
+
+
+def env_erasure_store() -> ErasureKeyStore:
+    """The erasure key store the current test's services and commands use: the default,
+    beside the master key file."""
+    return ErasureKeyStore.open(Path(os.environ["ADVPLUGIN_MASTER_KEY_FILE"]).parent / "erasure-keys.db")
 
 
 @pytest.fixture(scope="session")

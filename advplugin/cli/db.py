@@ -84,13 +84,24 @@ def register(sub: argparse._SubParsersAction) -> None:
     se = dbsub.add_parser(
         "seal", help="encrypt an unsealed gallery in place (chunked, resumable: rerun to continue)",
         description="Creates the gallery's data key (wrapped by the master key, made 0600 "
-        "when missing) and seals every plaintext template, one transaction per chunk. Stop "
-        "or restart services that write without the master key first.",
+        "when missing) and seals every plaintext template, one transaction per chunk; then "
+        "gives every subject sealed without an erasure key a new subject key with one (its "
+        "templates re-sealed), so deleting it shreds it in every copy. Stop or restart "
+        "services that write without the master key first.",
     )
     se.add_argument("--database-url", help=DB_HELP)
     se.add_argument("--master-key-file", help=MASTER_HELP)
     se.add_argument("--chunk-size", type=int, default=10_000, help="templates per transaction")
     se.set_defaults(func=run_seal)
+
+    pe = dbsub.add_parser(
+        "purge-erased", help="delete subjects whose erasure keys are gone (a gallery restored from a backup)",
+        description="A database restored from a backup still holds the rows of subjects deleted "
+        "after the backup was made; their erasure keys are shredded, so the rows are unreadable "
+        "and the service refuses to load them. This deletes those subjects.",
+    )
+    pe.add_argument("--database-url", help=DB_HELP)
+    pe.set_defaults(func=run_purge_erased)
 
     rw = dbsub.add_parser(
         "rewrap", help="move the gallery's data keys to a new master key (rows untouched, atomic)",
@@ -171,6 +182,9 @@ def run_status(args: argparse.Namespace) -> int:
         if info.sealed:
             state = "sealed, converting (run `advplugin db seal` to finish)" if info.converting else "sealed"
             print(f"storage: {state}; data key wrapped by master key id {', '.join(info.master_key_ids)}")
+            print(f"erasure: {g.count_unerasable()} subjects without an erasure key (`advplugin db seal` "
+                  f"gives them one), {g.pending_erasures()} deleted subjects whose erasure key is still "
+                  "to be shredded")
         else:
             print("storage: NOT sealed (a copy of the database reveals the templates); run `advplugin db seal`")
         for name in g.collections():
@@ -255,17 +269,44 @@ def run_seal(args: argparse.Namespace) -> int:
         before = g.seal_info()
         provider = _provider(args, create=not before.sealed)
         try:
-            g.unlock(provider, seal_if_empty=True)
+            g.unlock(provider, erasure=_erasure(args), seal_if_empty=True)
             done = 0
             for n in g.seal_templates(chunk_size=args.chunk_size):
                 done += n
                 print(f"sealed {done} templates", flush=True)
+            erasable = 0
+            for n in g.make_subjects_erasable(chunk_size=args.chunk_size):
+                erasable += n
+                print(f"gave {erasable} subjects erasure keys (templates re-sealed)", flush=True)
         except MasterKeyError as e:
             raise ValueError(str(e)) from None
         info = g.seal_info()
-    print(f"gallery sealed: {done} templates converted now; data key wrapped by master key id "
-          f"{', '.join(info.master_key_ids)} ({provider.description})")
+    print(f"gallery sealed: {done} templates converted now, {erasable} subjects given erasure keys "
+          f"({info.erasure_store}); data key wrapped by master key id {', '.join(info.master_key_ids)} "
+          f"({provider.description})")
     return 0
+
+
+def run_purge_erased(args: argparse.Namespace) -> int:
+    from advplugin.gallery.sealing import MasterKeyError
+
+    with open_gallery(_url(args), seal_new=False) as g:
+        try:
+            gone = g.purge_erased()
+        except MasterKeyError as e:
+            raise ValueError(str(e)) from None
+    print(f"purged {len(gone)} subjects whose erasure keys were shredded (deleted after this copy was made)")
+    return 0
+
+
+def _erasure(args: argparse.Namespace):  # type: ignore[no-untyped-def]
+    from advplugin.service.protection import ConfigurationError
+    from advplugin.service.startup import erasure_key_store
+
+    try:
+        return erasure_key_store(_settings(args))
+    except ConfigurationError as e:
+        raise ValueError(str(e)) from None
 
 
 def run_rewrap(args: argparse.Namespace) -> int:
@@ -290,11 +331,11 @@ def run_rewrap(args: argparse.Namespace) -> int:
             if info.master_key_ids == [new.key_id]:
                 print(f"data keys already wrapped by master key id {new.key_id}")
             else:
-                g.unlock(_provider(args, create=False), seal_if_empty=False)
+                g.unlock(_provider(args, create=False), erasure=_erasure(args), seal_if_empty=False)
                 n = g.rewrap(new)
                 print(f"re-wrapped {n} data key(s) under master key id {new.key_id} ({new.description})")
             if args.new_data_key:
-                g.unlock(new, seal_if_empty=False)
+                g.unlock(new, erasure=_erasure(args), seal_if_empty=False)
                 serial = g.begin_rekey()
                 moved = 0
                 for n in g.rekey_subjects(chunk_size=args.chunk_size):

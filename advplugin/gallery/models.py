@@ -159,6 +159,26 @@ class SealingKey(Base):
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
 
 
+class PendingErasure(Base):
+    """A deleted subject whose erasure key (kept outside the database,
+    `advplugin.gallery.erasure`) is still to be shredded: written in the delete's own
+    transaction, removed once the key is gone. Why an outbox: the store is another database,
+    so the shred cannot commit with the delete; a crash between the two must not leave the
+    key alive forever (every copy of the database made before the delete would keep opening
+    the subject), so whatever is pending is shredded at the next delete or start-up. The row
+    holds the subject's sealed key (under the gallery data key, as in its `subjects` row
+    before): the store's reference to the erasure key is derived from it."""
+
+    __tablename__ = "pending_erasures"
+    __table_args__ = ({"sqlite_autoincrement": True},)
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True)
+    collection_id: Mapped[int] = mapped_column(Integer)  # no foreign key: outlives the subject
+    name: Mapped[str] = mapped_column(String(255))
+    sealed_key: Mapped[bytes] = mapped_column(LargeBinary)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
 class ApiKey(Base):
     """An API key of one collection, stored as SHA-256 only (the key is 256 random bits, so
     a plain hash is enough; no slow KDF is needed as for passwords)."""

@@ -16,6 +16,11 @@ Key hierarchy (envelope encryption; docs/sealed-storage.md):
 * a **subject key** per subject (32 random bytes), stored in its `subjects` row, wrapped by
   the gallery data key: deleting the subject deletes its key, and re-keying the gallery
   re-wraps these small keys, never the templates;
+* an **erasure key** per subject (32 random bytes) held only in the erasure key store,
+  outside the database (`advplugin.gallery.erasure`): the key a subject's templates are
+  sealed under is derived from both, so shredding the erasure key at delete time makes the
+  subject unreadable in every copy of the database made before (crypto-shredding). Subjects
+  sealed before the store existed (a 32-byte sealed plaintext) have no erasure key;
 * every **template vector** is sealed under its subject's key with a fresh 96-bit nonce and
   associated data binding it to its row (collection, template id, scheme, scheme version,
   config digest, key id, dimension): a row swapped with another, moved to another collection
@@ -46,6 +51,7 @@ import numpy as np
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
+from advplugin.gallery.erasure import ErasureKeyStore
 from advplugin.keys import KEY_BYTES, Key, load_key, write_key
 
 NONCE_BYTES = 12
@@ -55,9 +61,16 @@ OVERHEAD = NONCE_BYTES + TAG_BYTES
 _SERIAL = struct.Struct(">I")
 #: A sealed subject key: gallery key serial (4) + nonce + 32-byte key + tag.
 SUBJECT_KEY_BYTES = _SERIAL.size + OVERHEAD + KEY_BYTES
+#: ... of a subject that has an erasure key (one marker byte more).
+ERASABLE_SUBJECT_KEY_BYTES = SUBJECT_KEY_BYTES + 1
 #: Snapshots are sealed in segments: AES-GCM in `cryptography` takes at most 2**31-1 bytes.
 SEGMENT_BYTES = 1 << 26
 _SUBJECT_CACHE = 200_000  # unwrapped subject keys kept (a cache; cleared when full)
+#: First byte of a sealed subject key's plaintext when the subject has an erasure key (a
+#: 33-byte plaintext; 32 bytes: a subject sealed before the erasure key store existed).
+_ERASABLE = b"\x01"
+#: Erasure-store hint for messages.
+ERASURE_STORE_HINT = "ADVPLUGIN_ERASURE_KEY_STORE=<file or URL> (default: erasure-keys.db beside the master key)"
 
 
 class SealingError(RuntimeError):
@@ -70,6 +83,15 @@ class MasterKeyError(SealingError):
 
 class TamperedError(SealingError):
     """A sealed value failed authentication: altered, swapped, moved, or under another key."""
+
+
+class ErasedError(TamperedError):
+    """A sealed value whose erasure key is not in the erasure key store: its subject (or
+    snapshot) was deleted after this copy was made, or the store is not this gallery's."""
+
+
+class ErasureStoreMissing(MasterKeyError):
+    """The gallery's subjects have erasure keys, and this process was given no store."""
 
 
 def sealed_size(dim: int) -> int:
@@ -244,19 +266,33 @@ def gallery_key_context(serial: int) -> bytes:
     return associated_data("gallery-key/v1", serial)
 
 
+def erasure_ref(subject_key: bytes) -> bytes:
+    """The erasure-store reference of a subject key: one-way, so the store alone names no
+    one, and stable across re-wraps of the subject key."""
+    return hashlib.sha256(b"advplugin/erasure-ref/v1\0" + subject_key).digest()[:16]
+
+
+def _erasable_key(subject_key: bytes, erasure_key: bytes) -> bytes:
+    """The key a subject's templates are sealed under when it has an erasure key."""
+    return hashlib.sha256(b"advplugin/subject-key/v2\0" + subject_key + erasure_key).digest()
+
+
+_Item = tuple[int, str, bytes]  # (collection id, subject name, sealed subject key)
+
+
 class Sealer:
     """The unwrapped gallery data keys of one open gallery (by serial; the newest seals new
-    subject keys) and a cache of unwrapped subject keys. Thread-safe: AES-GCM objects are
-    stateless per call and the cache is guarded."""
+    subject keys), the erasure key store when the gallery has one, and a cache of subject
+    ciphers. Thread-safe: AES-GCM objects are stateless per call and the cache is guarded."""
 
-    def __init__(self, keys: dict[int, bytes]) -> None:
+    def __init__(self, keys: dict[int, bytes], erasure: ErasureKeyStore | None = None) -> None:
         if not keys:
             raise ValueError("a sealer needs at least one gallery data key")
         self._keys = dict(keys)
         self._gallery = {s: AESGCM(k) for s, k in keys.items()}
-        self._snapshot = {s: AESGCM(hashlib.sha256(b"advplugin/snapshot-key/v1" + k).digest()) for s, k in keys.items()}
+        self.erasure = erasure
         self.current = max(keys)
-        self._subjects: dict[tuple[int, str, bytes], AESGCM] = {}
+        self._subjects: dict[_Item, AESGCM] = {}
         self._lock = threading.Lock()
 
     def __repr__(self) -> str:
@@ -271,20 +307,34 @@ class Sealer:
         return sorted(self._keys.items())
 
     # subject keys
-    def new_subject_key(self, collection_id: int, name: str) -> bytes:
-        """A fresh subject key, sealed under the current gallery key (what the row stores)."""
-        return self._seal_subject_key(collection_id, name, new_data_key())
+    def new_subject_keys(self, collection_id: int, names: Sequence[str]) -> list[bytes]:
+        """Fresh subject keys, sealed under the current gallery key (what the rows store).
+        With an erasure key store, each gets an erasure key there first (committed before
+        any template is sealed under it)."""
+        raws = [new_data_key() for _ in names]
+        if self.erasure is None:
+            return [self._seal_subject_key(collection_id, n, r) for n, r in zip(names, raws, strict=True)]
+        made = self.erasure.create([erasure_ref(r) for r in raws])
+        sealed = [self._seal_subject_key(collection_id, n, _ERASABLE + r) for n, r in zip(names, raws, strict=True)]
+        # Their templates are sealed next: keep the ciphers rather than unwrap and look up again.
+        with self._lock:
+            if len(self._subjects) + len(names) > _SUBJECT_CACHE:
+                self._subjects.clear()
+            for n, r, k in zip(names, raws, sealed, strict=True):
+                self._subjects[collection_id, n, k] = AESGCM(_erasable_key(r, made[erasure_ref(r)]))
+        return sealed
 
-    def _seal_subject_key(self, collection_id: int, name: str, raw: bytes) -> bytes:
+    def _seal_subject_key(self, collection_id: int, name: str, plain: bytes) -> bytes:
         nonce = secrets.token_bytes(NONCE_BYTES)
         ad = subject_key_ad(collection_id, name, self.current)
-        return _SERIAL.pack(self.current) + nonce + self._gallery[self.current].encrypt(nonce, raw, ad)
+        return _SERIAL.pack(self.current) + nonce + self._gallery[self.current].encrypt(nonce, plain, ad)
 
     @staticmethod
     def subject_key_serial(sealed: bytes) -> int:
         return int(_SERIAL.unpack_from(sealed)[0])
 
     def _unwrap_subject_key(self, collection_id: int, name: str, sealed: bytes) -> bytes:
+        """The sealed plaintext: 32 key bytes, or the erasable marker + 32 key bytes."""
         serial = self.subject_key_serial(sealed)
         aead = self._gallery.get(serial)
         if aead is None:
@@ -298,26 +348,69 @@ class Sealer:
                 "(altered, or moved from another subject or gallery)"
             ) from None
 
-    def subject_cipher(self, collection_id: int, name: str, sealed: bytes, *, cache: bool = True) -> AESGCM:
-        """The AES-GCM of a subject's templates (cached by its sealed key, so a re-wrapped
-        key is simply a new entry). `cache=False` for bulk reads (an index rebuild visits
-        each subject once: caching them all only fed the garbage collector)."""
-        cache_key = (collection_id, name, sealed)
-        aead = self._subjects.get(cache_key)
-        if aead is None:
-            aead = AESGCM(self._unwrap_subject_key(collection_id, name, sealed))
-            if not cache:
-                return aead
+    def erasure_ref_of(self, collection_id: int, name: str, sealed: bytes) -> bytes | None:
+        """The erasure-store reference of a subject (None: it has no erasure key)."""
+        plain = self._unwrap_subject_key(collection_id, name, sealed)
+        return erasure_ref(plain[1:]) if len(plain) > KEY_BYTES else None
+
+    def subject_ciphers(self, items: Sequence[_Item], *, cache: bool = True) -> dict[_Item, AESGCM]:
+        """The AES-GCM of each subject's templates, by (collection id, name, sealed key);
+        the erasure keys of all of them in one store query. Cached by the sealed key (a
+        re-wrapped key is simply a new entry); `cache=False` for bulk reads (an index
+        rebuild visits each subject once: caching them all only fed the garbage collector).
+        Raises `ErasedError` naming a subject whose erasure key is gone."""
+        out: dict[_Item, AESGCM] = {}
+        plains: dict[_Item, bytes] = {}
+        for item in items:
+            aead = self._subjects.get(item)
+            if aead is not None:
+                out[item] = aead
+            elif item not in plains:
+                plains[item] = self._unwrap_subject_key(*item)
+        erasable = {i: p[1:] for i, p in plains.items() if len(p) > KEY_BYTES}
+        found: dict[bytes, bytes] = {}
+        if erasable:
+            if self.erasure is None:
+                raise ErasureStoreMissing(
+                    f"subject {next(iter(erasable))[1]!r} has an erasure key, and this process was "
+                    f"given no erasure key store: {ERASURE_STORE_HINT}"
+                )
+            found = self.erasure.get(erasure_ref(k) for k in erasable.values())
+        for item, plain in plains.items():
+            if len(plain) > KEY_BYTES:
+                ek = found.get(erasure_ref(plain[1:]))
+                if ek is None:
+                    raise ErasedError(
+                        f"subject {item[1]!r} (collection {item[0]}) has no erasure key in the "
+                        f"{self.erasure.description if self.erasure else 'erasure key store'}: it was "
+                        "deleted (crypto-shredded) after this copy of the database was made, or the "
+                        "store is not this gallery's; a gallery restored from a backup drops such "
+                        "subjects with `advplugin db purge-erased`"
+                    )
+                aead = AESGCM(_erasable_key(plain[1:], ek))
+            else:
+                aead = AESGCM(plain)
+            out[item] = aead
+        if cache and plains:
             with self._lock:
-                if len(self._subjects) >= _SUBJECT_CACHE:
+                if len(self._subjects) + len(plains) > _SUBJECT_CACHE:
                     self._subjects.clear()
-                self._subjects[cache_key] = aead
-        return aead
+                self._subjects.update({i: out[i] for i in plains})
+        return out
+
+    def subject_cipher(self, collection_id: int, name: str, sealed: bytes, *, cache: bool = True) -> AESGCM:
+        """The AES-GCM of one subject's templates (see `subject_ciphers`)."""
+        item = (collection_id, name, sealed)
+        return self.subject_ciphers([item], cache=cache)[item]
+
+    def forget_subject(self, collection_id: int, name: str, sealed: bytes) -> None:
+        """Drop a deleted subject's cipher from the cache (its key must not outlive it)."""
+        with self._lock:
+            self._subjects.pop((collection_id, name, sealed), None)
 
     def rewrap_subject_key(self, collection_id: int, name: str, sealed: bytes) -> bytes:
         """The same subject key sealed under the current gallery key (re-keying the gallery)."""
-        raw = self._unwrap_subject_key(collection_id, name, sealed)
-        return self._seal_subject_key(collection_id, name, raw)
+        return self._seal_subject_key(collection_id, name, self._unwrap_subject_key(collection_id, name, sealed))
 
     # template vectors
     @staticmethod
@@ -344,12 +437,42 @@ class Sealer:
             ) from None
 
     # snapshots (whole blobs)
-    def seal_blob(self, data: bytes | memoryview, ad: bytes) -> tuple[int, bytearray]:
+    def _snapshot_cipher(self, serial: int, erasure_key: bytes | None) -> AESGCM:
+        key = self._keys.get(serial)
+        if key is None:
+            raise TamperedError(f"sealed under gallery key #{serial}, which this gallery does not hold")
+        if erasure_key is None:
+            return AESGCM(hashlib.sha256(b"advplugin/snapshot-key/v1" + key).digest())
+        return AESGCM(hashlib.sha256(b"advplugin/snapshot-key/v2\0" + key + erasure_key).digest())
+
+    def snapshot_erasure_key(self, scope: str) -> tuple[bytes, bytes] | None:
+        """(reference, erasure key) for a new snapshot of `scope` (one index), or None without
+        an erasure key store. `shred_old_snapshots` drops the older ones once it is written."""
+        if self.erasure is None:
+            return None
+        ref = secrets.token_bytes(16)
+        return ref, self.erasure.create([ref], kind=f"snapshot:{scope}")[ref]
+
+    def shred_old_snapshots(self, scope: str, keep: bytes) -> None:
+        if self.erasure is not None:
+            self.erasure.shred_kind_except(f"snapshot:{scope}", keep)
+
+    def snapshot_key_of(self, ref: bytes) -> bytes:
+        """A snapshot's erasure key; `ErasedError` once a newer snapshot shredded it."""
+        if self.erasure is None:
+            raise ErasureStoreMissing(f"this snapshot has an erasure key and no store was given: {ERASURE_STORE_HINT}")
+        key = self.erasure.get([ref]).get(ref)
+        if key is None:
+            raise ErasedError("the snapshot's erasure key was shredded (a newer snapshot replaced it)")
+        return key
+
+    def seal_blob(self, data: bytes | memoryview, ad: bytes, erasure_key: bytes | None = None) -> tuple[int, bytearray]:
         """(serial, sealed bytes) of a large blob, sealed in segments bound to their index and
-        to their count (no truncation, reordering or splicing goes unnoticed). Encrypted in
-        place into one buffer: a snapshot of 1M templates is 0.5 GB, and each extra copy
+        to their count (no truncation, reordering or splicing goes unnoticed), under a key
+        derived from the gallery data key (and the blob's erasure key, when given). Encrypted
+        in place into one buffer: a snapshot of 1M templates is 0.5 GB, and each extra copy
         would show in start-up time."""
-        aead = self._snapshot[self.current]
+        aead = self._snapshot_cipher(self.current, erasure_key)
         view = memoryview(data)
         n = max(1, -(-len(view) // SEGMENT_BYTES))
         out = bytearray(len(view) + n * OVERHEAD)
@@ -364,11 +487,9 @@ class Sealer:
             pos += len(seg) + TAG_BYTES
         return self.current, out
 
-    def open_blob(self, serial: int, sealed: bytes | memoryview, ad: bytes) -> bytes:
+    def open_blob(self, serial: int, sealed: bytes | memoryview, ad: bytes, erasure_key: bytes | None = None) -> bytes:
         """The blob `seal_blob` sealed; raises `TamperedError` if any segment fails."""
-        aead = self._snapshot.get(serial)
-        if aead is None:
-            raise TamperedError(f"sealed under gallery key #{serial}, which this gallery does not hold")
+        aead = self._snapshot_cipher(serial, erasure_key)
         src = memoryview(sealed)
         seg = SEGMENT_BYTES + OVERHEAD
         n = max(1, -(-len(src) // seg))

@@ -21,8 +21,11 @@ from typing import Self
 from sqlalchemy import ColumnElement, Connection, bindparam, delete, func, insert, select, update
 
 from advplugin.gallery.database import Database
+from advplugin.gallery.erasure import ErasureKeyStore
 from advplugin.gallery.models import SealingKey, Subject, Template, utcnow
 from advplugin.gallery.sealing import (
+    ERASURE_STORE_HINT,
+    ErasureStoreMissing,
     KeyProvider,
     MasterKeyError,
     Sealer,
@@ -42,6 +45,7 @@ class SealInfo:
     unlocked: bool  # this process holds the data keys
     master_key_ids: list[str]  # master keys the data keys are wrapped by (normally one)
     serials: list[int]  # gallery data keys present (several only while re-keying)
+    erasure_store: str | None = None  # where this process keeps erasure keys (None: nowhere)
 
 
 @dataclass
@@ -49,6 +53,7 @@ class _SealHolder:
     """Shared by a gallery and its transaction views (they are shallow copies)."""
 
     provider: KeyProvider | None = None
+    erasure: ErasureKeyStore | None = None
     sealer: Sealer | None = None
     sealed: bool = False
     converting: bool = False
@@ -63,21 +68,26 @@ class GalleryKeys(Database):
     @classmethod
     def open(
         cls, url: str, *, upgrade: bool = False, master_key: KeyProvider | None = None,
-        seal_new: bool = True,
+        erasure: ErasureKeyStore | None = None, seal_new: bool = True,
     ) -> Self:
         """Open (see `Database.open`); with `master_key`, unlock a sealed gallery (a wrong
         key raises `MasterKeyError` now, not at the first read) and seal a gallery that holds
-        no template yet (unless `seal_new` is False)."""
+        no template yet (unless `seal_new` is False); `erasure`: its erasure key store."""
         db = super().open(url, upgrade=upgrade)
         try:
             if master_key is not None:
-                db.unlock(master_key, seal_if_empty=seal_new)
+                db.unlock(master_key, erasure=erasure, seal_if_empty=seal_new)
             else:
                 db.seal_info()  # know now whether it is sealed (plaintext rows are refused then)
         except BaseException:
             db.close()
             raise
         return db
+
+    def close(self) -> None:
+        if self._conn is None and self._seal.erasure is not None:
+            self._seal.erasure.close()  # its engine's pool (the store itself stays usable)
+        super().close()
 
     # -- state -----------------------------------------------------------------------------------
     def _refresh(self, conn: Connection) -> None:
@@ -109,7 +119,7 @@ class GalleryKeys(Database):
                     f"wrapped by master key id {r.master_key_id}, but {h.provider.description} has "
                     f"key id {h.provider.key_id}"
                 ) from None
-        h.sealer = Sealer(keys)
+        h.sealer = Sealer(keys, erasure=h.erasure)
 
     def _where(self) -> str:
         return self.engine.url.render_as_string(hide_password=True)
@@ -122,6 +132,7 @@ class GalleryKeys(Database):
             sealed=h.sealed, converting=h.converting, unlocked=h.sealer is not None,
             master_key_ids=list(h.master_key_ids),
             serials=list(h.sealer.serials) if h.sealer is not None else [],
+            erasure_store=h.erasure.description if h.erasure is not None else None,
         )
 
     def _locked(self) -> MasterKeyError:
@@ -158,18 +169,48 @@ class GalleryKeys(Database):
             return self._write_sealer(conn)
 
     # -- unlocking and sealing -------------------------------------------------------------------
-    def unlock(self, provider: KeyProvider, *, seal_if_empty: bool = True) -> SealInfo:
+    def unlock(
+        self, provider: KeyProvider, *, erasure: ErasureKeyStore | None = None, seal_if_empty: bool = True
+    ) -> SealInfo:
         """Use `provider`'s master key: unwrap the data keys (raises `MasterKeyError` naming
         both key ids if it is the wrong one); seal the gallery now if it holds no template
-        yet and `seal_if_empty`."""
+        yet and `seal_if_empty`. With `erasure`, subjects sealed from now on get erasure keys
+        there (docs/sealed-storage.md); a gallery whose subjects have them cannot be opened
+        without it (`ErasureStoreMissing`), nor with a store that holds none of them."""
         self._seal.provider = provider
+        self._seal.erasure = erasure
         self._seal.sealer = None
         with self._write() as conn:
             self._refresh(conn)
             if not self._seal.sealed and seal_if_empty and conn.scalar(select(Template.id).limit(1)) is None:
                 self._create_key(conn, serial=1, converting=False)
                 self._refresh(conn)
+        if self._seal.sealer is not None:
+            self._check_erasure_store(self._seal.sealer)
         return self.seal_info()
+
+    def _check_erasure_store(self, sealer: Sealer, sample: int = 20) -> None:
+        """At unlock, not at the first read: the newest subjects' keys say whether the gallery
+        needs an erasure key store, and whether the one given holds their keys (all of them
+        missing: a wrong store, not a few deleted subjects of a restored backup)."""
+        with self._read() as conn:
+            rows = conn.execute(
+                select(Subject.collection_id, Subject.name, Subject.sealed_key)
+                .where(Subject.sealed_key.is_not(None)).order_by(Subject.id.desc()).limit(sample)
+            ).all()
+        refs = [ref for r in rows if (ref := sealer.erasure_ref_of(r.collection_id, r.name, r.sealed_key))]
+        if not refs:
+            return
+        if sealer.erasure is None:
+            raise ErasureStoreMissing(
+                f"the subjects of gallery {self._where()} have erasure keys, and no erasure key store "
+                f"was given: {ERASURE_STORE_HINT}"
+            )
+        if not sealer.erasure.get(refs):
+            raise MasterKeyError(
+                f"the {sealer.erasure.description} holds none of the erasure keys of the newest "
+                f"{len(refs)} subjects of gallery {self._where()}: it is not this gallery's store"
+            )
 
     def _create_key(self, conn: Connection, *, serial: int, converting: bool) -> None:
         provider = self._seal.provider

@@ -16,6 +16,7 @@ template do not linger on disk with their content (on file systems that write in
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import os
@@ -41,9 +42,16 @@ def write_snapshot(
     path: Path, blob: bytes | bytearray, meta: dict[str, Any], *, sealer: Sealer | None = None,
     shred_previous: bool = False,
 ) -> None:
-    """Write a snapshot atomically; sealed when `sealer` is given (a sealed gallery)."""
+    """Write a snapshot atomically; sealed when `sealer` is given (a sealed gallery), under a
+    fresh erasure key when the gallery has an erasure key store: the previous snapshot's is
+    shredded once this one is in place, so a copy of an older snapshot file opens nothing."""
+    erasure = None
     if sealer is not None:
-        serial, blob = sealer.seal_blob(blob, _snapshot_ad(meta))
+        scope = _scope(meta)
+        erasure = sealer.snapshot_erasure_key(scope)
+        if erasure is not None:
+            meta = {**meta, "erasure_ref": erasure[0].hex()}
+        serial, blob = sealer.seal_blob(blob, _snapshot_ad(meta), erasure[1] if erasure else None)
         meta = {**meta, "sealed": serial}
     path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
     tmp = path.with_name(path.name + ".tmp")
@@ -61,6 +69,13 @@ def write_snapshot(
     if shred_previous:
         _overwrite(path)
     os.replace(tmp, path)
+    if sealer is not None and erasure is not None:
+        sealer.shred_old_snapshots(scope, erasure[0])
+
+
+def _scope(meta: dict[str, Any]) -> str:
+    """Which index a snapshot is of (its erasure keys are shredded per scope)."""
+    return hashlib.sha256(str(meta.get("fingerprint")).encode()).hexdigest()[:32]
 
 
 def _overwrite(path: Path) -> None:
@@ -82,7 +97,8 @@ def _overwrite(path: Path) -> None:
 
 def read_snapshot(path: Path, *, sealer: Sealer | None = None) -> tuple[dict[str, Any], bytes]:
     """(header, backend blob), opened with `sealer` when sealed; raises one of UNREADABLE if
-    the file is not a snapshot, is sealed and no sealer is given, or fails authentication."""
+    the file is not a snapshot, is sealed and no sealer is given, fails authentication, or
+    its erasure key was shredded."""
     with np.load(path, allow_pickle=False) as data:
         meta = json.loads(bytes(data["meta"]).decode())
         if not isinstance(meta, dict):
@@ -91,8 +107,12 @@ def read_snapshot(path: Path, *, sealer: Sealer | None = None) -> tuple[dict[str
             return meta, bytes(data["index"])
         if sealer is None:
             raise ValueError("snapshot is sealed and no gallery key was given")
+        ref = meta.get("erasure_ref")
+        erasure_key = sealer.snapshot_key_of(bytes.fromhex(str(ref))) if ref is not None else None
         # Opened straight from the array np.load read: no copy beyond the decryption.
-        return meta, sealer.open_blob(int(meta["sealed"]), memoryview(data["index"]), _snapshot_ad(meta))
+        return meta, sealer.open_blob(
+            int(meta["sealed"]), memoryview(data["index"]), _snapshot_ad(meta), erasure_key
+        )
 
 
 def open_snapshot(

@@ -21,6 +21,7 @@ float32-compatible [N, dim] and never logs or echoes vector values.
 
 from __future__ import annotations
 
+import logging
 import re
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -39,11 +40,16 @@ from sqlalchemy import (
     text,
     update,
 )
+from sqlalchemy.exc import SQLAlchemyError
 
 from advplugin.gallery.changelog import ChangeLog
 from advplugin.gallery.database import DEFAULT_COLLECTION
-from advplugin.gallery.models import Subject, Template, utcnow
+from advplugin.gallery.models import PendingErasure, Subject, Template, utcnow
 from advplugin.gallery.sealing import (
+    ERASABLE_SUBJECT_KEY_BYTES,
+    ERASURE_STORE_HINT,
+    SUBJECT_KEY_BYTES,
+    ErasureStoreMissing,
     MasterKeyError,
     Sealer,
     TamperedError,
@@ -52,6 +58,8 @@ from advplugin.gallery.sealing import (
 )
 from advplugin.gallery.sealkeys import MASTER_KEY_HINT, GalleryKeys
 from advplugin.protectors.base import ProtectorMetadata, validate_embeddings
+
+log = logging.getLogger(__name__)
 
 _IN_CHUNK = 500  # ids per IN (...) clause, well under every driver's parameter limit
 _DIGEST = re.compile(r"[0-9a-f]{16}")
@@ -211,7 +219,9 @@ class TemplateRepository(ChangeLog, GalleryKeys):
         if sealer is None:
             return [_to_bytes(v) for v in vectors]
         dim = vectors.shape[1]
-        ciphers = [sealer.subject_cipher(cid, name, key) for name, key in subject_keys]  # type: ignore[arg-type]
+        items = [(cid, name, key) for name, key in subject_keys]
+        by_item = sealer.subject_ciphers(items)  # type: ignore[arg-type]
+        ciphers = [by_item[i] for i in items]  # type: ignore[index]
         ads = [
             template_ad(cid, t, s, v, d, k, dim)
             for t, s, v, d, k in zip(ids, scheme, scheme_version, config_digest, key_id, strict=True)
@@ -224,12 +234,8 @@ class TemplateRepository(ChangeLog, GalleryKeys):
         `TamperedError` naming the template; a plaintext row in a gallery sealed to the end
         is refused the same way (someone wrote it around the gallery)."""
         out = []
-        sealer: Sealer | None = None
         refuse_plain = self._seal.sealed and not self._seal.converting
-        # Small reads (search candidates, catch-up) share the sealer's cache of subject keys;
-        # bulk reads keep their own for the call only.
-        bulk = len(rows) > _IN_CHUNK
-        local: dict[tuple[int, str, bytes], Any] = {}
+        ciphers = self._row_ciphers(rows)
         for r in rows:
             # Positional unpacking: attribute access on rows cost more than the decryption.
             tid, cid, name, skey, blob, dim, scheme, version, digest, kid = r[:10]
@@ -242,18 +248,21 @@ class TemplateRepository(ChangeLog, GalleryKeys):
                 raise ValueError(f"stored template {tid} has {len(blob)} bytes, its row says dim={dim}")
             if skey is None:
                 raise TamperedError(f"template {tid} is sealed but its subject has no key")
-            if sealer is None:
-                sealer = self._read_sealer()
-                if Sealer.subject_key_serial(skey) not in sealer.serials:
-                    sealer = self._read_sealer(refresh=True)  # re-keyed by another process
-            aead = local.get((cid, name, skey)) if bulk else None
-            if aead is None:
-                aead = sealer.subject_cipher(cid, name, skey, cache=not bulk)
-                if bulk:
-                    local[cid, name, skey] = aead
             ad = template_ad(cid, tid, scheme, version, digest, kid, dim)
-            out.append(np.frombuffer(Sealer.open_vector(aead, ad, blob, tid), dtype="<f4"))
+            out.append(np.frombuffer(Sealer.open_vector(ciphers[cid, name, skey], ad, blob, tid), dtype="<f4"))
         return out
+
+    def _row_ciphers(self, rows: Sequence) -> dict[tuple[int, str, bytes], Any]:  # type: ignore[type-arg]
+        """The subject ciphers of the sealed rows among `rows`, all at once (one erasure-store
+        query). Small reads (search candidates, catch-up) share the sealer's cache; bulk
+        reads (an index rebuild) keep theirs for the call only."""
+        items = {(r[1], r[2], r[3]) for r in rows if r[3] is not None and len(r[4]) != 4 * r[5]}
+        if not items:
+            return {}
+        sealer = self._read_sealer()
+        if any(Sealer.subject_key_serial(k) not in sealer.serials for _, _, k in items):
+            sealer = self._read_sealer(refresh=True)  # re-keyed by another process
+        return sealer.subject_ciphers(list(items), cache=len(rows) <= _IN_CHUNK)  # type: ignore[return-value]
 
     def _vector_columns(self) -> tuple:  # type: ignore[type-arg]
         """What `_decode` needs of a row (templates joined with subjects)."""
@@ -333,10 +342,20 @@ class TemplateRepository(ChangeLog, GalleryKeys):
                     columns | shared | {"vectors": b"".join(stored), "nbytes": len(stored[0])},
                 )
             else:  # SQLite: the driver's executemany, one prepared statement
+                # Plain tuples straight to sqlite3: SQLAlchemy's per-row parameter handling
+                # (a dict per row, each DateTime formatted again) cost more than the insert.
+                # The chunk-wide values go through their column types' bind processors
+                # once, so what is stored is exactly what `insert(Template)` would store.
                 columns["vector"] = stored
-                names = list(columns)
-                rows = [dict(zip(names, r, strict=True)) | shared for r in zip(*columns.values(), strict=True)]
-                conn.execute(insert(Template), rows)
+                table = Template.__table__
+                once = []
+                for name, value in shared.items():
+                    process = table.c[name].type.dialect_impl(conn.dialect).bind_processor(conn.dialect)
+                    once.append(process(value) if process else value)
+                names = [*columns, *shared]
+                sql = f"INSERT INTO templates ({', '.join(names)}) VALUES ({', '.join('?' * len(names))})"  # noqa: S608 - fixed column names
+                tail = tuple(once)
+                conn.exec_driver_sql(sql, [r + tail for r in zip(*columns.values(), strict=True)])
             # One change-log statement for the chunk. The id range holds no one else's rows
             # (ids come from our allocation, under the write lock).
             self._log_inserted(conn, cid, ids[0], ids[-1], now)
@@ -375,7 +394,7 @@ class TemplateRepository(ChangeLog, GalleryKeys):
         if missing and create:
             # Bulk insert without RETURNING, then read the ids back (see _next_template_ids).
             now = utcnow()
-            keys = [sealer.new_subject_key(cid, n) if sealer else None for n in missing]
+            keys: list[bytes | None] = list(sealer.new_subject_keys(cid, missing)) if sealer else [None] * len(missing)
             if self.dialect == "postgresql":
                 conn.execute(_PG_INSERT_SUBJECTS, {"cid": cid, "names": missing, "keys": keys, "now": now})
             else:
@@ -386,7 +405,8 @@ class TemplateRepository(ChangeLog, GalleryKeys):
                 conn.execute(insert(Subject), rows)
             found.update(self._find_subjects(conn, cid, missing))
         if sealer is not None:
-            keyless = {n: sealer.new_subject_key(cid, n) for n, s in found.items() if s.key is None}
+            unkeyed = [n for n, s in found.items() if s.key is None]
+            keyless = dict(zip(unkeyed, sealer.new_subject_keys(cid, unkeyed), strict=True))
             if keyless:
                 conn.execute(
                     update(Subject).where(Subject.id == bindparam("sid")).values(sealed_key=bindparam("k")),
@@ -559,6 +579,66 @@ class TemplateRepository(ChangeLog, GalleryKeys):
                 last = int(rows[-1].id)
             yield len(rows)
 
+    def make_subjects_erasable(self, *, chunk_size: int = 1000) -> Iterator[int]:
+        """Give every subject sealed before the gallery had an erasure key store a NEW
+        subject key with an erasure key, re-sealing its templates under it, `chunk_size`
+        subjects per transaction (yields how many each time; resumable: a subject's key
+        length says whether it is done). Part of `advplugin db seal`. A copy of the database
+        made before still holds the old subject keys: `db rewrap --new-data-key` retires
+        the data key that opens them. Nothing is logged for the index (no vector changes
+        meaning)."""
+        if self._read_sealer(refresh=True).erasure is None:
+            raise ErasureStoreMissing(f"making subjects erasable needs the erasure key store: {ERASURE_STORE_HINT}")
+        while True:
+            with self._write() as conn:
+                sealer = self._write_sealer(conn)
+                assert sealer is not None
+                subjects = conn.execute(
+                    select(Subject.id, Subject.collection_id, Subject.name)
+                    .where(func.length(Subject.sealed_key) == SUBJECT_KEY_BYTES)
+                    .order_by(Subject.id).limit(chunk_size)
+                ).all()
+                if not subjects:
+                    return
+                rows = conn.execute(
+                    select(*self._vector_columns())
+                    .join(Subject, Subject.id == Template.subject_id)
+                    .where(Template.subject_id.in_([r.id for r in subjects]))
+                    .order_by(Template.id)
+                ).all()
+                vectors = self._decode(rows)  # under the old subject keys
+                new_keys: dict[tuple[int, str], bytes] = {}
+                for cid in {int(r.collection_id) for r in subjects}:
+                    names = [r.name for r in subjects if r.collection_id == cid]
+                    new_keys.update({(cid, n): k for n, k in zip(names, sealer.new_subject_keys(cid, names), strict=True)})
+                conn.execute(
+                    update(Subject).where(Subject.id == bindparam("sid")).values(sealed_key=bindparam("k")),
+                    [{"sid": r.id, "k": new_keys[int(r.collection_id), r.name]} for r in subjects],
+                )
+                params = []
+                for cid in {int(r.collection_id) for r in rows}:
+                    part = [(r, v) for r, v in zip(rows, vectors, strict=True) if r.collection_id == cid]
+                    sealed = self._encode(
+                        sealer, cid, [int(r.id) for r, _ in part], [(r.name, new_keys[cid, r.name]) for r, _ in part],
+                        np.stack([v for _, v in part]),
+                        scheme=[r.scheme for r, _ in part], scheme_version=[r.scheme_version for r, _ in part],
+                        config_digest=[r.config_digest for r, _ in part], key_id=[r.key_id for r, _ in part],
+                    )
+                    params += [{"tid": int(r.id), "v": b} for (r, _), b in zip(part, sealed, strict=True)]
+                if params:
+                    conn.execute(
+                        update(Template).where(Template.id == bindparam("tid")).values(vector=bindparam("v"))
+                        .execution_options(synchronize_session=False),
+                        params,
+                    )
+            yield len(subjects)
+
+    def count_unerasable(self) -> int:
+        """Sealed subjects without an erasure key (sealed before the store existed)."""
+        q = select(func.count()).select_from(Subject).where(func.length(Subject.sealed_key) == SUBJECT_KEY_BYTES)
+        with self._read() as conn:
+            return int(conn.scalar(q) or 0)
+
     def count_unsealed(self) -> int:
         """Templates still stored in plaintext (a full scan: for status and tests)."""
         q = select(func.count()).select_from(Template).where(func.length(Template.vector) == 4 * Template.dim)
@@ -588,16 +668,104 @@ class TemplateRepository(ChangeLog, GalleryKeys):
         cid = self.collection_id(collection)
         now = utcnow()
         with self._write() as conn:
-            sid = conn.scalar(
-                select(Subject.id).where(Subject.collection_id == cid, Subject.name == name)
-            )
-            if sid is None:
+            row = conn.execute(
+                select(Subject.id, Subject.sealed_key).where(Subject.collection_id == cid, Subject.name == name)
+            ).one_or_none()
+            if row is None:
                 raise SubjectNotFound(f"no subject {name!r} in collection {collection!r}")
-            ids = [int(i) for i in conn.scalars(select(Template.id).where(Template.subject_id == sid))]
-            conn.execute(delete(Template).where(Template.subject_id == sid))
-            conn.execute(delete(Subject).where(Subject.id == sid))
-            self._log(conn, cid, ids, "delete", now)
+            ids = self._delete_subject_rows(conn, cid, row.id, now)
+            if row.sealed_key is not None:
+                # Its erasure key (outside the database) goes after the commit: see PendingErasure.
+                conn.execute(insert(PendingErasure).values(
+                    collection_id=cid, name=name, sealed_key=row.sealed_key, created_at=now,
+                ))
+        if self._conn is None:  # in a transaction() view its owner completes after the commit
+            self.complete_erasures_or_warn()
         return len(ids)
+
+    def _delete_subject_rows(self, conn: Connection, cid: int, sid: int, now: datetime) -> list[int]:
+        """Delete one subject and its templates in `conn`, logged for the index."""
+        ids = [int(i) for i in conn.scalars(select(Template.id).where(Template.subject_id == sid))]
+        conn.execute(delete(Template).where(Template.subject_id == sid))
+        conn.execute(delete(Subject).where(Subject.id == sid))
+        self._log(conn, cid, ids, "delete", now)
+        return ids
+
+    def complete_erasures_or_warn(self) -> None:
+        """`complete_erasures` after a delete that has committed: a store that fails now
+        leaves the outbox for the next delete or start-up, and says so in the log."""
+        try:
+            self.complete_erasures()
+        except (SQLAlchemyError, OSError) as e:
+            log.warning("erasure keys of deleted subjects not shredded yet (%s); retried at the next delete "
+                        "or start-up", type(e).__name__)
+
+    def purge_erased(self, *, chunk_size: int = 10_000) -> list[tuple[int, str]]:
+        """Delete the subjects whose erasure keys are gone from the store: what a gallery
+        restored from a backup holds of people deleted since (unreadable, but still rows).
+        Returns their (collection id, name)."""
+        sealer = self._read_sealer(refresh=True)
+        if sealer.erasure is None:
+            raise ErasureStoreMissing(f"purging erased subjects needs the erasure key store: {ERASURE_STORE_HINT}")
+        gone = []
+        last = 0
+        while True:
+            with self._read() as conn:
+                rows = conn.execute(
+                    select(Subject.id, Subject.collection_id, Subject.name, Subject.sealed_key)
+                    .where(Subject.id > last, func.length(Subject.sealed_key) == ERASABLE_SUBJECT_KEY_BYTES)
+                    .order_by(Subject.id).limit(chunk_size)
+                ).all()
+            if not rows:
+                break
+            refs = {r.id: sealer.erasure_ref_of(r.collection_id, r.name, r.sealed_key) for r in rows}
+            present = sealer.erasure.get(refs.values())
+            gone += [r for r in rows if refs[r.id] not in present]
+            last = int(rows[-1].id)
+        now = utcnow()
+        with self._write() as conn:
+            for r in gone:
+                self._delete_subject_rows(conn, int(r.collection_id), int(r.id), now)
+        return [(int(r.collection_id), r.name) for r in gone]
+
+    def complete_erasures(self) -> int:
+        """Shred the erasure keys of deleted subjects (the `pending_erasures` outbox) and
+        forget their cached ciphers; returns how many subjects were completed. Runs after
+        every delete and at unlock; a no-op while the gallery is locked (the outbox waits)."""
+        h = self._seal
+        if h.sealer is None:
+            return 0
+        with self._read() as conn:
+            rows = conn.execute(
+                select(PendingErasure.id, PendingErasure.collection_id, PendingErasure.name, PendingErasure.sealed_key)
+                .order_by(PendingErasure.id).limit(10_000)
+            ).all()
+        if not rows:
+            return 0
+        sealer = self._read_sealer(refresh=True)
+        refs = []
+        for r in rows:
+            try:
+                ref = sealer.erasure_ref_of(r.collection_id, r.name, r.sealed_key)
+            except TamperedError:  # under a data key re-keyed away: unreadable already
+                ref = None
+            if ref is not None:
+                if sealer.erasure is None:
+                    raise ErasureStoreMissing(
+                        f"deleted subject {r.name!r} has an erasure key to shred, and this process "
+                        f"was given no erasure key store: {ERASURE_STORE_HINT}"
+                    )
+                refs.append(ref)
+            sealer.forget_subject(r.collection_id, r.name, r.sealed_key)
+        if sealer.erasure is not None:
+            sealer.erasure.shred(refs)
+        with self._write() as conn:
+            conn.execute(delete(PendingErasure).where(PendingErasure.id.in_([r.id for r in rows])))
+        return len(rows)
+
+    def pending_erasures(self) -> int:
+        with self._read() as conn:
+            return int(conn.scalar(select(func.count()).select_from(PendingErasure)) or 0)
 
     # -- reading -----------------------------------------------------------------------------
     def iter_templates(

@@ -123,10 +123,28 @@ class CollectionService:
             n = g.delete_subject(name, collection=collection)
             if actor is not None:
                 g.record_audit(actor, "delete_subject", collection=collection, subject=name, template_count=n)
+        self.gallery.complete_erasures_or_warn()  # its erasure key: every older copy of the database loses it
         self._caught_up(collection)
         # Erasure (docs/sealed-storage.md): the snapshot that held the subject is rewritten
         # now (overwriting the old file), and SQLite's WAL, whose older frames still hold
         # the deleted rows, is checkpointed into the (secure-delete, zeroed) database.
+        self.index(collection).save()
+        self.gallery.checkpoint()
+        return n
+
+    def delete_templates(
+        self, collection: str, templates: dict[int, str], *, actor: Actor | None = None
+    ) -> int:
+        """Delete single templates ({template id: its subject}, ids of `collection` only: the
+        caller looked them up there); unsearchable on return, erased like `delete_subject`.
+        The subjects stay, possibly without templates (CompreFace's delete-by-image-id)."""
+        with self.gallery.transaction() as g:
+            n = g.delete_templates(list(templates))
+            if actor is not None:
+                for name, count in Counter(templates.values()).items():
+                    g.record_audit(actor, "delete_templates", collection=collection, subject=name,
+                                   template_count=count)
+        self._caught_up(collection)
         self.index(collection).save()
         self.gallery.checkpoint()
         return n

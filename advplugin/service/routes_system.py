@@ -7,6 +7,7 @@ from typing import Annotated
 
 from fastapi import APIRouter, Query
 
+from advplugin.gallery.sealkeys import SealInfo
 from advplugin.service.deps import AdminCaller, CollectionName, State
 from advplugin.service.schemas import (
     MAX_PAGE,
@@ -18,6 +19,7 @@ from advplugin.service.schemas import (
     IndexOut,
     KeyOut,
     StatusResponse,
+    StorageOut,
 )
 
 router = APIRouter(tags=["system"])
@@ -57,6 +59,14 @@ def status(state: State, collection: CollectionName) -> StatusResponse:
         template_count=template_count,
         index=IndexOut(kind=index.config.kind, size=index.size, last_change=index.last_seq),
         previous_key_id=previous, keys=keys,
+        storage=_storage(state.gallery.seal_info()),
+    )
+
+
+def _storage(info: SealInfo) -> StorageOut:
+    return StorageOut(
+        sealed=info.sealed, converting=info.converting, master_key_ids=info.master_key_ids,
+        erasure_keys=info.erasure_store is not None,
     )
 
 

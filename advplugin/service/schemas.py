@@ -190,6 +190,18 @@ class KeyOut(BaseModel):
     template_count: int
 
 
+class StorageOut(BaseModel):
+    """Sealed storage (docs/sealed-storage.md): whether a copy of the database or of the
+    index snapshots reveals templates, and whether deleting a subject shreds it in copies."""
+
+    sealed: bool = Field(description="template vectors and snapshots are AES-256-GCM ciphertext")
+    converting: bool = Field(description="`advplugin db seal` has not finished: plaintext rows may remain")
+    master_key_ids: list[str] = Field(description="the master key(s) the data key is wrapped by (ids only)")
+    erasure_keys: bool = Field(
+        description="subjects get erasure keys outside the database: a delete makes them unreadable in every copy"
+    )
+
+
 class StatusResponse(BaseModel):
     """What the service protects with; keys appear only as key ids."""
 
@@ -207,6 +219,7 @@ class StatusResponse(BaseModel):
         None, description="while a key rotation is in progress: the key id being retired"
     )
     keys: list[KeyOut] = Field(description="how many templates of this collection are under each key id")
+    storage: StorageOut
 
 
 # -- protected-template mode (client-side protection) --------------------------------------------

@@ -14,8 +14,11 @@ import stat
 from collections.abc import Mapping
 from pathlib import Path
 
+from sqlalchemy.exc import SQLAlchemyError
+
 from advplugin.gallery.apikeys import hash_api_key
 from advplugin.gallery.audit import Actor
+from advplugin.gallery.erasure import ErasureKeyStore
 from advplugin.gallery.sealing import KeyProvider, LocalKeyProvider, MasterKeyError
 from advplugin.gallery.store import Gallery
 from advplugin.service.protection import ROTATION_DOC, ConfigurationError, Protection
@@ -75,6 +78,17 @@ def master_key_provider(settings: Settings, *, create: bool = False) -> KeyProvi
     return provider
 
 
+def erasure_key_store(settings: Settings) -> ErasureKeyStore:
+    """The erasure key store of the settings (made when missing: a new gallery needs one,
+    an existing gallery's subjects sealed before it existed simply have no erasure key)."""
+    try:
+        return ErasureKeyStore.open(settings.resolved_erasure_key_store)
+    except (OSError, SQLAlchemyError) as e:
+        raise ConfigurationError(
+            f"cannot open the erasure key store {settings.resolved_erasure_key_store}: {type(e).__name__}"
+        ) from None
+
+
 def unlock_gallery(gallery: Gallery, settings: Settings, *, seal_new: bool = True) -> None:
     """A sealed gallery is unlocked with the master key, or start-up fails saying which key
     is missing or wrong (never a crash at the first request, never an empty answer). A
@@ -93,13 +107,14 @@ def unlock_gallery(gallery: Gallery, settings: Settings, *, seal_new: bool = Tru
                     "ADVPLUGIN_MASTER_KEY_FILE=<the master key file> or "
                     "ADVPLUGIN_MASTER_KEY=<base64> (docs/sealed-storage.md)"
                 )
-            gallery.unlock(provider)
+            gallery.unlock(provider, erasure=erasure_key_store(settings))
+            gallery.complete_erasures()  # a delete interrupted before its erasure key went
         elif not seal_new:
             return
         elif gallery.count_templates(collection=None) == 0:
             provider = master_key_provider(settings, create=True)
             assert provider is not None
-            gallery.unlock(provider)
+            gallery.unlock(provider, erasure=erasure_key_store(settings))
         else:
             print(
                 "advplugin: WARNING: this gallery is not sealed; a copy of its database or "

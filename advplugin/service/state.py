@@ -16,6 +16,7 @@ import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 
+from advplugin.gallery.sealing import ErasedError
 from advplugin.gallery.store import Gallery
 from advplugin.service.auth import ApiKeyAuth
 from advplugin.service.blind_service import BlindService
@@ -79,7 +80,10 @@ class ServiceState:
             check_gallery_matches(gallery, protection, settings)
             bootstrap_api_key(gallery, settings)
             collections = CollectionService(gallery, protection, settings)
-            collections.open_all()
+            try:
+                collections.open_all()
+            except ErasedError as e:  # a restored backup: one clear line, not a traceback
+                raise ConfigurationError(str(e)) from None
             blind = BlindService(gallery, protection, settings) if settings.mode == "blind" else None
         except BaseException:
             gallery.close()

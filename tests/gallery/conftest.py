@@ -10,6 +10,7 @@ import pytest
 from sqlalchemy import text
 
 from advplugin.gallery import Gallery, make_engine
+from advplugin.gallery.erasure import ErasureKeyStore
 from advplugin.gallery.sealing import LocalKeyProvider
 
 
@@ -38,7 +39,13 @@ def master_key(tmp_path: Path) -> LocalKeyProvider:
 
 
 @pytest.fixture
-def gallery(gallery_url: str, master_key: LocalKeyProvider) -> Iterator[Gallery]:
-    g = Gallery.open(gallery_url, upgrade=True, master_key=master_key)
+def erasure(tmp_path: Path) -> ErasureKeyStore:
+    """The erasure key store beside the master key (where the service keeps it by default)."""
+    return ErasureKeyStore.open(tmp_path / "erasure-keys.db")
+
+
+@pytest.fixture
+def gallery(gallery_url: str, master_key: LocalKeyProvider, erasure: ErasureKeyStore) -> Iterator[Gallery]:
+    g = Gallery.open(gallery_url, upgrade=True, master_key=master_key, erasure=erasure)
     yield g
     g.close()

@@ -16,10 +16,11 @@ import pytest
 from sqlalchemy import text
 
 from advplugin.gallery import Gallery, make_engine
+from advplugin.gallery.erasure import ErasureKeyStore
 from advplugin.gallery.index import TemplateIndex
 from advplugin.gallery.sealing import (
+    ERASABLE_SUBJECT_KEY_BYTES,
     OVERHEAD,
-    SUBJECT_KEY_BYTES,
     LocalKeyProvider,
     MasterKeyError,
     TamperedError,
@@ -73,7 +74,7 @@ def test_new_gallery_stores_only_ciphertext_and_reads_back(gallery: Gallery, gal
     with engine.connect() as conn:
         keys = [bytes(k) for (k,) in conn.execute(text("SELECT sealed_key FROM subjects"))]
     engine.dispose()
-    assert len(keys) == 4 and all(len(k) == SUBJECT_KEY_BYTES for k in keys)
+    assert len(keys) == 4 and all(len(k) == ERASABLE_SUBJECT_KEY_BYTES for k in keys)
     rows = gallery.template_rows(ids)
     np.testing.assert_array_equal(np.stack([rows[i].vector for i in ids]), t)
     (batch,) = gallery.iter_templates()
@@ -325,12 +326,14 @@ def test_db_seal_status_and_rewrap_commands(tmp_path, protector, master_key_file
     assert "NOT sealed" in capsys.readouterr().out
     assert not master_key_file.exists()
     assert main(["db", "seal", "--database-url", url, "--chunk-size", "3"]) == 0
-    assert "sealed 7 templates" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "sealed 7 templates" in out  # their subjects' new keys come with erasure keys
     assert stat.S_IMODE(master_key_file.stat().st_mode) == 0o600  # made by `db seal`
     assert all(len(v) == sealed_size(DIM) for v in _raw_rows(url).values())
     assert main(["db", "seal", "--database-url", url]) == 0  # idempotent
     main(["db", "status", "--database-url", url])
-    assert "storage: sealed" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "storage: sealed" in out and "erasure: 0 subjects without an erasure key" in out
 
     new = tmp_path / "new.key"
     before = _raw_rows(url)
@@ -338,7 +341,8 @@ def test_db_seal_status_and_rewrap_commands(tmp_path, protector, master_key_file
     assert _raw_rows(url) == before
     with pytest.raises(MasterKeyError):
         Gallery.open(url, master_key=LocalKeyProvider.from_file(master_key_file))
-    with Gallery.open(url, master_key=LocalKeyProvider.from_file(new)) as g:
+    erasure = ErasureKeyStore.open(tmp_path / "erasure-keys.db")  # beside the master key: the default
+    with Gallery.open(url, master_key=LocalKeyProvider.from_file(new), erasure=erasure) as g:
         assert sorted(g.template_rows(ids)) == ids
     # A command that needs vectors, with the old (now wrong) master key: one clear line.
     from advplugin.keys import write_key

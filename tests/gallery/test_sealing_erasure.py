@@ -2,8 +2,9 @@
 PostgreSQL: after DELETE /subjects, after kill -9 and after a restart, the files hold no
 plaintext template, SQLite's files (database, WAL, snapshot) not even the ciphertext or the
 subject's key; and a copy of the database taken BEFORE the delete opens nothing of the
-subject once the keys are rotated (`advplugin db rewrap --new-master-key --new-data-key`)
-and the old master key destroyed: crypto-shredding, for copies the delete cannot reach.
+subject, with the unchanged master key: its erasure key, held outside the database, was
+shredded by the delete (crypto-shredding, for copies the delete cannot reach). Rotating the
+keys (`advplugin db rewrap --new-master-key --new-data-key`) then retires the whole copy.
 """
 
 from __future__ import annotations
@@ -20,8 +21,9 @@ from sqlalchemy import text
 
 from advplugin.cli.main import main
 from advplugin.gallery import Gallery, make_engine
-from advplugin.gallery.sealing import LocalKeyProvider, MasterKeyError, TamperedError
+from advplugin.gallery.sealing import ErasedError, LocalKeyProvider, MasterKeyError, TamperedError
 from advplugin.protectors import create_protector
+from tests.conftest import env_erasure_store
 from tests.service.conftest import Server, migrated_database
 from tests.service.helpers import protection_of
 
@@ -152,19 +154,28 @@ def test_deleted_subject_is_gone_from_files_and_shredded_in_copies(
     finally:
         server.stop()
 
-    # The copy taken before the delete still holds the victim (control, with the old key)...
+    # The copy taken before the delete holds the victim's rows, and the master key has not
+    # changed, yet they open nothing: the victim's erasure key left the store at the delete.
     old_master = LocalKeyProvider.from_file(master_key_file)
-    with Gallery.open(backup_url, master_key=old_master) as g:
+    erasure = env_erasure_store()
+    with Gallery.open(backup_url, master_key=old_master, erasure=erasure) as g:
         assert "Victim" in {s.name for s in g.list_subjects()}
-        assert len([b for b in g.iter_templates() for s in b.subjects if s == "Victim"]) == 2
-    # ...until the keys are rotated and the old master key destroyed.
+        sealer = g.snapshot_sealer()
+        assert sealer is not None
+        with pytest.raises(ErasedError, match="Victim"):
+            sealer.subject_cipher(g.collection_id(), "Victim", subject_key)
+        with pytest.raises(ErasedError, match="Victim"):
+            list(g.iter_templates())
+        assert sorted(name for _, name in g.purge_erased()) == ["Victim"]
+        assert sorted(s for b in g.iter_templates() for s in b.subjects) == sorted(NAMES[2:])  # the rest reads
+    # Rotating the keys and destroying the old master key retires the copy as a whole.
     new_key = tmp_path / "new-master.key"
     assert main(["db", "rewrap", "--database-url", url, "--new-master-key", str(new_key), "--new-data-key"]) == 0
     master_key_file.unlink()
     new_master = LocalKeyProvider.from_file(new_key)
     with pytest.raises(MasterKeyError):
         Gallery.open(backup_url, master_key=new_master)
-    with Gallery.open(url, master_key=new_master) as g:
+    with Gallery.open(url, master_key=new_master, erasure=env_erasure_store()) as g:
         remaining = [s for b in g.iter_templates() for s in b.subjects]
         assert remaining == NAMES[2:]  # everyone else reads, with the new keys
         sealer = g.snapshot_sealer()

@@ -13,7 +13,7 @@ import pytest
 from advplugin.gallery import Gallery
 from advplugin.gallery.snapshot import open_snapshot
 from advplugin.protectors import create_protector
-from tests.conftest import env_master_key
+from tests.conftest import env_erasure_store, env_master_key
 from tests.service.conftest import migrated_database
 from tests.service.helpers import protection_of
 from tests.service.test_subjects import template_env
@@ -83,7 +83,7 @@ def test_sigkill_mid_stream(backend, key, tmp_path, make_server, request) -> Non
     server.stop()  # graceful: writes the final snapshot
 
     # SQL and the persisted index hold exactly the same ids.
-    with Gallery.open(url, master_key=env_master_key()) as g:
+    with Gallery.open(url, master_key=env_master_key(), erasure=env_erasure_store()) as g:
         sql_ids = np.sort(np.concatenate([b.ids for b in g.iter_templates()]))
         sql_names = {s.name for s in g.list_subjects(limit=10_000)}
         sealer = g.snapshot_sealer()  # the snapshot is sealed like the gallery

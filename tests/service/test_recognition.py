@@ -22,7 +22,7 @@ from advplugin.gallery import Gallery, make_engine
 from advplugin.images import load_image
 from advplugin.keys import load_key
 from advplugin.protectors import create_protector
-from tests.conftest import env_master_key
+from tests.conftest import env_erasure_store, env_master_key
 from tests.service.conftest import migrated_database
 from tests.service.helpers import (
     assert_no_raw_bytes,
@@ -138,7 +138,7 @@ def test_lfw_subset_with_images_and_raw_embedding_scan(
     # --- scan everything the server wrote for the raw embeddings of these images ---------------
     raws = np.stack([it[3] for it in usable]).astype(np.float64)
     server.stop()  # flushes the FAISS snapshot and the SQLite WAL
-    with Gallery.open(url, master_key=env_master_key()) as g:
+    with Gallery.open(url, master_key=env_master_key(), erasure=env_erasure_store()) as g:
         stored = np.concatenate([b.vectors for b in g.iter_templates()])
     assert len(stored) == len(gallery)
     # Control: the stored templates are the protected ones...

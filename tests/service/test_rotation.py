@@ -22,7 +22,7 @@ from advplugin.cli.main import main
 from advplugin.gallery import Gallery
 from advplugin.keys import write_key
 from advplugin.protectors import create_protector
-from tests.conftest import env_master_key
+from tests.conftest import env_erasure_store, env_master_key
 from tests.service.conftest import migrated_database
 from tests.service.helpers import protection_of
 
@@ -120,7 +120,7 @@ def test_live_rotation_over_http(backend, lfw_cache, face_data, tmp_path, make_s
     assert [a[0][0] for a in before_img[:N_IMAGES]] == truth[:N_IMAGES]
 
     # -- a rotation started while a one-key service runs: it refuses to answer (503) ----------
-    with Gallery.open(url, master_key=env_master_key()) as g:
+    with Gallery.open(url, master_key=env_master_key(), erasure=env_erasure_store()) as g:
         with pytest.raises(KeyboardInterrupt):
             rotate_key(g, k1, k2, chunk_size=100, on_chunk=_stop_after(2))
         assert g.count_templates(key_id=k2.key_id) == 200
@@ -155,7 +155,7 @@ def test_live_rotation_over_http(backend, lfw_cache, face_data, tmp_path, make_s
         r = c.post("/enroll", data={"subject": "Newcomer"}, files={"file": ("p.jpg", images[1], "image/jpeg")})
         assert r.status_code == 201, r.text
         new_id = r.json()["templates"][0]["template_id"]
-        with Gallery.open(url, master_key=env_master_key()) as g:
+        with Gallery.open(url, master_key=env_master_key(), erasure=env_erasure_store()) as g:
             assert g.template_rows([new_id])[new_id].key_id == k2.key_id
         # Templates under the retiring key are refused at the door (they would be ambiguous).
         r = c.post("/identify/templates", json={"protection": protection_of(p1), "templates": [[0.1] * 128]})
@@ -163,7 +163,7 @@ def test_live_rotation_over_http(backend, lfw_cache, face_data, tmp_path, make_s
         assert c.delete("/subjects/Newcomer").status_code == 200
 
         # More chunks rotated by another process while this service answers.
-        with Gallery.open(url, master_key=env_master_key()) as g:
+        with Gallery.open(url, master_key=env_master_key(), erasure=env_erasure_store()) as g:
             with pytest.raises(KeyboardInterrupt):
                 rotate_key(g, k1, k2, chunk_size=100, on_chunk=_stop_after(1))
         _same(ask.images_now(), before_img)
@@ -210,7 +210,7 @@ def test_template_mode_during_rotation_says_what_to_do(lfw_cache, tmp_path, make
         r = c.post("/enroll/templates", json={"protection": protection_of(p1), "items": [
             {"subject": n, "template": t.tolist()} for n, t in zip(identity, p1.protect(emb), strict=True)]})
         assert r.status_code == 201
-    with Gallery.open(url, master_key=env_master_key()) as g, pytest.raises(KeyboardInterrupt):
+    with Gallery.open(url, master_key=env_master_key(), erasure=env_erasure_store()) as g, pytest.raises(KeyboardInterrupt):
         rotate_key(g, k1, k2, chunk_size=100, on_chunk=_stop_after(1))
     with server.client() as c:
         r = c.post("/identify/templates", json={"protection": protection_of(p1), "templates": p1.protect(emb[:2]).tolist()})

@@ -7,6 +7,7 @@ import pytest
 
 from advplugin.gallery import Gallery
 from advplugin.protectors import create_protector
+from tests.conftest import env_master_key
 from tests.service.conftest import migrated_database
 from tests.service.helpers import protection_of
 
@@ -50,6 +51,9 @@ def test_delete_subject_everywhere_and_after_restart(backend, key, tmp_path, mak
         assert c.delete("/subjects/Ann").status_code == 404
         st = c.get("/status").json()
         assert st["template_count"] == 3 == st["index"]["size"]
+        # A new gallery is sealed, with erasure keys outside the database (ids only, no paths).
+        assert st["storage"]["sealed"] and st["storage"]["erasure_keys"] and not st["storage"]["converting"]
+        assert st["storage"]["master_key_ids"] == [env_master_key().key_id]
 
     with Gallery.open(url) as g:
         assert g.count_templates() == 3 and "Ann" not in [s.name for s in g.list_subjects()]

@@ -14,7 +14,7 @@ from advplugin.gallery import Gallery
 from advplugin.images import load_image
 from advplugin.keys import load_key
 from advplugin.protectors import create_protector
-from tests.conftest import env_master_key
+from tests.conftest import env_erasure_store, env_master_key
 from tests.service.conftest import migrated_database
 from tests.service.helpers import example_client_module, first_vs_rest, max_cosine, protection_of
 
@@ -72,7 +72,7 @@ def test_image_mode_identifies_like_offline(face_data, key_file, tmp_path, make_
         )
         assert top == people[int(np.argmax(offline_scores))]
     server.stop()
-    with Gallery.open(url, master_key=env_master_key()) as g:
+    with Gallery.open(url, master_key=env_master_key(), erasure=env_erasure_store()) as g:
         stored = np.concatenate([b.vectors for b in g.iter_templates()])
     np.testing.assert_allclose(stored, protector.protect(np.stack(raws)), atol=1e-5)
     assert max_cosine(stored, np.stack(raws + probe_raws).astype(np.float64)) < 0.5

@@ -1,0 +1,165 @@
+"""The erasure key store: per-subject key material kept OUTSIDE the gallery database, so that
+deleting a subject makes every copy of its templates unreadable, backups included.
+
+Why: a key stored in the database is in every copy of the database. Sealed storage wraps
+each subject's key under the gallery data key, so a dump or backup taken *before* a delete
+still opens the deleted subject's templates for whoever also holds the (unchanged) master
+key. Crypto-shredding needs a secret the copy lacks. Here every subject sealed since this
+store exists gets a random 32-byte *erasure key* held only in this store; the key its
+templates are sealed under is derived from both the subject key in the database and the
+erasure key (`advplugin.gallery.sealing.Sealer`). Deleting the subject shreds its erasure
+key: from then on no copy of the database, WAL, backup or snapshot can open its templates,
+with any master key.
+
+Entries are found by a *reference* (16 bytes) derived one-way from the subject key, so the
+store alone says nothing about who is enrolled, and one store may serve several galleries.
+Index snapshots get an erasure key each too (kind `snapshot`), shredded when a newer
+snapshot replaces them: a copied snapshot file dies with the next snapshot.
+
+Storage: any SQLAlchemy URL. The default is a SQLite file beside the master key, outside the
+data folder (`erasure-keys.db`), 0600 in a 0700 folder, `secure_delete` on, and the WAL
+checkpointed after every shred, so a shredded key leaves the file's live pages. Several
+service replicas need one shared store: give them the URL of a small database of its own
+(e.g. PostgreSQL) that is NOT backed up with the gallery, or with a short retention: a
+backup of this store taken before a delete keeps that subject's erasure key (as a backup
+of the master key keeps the data key). docs/sealed-storage.md, "Erasure".
+"""
+
+from __future__ import annotations
+
+import secrets
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+
+from sqlalchemy import (
+    Column,
+    DateTime,
+    Engine,
+    LargeBinary,
+    MetaData,
+    String,
+    Table,
+    delete,
+    func,
+    select,
+)
+
+from advplugin.gallery.database import make_engine, sqlite_path
+from advplugin.gallery.models import utcnow
+
+#: Bytes of an erasure key and of a reference to one.
+ERASURE_KEY_BYTES = 32
+REF_BYTES = 16
+_IN = 500  # references per IN (...) clause
+
+_metadata = MetaData()
+_keys = Table(
+    "erasure_keys",
+    _metadata,
+    Column("ref", LargeBinary(REF_BYTES), primary_key=True),
+    Column("secret", LargeBinary(ERASURE_KEY_BYTES), nullable=False),
+    # "subject", or "snapshot:<scope>" (one live snapshot key per scope)
+    Column("kind", String(200), nullable=False),
+    Column("created_at", DateTime(timezone=True), nullable=False),
+)
+
+
+class ErasureKeyStore:
+    """Erasure keys by reference. Thread-safe (one engine); every call is its own committed
+    transaction (durable before it returns: SQLite with synchronous=FULL)."""
+
+    def __init__(self, engine: Engine, description: str) -> None:
+        self.engine = engine
+        self.description = description
+        _metadata.create_all(engine)
+
+    @classmethod
+    def open(cls, location: str | Path) -> ErasureKeyStore:
+        """A store at a SQLAlchemy URL, or a SQLite file at a path (its folder made 0700,
+        the file 0600)."""
+        loc = str(location)
+        if "://" not in loc:
+            path = Path(loc).absolute()
+            path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+            loc = f"sqlite:///{path}"
+        engine = make_engine(loc)
+        where = sqlite_path(loc)
+        description = f"erasure key store {where}" if where else (
+            "erasure key store " + engine.url.render_as_string(hide_password=True)
+        )
+        return cls(engine, description)
+
+    def close(self) -> None:
+        self.engine.dispose()
+
+    def __repr__(self) -> str:
+        return f"ErasureKeyStore({self.description!r})"
+
+    # -- keys ----------------------------------------------------------------------------------
+    def create(self, refs: Sequence[bytes], *, kind: str = "subject") -> dict[bytes, bytes]:
+        """New random erasure keys for `refs`, stored (committed) before they are returned,
+        so a template is never sealed under a key the store could lose."""
+        if not refs:
+            return {}
+        out = {bytes(r): secrets.token_bytes(ERASURE_KEY_BYTES) for r in refs}
+        # The driver's executemany with plain tuples: a migration creates one key per new
+        # subject, and SQLAlchemy's per-row parameter handling cost more than the insert.
+        ph = self._placeholder
+        created = _keys.c.created_at.type.dialect_impl(self.engine.dialect).bind_processor(self.engine.dialect)
+        now = created(utcnow()) if created else utcnow()
+        with self.engine.begin() as conn:
+            conn.exec_driver_sql(
+                f"INSERT INTO erasure_keys (ref, secret, kind, created_at) VALUES ({ph}, {ph}, {ph}, {ph})",  # noqa: S608 - placeholders only
+                [(r, s, kind, now) for r, s in out.items()],
+            )
+        return out
+
+    def get(self, refs: Iterable[bytes]) -> dict[bytes, bytes]:
+        """{ref: erasure key} for the references still present (shredded ones are absent)."""
+        wanted = list(dict.fromkeys(bytes(r) for r in refs))
+        out: dict[bytes, bytes] = {}
+        ph = self._placeholder
+        with self.engine.connect() as conn:
+            for i in range(0, len(wanted), _IN):
+                part = wanted[i : i + _IN]
+                q = f"SELECT ref, secret FROM erasure_keys WHERE ref IN ({', '.join([ph] * len(part))})"  # noqa: S608 - placeholders only
+                out.update({bytes(r): bytes(s) for r, s in conn.exec_driver_sql(q, tuple(part))})
+        return out
+
+    @property
+    def _placeholder(self) -> str:
+        return "?" if self.engine.dialect.paramstyle == "qmark" else "%s"
+
+    def shred(self, refs: Iterable[bytes]) -> int:
+        """Delete erasure keys (unknown references are ignored); returns how many went. On
+        SQLite the freed cells are zeroed (secure_delete) and the WAL is checkpointed, so
+        the key's bytes leave the store's files."""
+        gone = list(dict.fromkeys(bytes(r) for r in refs))
+        if not gone:
+            return 0
+        n = 0
+        with self.engine.begin() as conn:
+            for i in range(0, len(gone), _IN):
+                n += conn.execute(delete(_keys).where(_keys.c.ref.in_(gone[i : i + _IN]))).rowcount
+        self._checkpoint()
+        return n
+
+    def shred_kind_except(self, kind: str, keep: bytes) -> int:
+        """Shred every key of `kind` but `keep` (older snapshot keys of one scope)."""
+        with self.engine.connect() as conn:
+            refs = [bytes(r) for r in conn.scalars(select(_keys.c.ref).where(_keys.c.kind == kind, _keys.c.ref != keep))]
+        return self.shred(refs)
+
+    def count(self, kind: str | None = None) -> int:
+        """Keys held (of one kind): for `advplugin db status` and tests."""
+        q = select(func.count()).select_from(_keys)
+        if kind is not None:
+            q = q.where(_keys.c.kind == kind)
+        with self.engine.connect() as conn:
+            return int(conn.scalar(q) or 0)
+
+    def _checkpoint(self) -> None:
+        if self.engine.dialect.name != "sqlite":
+            return
+        with self.engine.connect() as conn:
+            conn.exec_driver_sql("PRAGMA wal_checkpoint(TRUNCATE)").one()
