@@ -72,7 +72,7 @@ class Settings(BaseSettings):
 
     data_dir: Path = Path(".advplugin/data")
     database_url: str | None = Field(None, description="SQLAlchemy URL; default: SQLite in data_dir")
-    key_file: Path | None = Field(None, description="default: data_dir/key (created 0600 if missing)")
+    key_file: Path | None = Field(None, description="default: <data_dir>/../key (created 0600 if missing)")
     #: During a key rotation (images mode): the key being retired. `key_file` is then the new
     #: key; templates still under this one are matched with it (docs/migration.md).
     previous_key_file: Path | None = Field(None, description="the old key while a key rotation runs")
@@ -152,7 +152,13 @@ class Settings(BaseSettings):
 
     @property
     def resolved_key_file(self) -> Path:
-        return self.key_file or self.data_dir / "key"
+        """The scheme key: beside the data folder, not in it (like the master key), so a
+        copy of the data folder does not carry the key that inverts its templates. A key
+        left inside the folder by an earlier release (`<data_dir>/key`) is still used."""
+        if self.key_file is not None:
+            return self.key_file
+        legacy = self.data_dir / "key"
+        return legacy if legacy.exists() else self.data_dir.absolute().parent / "key"
 
     @property
     def resolved_master_key_file(self) -> Path:

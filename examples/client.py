@@ -9,7 +9,7 @@ Two ways to use the service:
     python examples/client.py --url http://127.0.0.1:8000 --api-key-file .advplugin/data/api-key \
         enroll Ada photo1.jpg
     python examples/client.py ... identify photo2.jpg
-    python examples/client.py ... --key-file .advplugin/data/key enroll-templates Ada photo1.jpg
+    python examples/client.py ... --key-file .advplugin/key enroll-templates Ada photo1.jpg
     python examples/client.py ... status
 
 The HTTP part is the typed client package `advplugin.client` (sync `Client`, async
@@ -64,7 +64,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--url", default="http://127.0.0.1:8000")
     p.add_argument("--api-key-file", default=".advplugin/data/api-key")
-    p.add_argument("--key-file", default=".advplugin/data/key", help="for the *-templates commands")
+    p.add_argument("--key-file", default=".advplugin/key", help="for the *-templates commands")
     sub = p.add_subparsers(dest="cmd", required=True)
     for name in ("enroll", "enroll-templates"):
         s = sub.add_parser(name)

@@ -34,8 +34,9 @@ def _jpeg(array: np.ndarray) -> bytes:
 
 def test_embedded_defaults(default_server) -> None:
     data = default_server.workdir / ".advplugin" / "data"
-    key_file = data / "key"
-    assert stat.S_IMODE(key_file.stat().st_mode) == 0o600
+    key_file = data.parent / "key"  # beside the data folder, not in it (a copy of it holds no key)
+    assert stat.S_IMODE(key_file.stat().st_mode) == 0o600 and not (data / "key").exists()
+    assert (data.parent / "erasure-keys.db").is_file()  # erasure keys beside it too
     assert (data / "gallery.db").is_file() and list((data / "index").glob("*.npz"))
     with default_server.client() as c:
         st = c.get("/status").json()
