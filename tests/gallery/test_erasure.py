@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from sqlalchemy import text
+from sqlalchemy.exc import IntegrityError
 
 from advplugin.gallery import Gallery, make_engine
 from advplugin.gallery.erasure import ErasureKeyStore
@@ -78,6 +79,33 @@ def test_store_files_are_owner_only(erasure: ErasureKeyStore, tmp_path: Path) ->
     for f in folder.iterdir():
         assert stat.S_IMODE(f.stat().st_mode) == 0o600, f
     store.close()
+
+
+@pytest.mark.parametrize("where", ["file", "postgresql"])
+def test_store_creates_gets_and_shreds(where: str, tmp_path: Path, request: pytest.FixtureRequest) -> None:
+    """The store on its own, as a file and as a shared database (replicas)."""
+    if where == "file":
+        store = ErasureKeyStore.open(tmp_path / "erasure-keys.db")
+    else:
+        url = request.getfixturevalue("postgres_url")
+        store = ErasureKeyStore.open(url)
+        with store.engine.begin() as conn:
+            conn.exec_driver_sql("DELETE FROM erasure_keys")
+    try:
+        refs = [bytes([i]) * 16 for i in range(3)]
+        made = store.create(refs)
+        assert len(set(made.values())) == 3 and all(len(k) == 32 for k in made.values())
+        assert store.get([*refs, b"x" * 16]) == made  # unknown references are simply absent
+        snaps = [store.create([bytes([9, i]) * 8], kind="snapshot:s")[bytes([9, i]) * 8] for i in range(2)]
+        assert len(snaps) == 2 and store.shred_kind_except("snapshot:s", keep=bytes([9, 1]) * 8) == 1
+        assert store.shred([refs[0], refs[0], b"x" * 16]) == 1
+        assert store.get(refs) == {r: made[r] for r in refs[1:]}
+        assert store.count("subject") == 2 and store.count() == 3
+        with pytest.raises(IntegrityError):  # a reference is never silently given a second key
+            store.create([refs[1]])
+        assert store.get([refs[1]]) == {refs[1]: made[refs[1]]}
+    finally:
+        store.close()
 
 
 def test_a_copy_made_before_a_delete_opens_nothing_of_the_subject(

@@ -16,15 +16,16 @@ from advplugin.protectors import create_protector
 from tests.conftest import env_erasure_store, env_master_key
 from tests.service.conftest import migrated_database
 from tests.service.helpers import protection_of
-from tests.service.test_subjects import template_env
+from tests.service.test_subjects import INDEXES, index_env, template_env
 
 
+@pytest.mark.parametrize("index", INDEXES)
 @pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
-def test_sigkill_mid_stream(backend, key, tmp_path, make_server, request) -> None:
+def test_sigkill_mid_stream(backend, index, key, tmp_path, make_server, request) -> None:
     protector = create_protector("xnn", key=key, dim=128)
     prot = protection_of(protector)
     url = migrated_database(backend, tmp_path, request)
-    env = template_env(url, tmp_path, key) | {"ADVPLUGIN_SNAPSHOT_EVERY": "7"}
+    env = template_env(url, tmp_path, key) | index_env(index) | {"ADVPLUGIN_SNAPSHOT_EVERY": "7"}
     server = make_server(env)
     templates = protector.protect(np.random.default_rng(1).normal(size=(400, 128)).astype(np.float32))
 
@@ -88,6 +89,8 @@ def test_sigkill_mid_stream(backend, key, tmp_path, make_server, request) -> Non
         sql_names = {s.name for s in g.list_subjects(limit=10_000)}
         sealer = g.snapshot_sealer()  # the snapshot is sealed like the gallery
     assert set(alive) <= sql_names and not sql_names & set(deleted)
+    if index == "milvus":  # its state lives in Milvus (its snapshot file is a handle): /status agreed above
+        return
     (snap,) = (tmp_path / "data" / "index").glob("*.npz")
     _, index = open_snapshot(snap, sealer=sealer)
     np.testing.assert_array_equal(index.ids(), sql_ids)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import importlib.util
+
 import numpy as np
 import pytest
 
@@ -25,12 +27,26 @@ def _top1(client, t: np.ndarray, prot: dict) -> list[str | None]:
     return [r["subjects"][0]["subject"] if r["subjects"] else None for r in res["result"]]
 
 
+#: The service suites run on both index backends: FAISS (default) and Milvus (milvus-lite
+#: embedded in the data folder, as a single node uses it; replicas: test_milvus_replicas.py).
+INDEXES = [
+    pytest.param("faiss-flat", id="faiss"),
+    pytest.param("milvus", id="milvus", marks=pytest.mark.skipif(
+        importlib.util.find_spec("milvus_lite") is None, reason="milvus-lite not installed (extra `milvus`)")),
+]
+
+
+def index_env(index: str) -> dict[str, str]:
+    return {"ADVPLUGIN_INDEX__BACKEND": index}
+
+
+@pytest.mark.parametrize("index", INDEXES)
 @pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
-def test_delete_subject_everywhere_and_after_restart(backend, key, tmp_path, make_server, request) -> None:
+def test_delete_subject_everywhere_and_after_restart(backend, index, key, tmp_path, make_server, request) -> None:
     protector = create_protector("xnn", key=key, dim=128)
     prot = protection_of(protector)
     url = migrated_database(backend, tmp_path, request)
-    server = make_server(template_env(url, tmp_path, key))
+    server = make_server(template_env(url, tmp_path, key) | index_env(index))
     t = protector.protect(np.random.default_rng(0).normal(size=(5, 128)).astype(np.float32))
     names = ["Ann", "Ann", "Bob", "Cy", "Dee"]
     with server.client() as c:
