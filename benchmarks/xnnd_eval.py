@@ -1,6 +1,7 @@
-"""`xnn-d` beside raw, `xnn` and `advface` on the stored embedding (lfw-dev dlib cache), every
-attack trained on the evaluation's train people and measured on its test people (the identity
-hash of `advplugin evaluate-split`, test fraction 0.5), all schemes in one run:
+"""`xnn-d` (release 2, the default, and release 1 beside it) next to raw, `xnn` and `advface`
+on the stored embedding (lfw-dev dlib cache), every attack trained on the evaluation's train
+people and measured on its test people (the identity hash of `advplugin evaluate-split`, test
+fraction 0.5), all schemes in one run:
 
     .venv/bin/python benchmarks/xnnd_eval.py            # ~10 min on 2 busy cores
 
@@ -13,10 +14,12 @@ hash of `advplugin evaluate-split`, test fraction 0.5), all schemes in one run:
 - the paper's black-box attacker: a fresh identity head (`training.xnnd.train_matcher_head`)
   trained on the attacker's labelled train people through what it can run, re-identifying
   test people (leaked one photo each vs the other photos, same protocol):
-  on the raw embedding; on `xnn-d`'s intermediate f = u + G(u) (G ships, so it is public);
+  on the raw embedding; on `xnn-d`'s intermediate f = u + G(u) (G ships, so it is public),
+  and the cosine of an affine inverse of G fitted on the attacker's own photos;
   on `xnn-d`'s stored templates with the key withheld (the head on S(G(u)), which it can
   compute, applied to keyed templates) and with the key leaked (S leaked with it);
-- D_sys across two keys (`evaluation.attacks.unlinkability`);
+- D_sys across two keys (`evaluation.attacks.unlinkability`): one pair per scheme, and the
+  keyed schemes over `--dsys-pairs` key pairs (the same pairs for each; mean, min, max);
 - protect + score throughput of `xnn` and `xnn-d` (one thread, all 9,949 embeddings).
 Writes benchmarks/results/xnnd_eval.json.
 """
@@ -51,9 +54,22 @@ from advplugin.evaluation.metrics import rank1_identification, read_pairs
 from advplugin.keys import Key
 from advplugin.protectors import create_protector
 from advplugin.protectors.xnnd import XNNDProtector
-from advplugin.training.xnnd import split_masks, train_matcher_head, unit
+from advplugin.protectors.xnnd import mlp as numpy_mlp
+from advplugin.training.xnnd import (
+    fit_linear_student,
+    split_masks,
+    train_matcher_head,
+    unit,
+)
 
-SCHEMES = ("none", "xnn", "advface", "xnn-d")
+#: (row name, scheme, options): `xnn-d` is release 2 (the default); release 1 beside it.
+SCHEMES: tuple[tuple[str, str, dict[str, object]], ...] = (
+    ("none", "none", {}),
+    ("xnn", "xnn", {}),
+    ("advface", "advface", {}),
+    ("xnn-d", "xnn-d", {}),
+    ("xnn-d release 1", "xnn-d", {"release": 1}),
+)
 
 
 def reidentify(estimates: np.ndarray, search: np.ndarray, identity: np.ndarray) -> float:
@@ -89,6 +105,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--mlp-epochs", type=int, default=20)
     ap.add_argument("--max-impostors", type=int, default=2_000_000)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--dsys-pairs", type=int, default=6, help="key pairs for D_sys's spread")
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
     rng = np.random.default_rng(args.seed)
@@ -101,8 +118,8 @@ def main(argv: list[str] | None = None) -> int:
     figures: dict[str, object] = {"train_images": int(tr.sum()), "test_images": int(te.sum())}
 
     util_rows, known_rows = [], []
-    for name in SCHEMES:
-        p = create_protector(name, key=key, dim=128)
+    for name, scheme, options in SCHEMES:
+        p = create_protector(scheme, key=key, dim=128, **options)
         t_tr, t_te = p.protect(raw[tr]), p.protect(raw[te])
         u = attacks.utility(
             p.score, t_te, ident[te], paths[te], protocol,
@@ -127,7 +144,7 @@ def main(argv: list[str] | None = None) -> int:
         known["naive"] = attacks.identification_rate(t_te[attacks.leak_probes(ident[te])[0]], raw[te], ident[te])
         row["known_pairs"] = known
         if p.keyed:
-            second = create_protector(name, key=Key.generate(), dim=128)
+            second = create_protector(scheme, key=Key.generate(), dim=128, **options)
             link = attacks.unlinkability(
                 p.score, t_te, second.protect(raw[te]), ident[te],
                 max_impostors=200_000, rng=rng,
@@ -142,6 +159,25 @@ def main(argv: list[str] | None = None) -> int:
                            *(known[f"mlp_{n}"] for n in sizes), known[f"mlp_{int(tr.sum())}"]])
         print(f"{name}: done", flush=True)
 
+    # -- D_sys over several key pairs: one pair's estimate varies by a factor of 3-4 between
+    # pairs for the same scheme, so schemes are compared on the same pairs, by their mean.
+    key_pairs = [(Key.generate(), Key.generate()) for _ in range(args.dsys_pairs)]
+    dsys_keys: dict[str, dict[str, object]] = {}
+    for name, scheme, options in SCHEMES:
+        if not create_protector(scheme, key=key, dim=128, **options).keyed:
+            continue
+        values = []
+        for k1, k2 in key_pairs:
+            p1 = create_protector(scheme, key=k1, dim=128, **options)
+            p2 = create_protector(scheme, key=k2, dim=128, **options)
+            link = attacks.unlinkability(
+                p1.score, p1.protect(raw[te]), p2.protect(raw[te]), ident[te],
+                max_impostors=200_000, rng=rng,
+            )  # fmt: skip
+            values.append(float(link["d_sys"]))
+        dsys_keys[name] = {"mean": float(np.mean(values)), "min": min(values), "max": max(values), "values": values}
+    figures["d_sys_over_key_pairs"] = dsys_keys
+
     # -- the paper's black-box attacker --------------------------------------------------------
     p = create_protector("xnn-d", key=key, dim=128)
     assert isinstance(p, XNNDProtector)
@@ -155,6 +191,8 @@ def main(argv: list[str] | None = None) -> int:
     e_tr, e_te = p.matcher_embedding(raw[tr]), p.matcher_embedding(raw[te])
     templates_te = p.protect(raw[te])
     h_raw, h_f, h_e = head_on(u_tr), head_on(f_tr), head_on(e_tr)
+    # G is public: the attacker runs it on its own photos and inverts it by least squares.
+    g_inv_te = numpy_mlp(f_te, fit_linear_student(f_tr, u_tr))
     it = ident[te]
     blackbox = {
         "raw: cosine": reidentify(u_te, u_te, it),
@@ -163,6 +201,7 @@ def main(argv: list[str] | None = None) -> int:
         "xnn-d intermediate f: head trained through G": reidentify(
             head_features(h_f, f_te), head_features(h_f, f_te), it
         ),
+        "xnn-d intermediate f: cosine of an affine inverse of G": reidentify(g_inv_te, g_inv_te, it),
         "xnn-d stored, key withheld: head through S(G)": reidentify(
             head_features(h_e, templates_te), head_features(h_e, e_te), it
         ),
@@ -185,6 +224,9 @@ def main(argv: list[str] | None = None) -> int:
         ["scheme", "naive", *(f"linear n={n}" for n in sizes), *(f"MLP n={n}" for n in sizes), "MLP all"],
         known_rows,
     )
+    table(f"D_sys across two keys, {args.dsys_pairs} key pairs (same pairs for every scheme)",
+          ["scheme", "mean", "min", "max"],
+          [[k, v["mean"], v["min"], v["max"]] for k, v in dsys_keys.items()])
     table("Black-box attacker (paper): rank-1 re-identification of test people", ["attacker", "rank-1"],
           list(blackbox.items()))
     table("Throughput (one thread)", ["scheme", "protect/s", "score 100 x all (s)"],

@@ -6,8 +6,9 @@ network. Trained by `advplugin.training.xnnd` (docs/schemes/xnn-d.md: data, loss
     u = x / ||x||
     f = u + G(u)                 generator: adversarial noise against a surrogate identity
                                  classifier and a regressor back to u (trained in a game)
-    e = S(f) / ||S(f)||          distilled matcher: reads the noisy f, reproduces a teacher
-                                 head that saw clean u
+    e = S(f) / ||S(f)||          distilled matcher: reads the noisy f, reproduces the clean
+                                 embedding's geometry (release 2: an affine map fitted to u;
+                                 release 1: an MLP distilled from a teacher head on u)
     template = T_k e             `xnn` orthogonal transform of a sub-key of the gallery key
 
 Why the key comes last: S is shipped (it is in the package), so on its own anyone could run
@@ -18,12 +19,14 @@ matcher's score, so (1) the scorer needs no key (template mode works, `CosineSco
 matrix T_k2 T_k1^-1, applied to stored templates without raw embeddings (renewability).
 
 Honest scope: G and S are fixed, public functions, so the noise protects the intermediate f
-(what an XNN-d client would hand a matching cloud) against identity heads trained through G,
-not the stored template: whoever holds the key, or fits T_k from ~`dim` known (photo,
+(what an XNN-d client would hand a matching cloud) only against identity heads trained
+through G - not against an attacker who runs the public G on its own photos and inverts it
+(G is nearly affine on dlib embeddings; that inverse is what release 2's S is) - and not the
+stored template: whoever holds the key, or fits T_k from ~`dim` known (photo,
 template) pairs, holds a face embedding as discriminative as raw. Against a copied gallery
 without the key it stops what `xnn` stops; measured figures in docs/schemes/xnn-d.md.
 
-Inference is numpy (two small float32 MLPs and one orthogonal matrix), no torch.
+Inference is numpy (small float32 MLPs and one orthogonal matrix), no torch.
 """
 
 from __future__ import annotations
@@ -46,12 +49,27 @@ from advplugin.protectors.base import (
 )
 from advplugin.protectors.xnn import XNNProtector
 
-#: Trained weights per embedding dimension (dlib's 128-d), with their SHA-256.
-WEIGHTS = {
-    128: WeightsFile(
-        "xnnd-dlib128-v1.npz", "e0f70fb2ea182caa6d0842bfd490d84d001f7c9806a4d05dc84b5997cf2c700d"
-    ),
+#: Shipped weights releases, per embedding dimension (dlib's 128-d), with their SHA-256.
+#: A release keeps G; what changes is S (docs/schemes/xnn-d.md, "Releases"). Templates of two
+#: releases are different spaces: the weights' SHA-256 is in every row's config digest, so a
+#: gallery enrolled with release 1 is read with `release=1` and never mixed with release 2.
+RELEASES: dict[int, dict[int, WeightsFile]] = {
+    1: {
+        128: WeightsFile(
+            "xnnd-dlib128-v1.npz",
+            "e0f70fb2ea182caa6d0842bfd490d84d001f7c9806a4d05dc84b5997cf2c700d",
+        ),
+    },
+    2: {
+        128: WeightsFile(
+            "xnnd-dlib128-v2.npz",
+            "a1fc72521c291b50834aa4b3c99be5d139b93eb53e3a7afdab39e9b71dc37971",
+        ),
+    },
 }
+LATEST_RELEASE = max(RELEASES)
+#: The default (latest) release's weights: what `SchemeInfo` lists.
+WEIGHTS = RELEASES[LATEST_RELEASE]
 
 Layers = tuple[tuple[np.ndarray, np.ndarray], ...]  # (weight [in, out], bias [out]) per layer
 
@@ -60,6 +78,9 @@ Layers = tuple[tuple[np.ndarray, np.ndarray], ...]  # (weight [in, out], bias [o
 class XNNDConfig:
     #: A weights file other than the shipped one (e.g. one trained on your own embeddings).
     weights: str | None = None
+    #: Which shipped release to load when `weights` is not given: the latest by default, 1 for
+    #: galleries enrolled before release 2 (their rows' config digest is release 1's).
+    release: int = LATEST_RELEASE
 
 
 def mlp(h: np.ndarray, layers: Layers) -> np.ndarray:
@@ -129,13 +150,45 @@ class XNNDProtector(TrainedProtector):
 
     def __init__(self, *, dim: int, key: Key | None, config: XNNDConfig | None = None) -> None:
         super().__init__(dim=dim, key=key, config=config)
-        self._weights = self.weights_path(dim, self.config.weights)
+        self._weights = self.weights_path_for(dim, self.config)
         nets, record = load_weights(self._weights)
         if nets.dim != dim or nets.output_dim != dim:
             raise ValueError(f"xnn-d weights {self._weights.name} are not for dimension {dim}")
         self.nets = nets
         self.record = record
 
+    @classmethod
+    def make_config(cls, **options: object) -> XNNDConfig:
+        config: XNNDConfig = super().make_config(**options)
+        if config.release not in RELEASES:
+            raise ValueError(
+                f"xnn-d has no release {config.release!r}; releases: {sorted(RELEASES)}"
+            )
+        return config
+
+    @classmethod
+    def weights_path_for(cls, dim: int, config: XNNDConfig) -> Path:
+        """`weights_path` for the latest release (the class's `weights`) or a given file;
+        an earlier release's shipped file otherwise (SHA-256 verified the same way)."""
+        if config.weights is not None or config.release == LATEST_RELEASE:
+            return cls.weights_path(dim, config.weights)
+        files = RELEASES[config.release]
+        if dim not in files:
+            raise ValueError(f"xnn-d release {config.release} has no weights for dimension {dim}")
+        return files[dim].verified_path()
+
+    @classmethod
+    def digest_options(cls, config: XNNDConfig) -> dict[str, object]:
+        """Neither the path nor the release number: the weights' SHA-256 identifies both, so
+        release 1's templates keep the config digest they were stored with."""
+        return {k: v for k, v in super().digest_options(config).items() if k != "release"}
+
+    @classmethod
+    def weights_sha256(cls, dim: int, config: XNNDConfig) -> str | None:
+        if config.weights is None and config.release != LATEST_RELEASE:
+            w = RELEASES[config.release].get(dim)
+            return w.sha256 if w is not None else None
+        return super().weights_sha256(dim, config)
 
     @cached_property
     def _keyed(self) -> XNNProtector:

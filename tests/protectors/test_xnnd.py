@@ -2,7 +2,8 @@
 transform keeps the distilled matcher's scores, the matcher keeps held-out accuracy where
 cosine on the noisy feature alone does not do better, the intermediate noisy feature is far
 from the embedding, a key rotation works without raw embeddings, the runtime needs no torch,
-and missing dimensions or altered weights fail clearly."""
+missing dimensions or altered weights fail clearly, the latest release meets the issue's
+utility goals on held-out people, and release 1 stays loadable for galleries enrolled with it."""
 
 from __future__ import annotations
 
@@ -13,12 +14,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from advplugin.evaluation import attacks
 from advplugin.evaluation.data import identity_in_test, restrict_pairs
 from advplugin.evaluation.metrics import read_pairs, ten_fold_accuracy
 from advplugin.evaluation.pairs_report import cosine_scores
 from advplugin.keys import Key
 from advplugin.protectors import create_protector, scheme_info
-from advplugin.protectors.xnnd import WEIGHTS, XNNDProtector
+from advplugin.protectors.xnnd import LATEST_RELEASE, RELEASES, WEIGHTS, XNNDProtector
 
 DIM = 128
 
@@ -53,7 +55,10 @@ def test_keyed_transform_keeps_the_matcher_scores(key: Key, heldout) -> None:
     assert np.abs(np.sum(unit(x) * unit(t), axis=1)).max() < 0.5
 
 
-def test_heldout_accuracy_within_tolerance(key: Key, heldout, face_data: Path) -> None:
+@pytest.mark.parametrize("release", sorted(RELEASES))
+def test_heldout_accuracy_within_tolerance(
+    key: Key, heldout, face_data: Path, release: int
+) -> None:
     """On pairs of people the trainer never saw (the pairs file restricted to them)."""
     emb, paths = heldout["embedding"], heldout["path"]
     protocol = restrict_pairs(read_pairs(str(face_data / "lfw-dev-pairs.txt")), set(map(str, paths)))
@@ -66,10 +71,47 @@ def test_heldout_accuracy_within_tolerance(key: Key, heldout, face_data: Path) -
         s = np.array([score(t[a][None], t[b][None])[0, 0] for a, b in zip(left, right, strict=True)])
         return ten_fold_accuracy(s, protocol.same, protocol.fold)[0]
 
-    p = make(key)
+    p = make(key, release=release)
     raw = accuracy(emb, cosine_scores)
     assert raw > 0.95
     assert accuracy(p.protect(emb), p.score) >= raw - p.accuracy_tolerance
+
+
+def test_latest_release_meets_the_utility_goals(key: Key, heldout, face_data: Path) -> None:
+    """The issue's goals against raw, on held-out people: 10-fold accuracy within 0.5 pp,
+    TAR at FAR 1e-3 within 1.5 pp, rank-1 with distractors within 1 pp (release 1 missed the
+    last two: its MLP matcher generalised to new people worse than dlib)."""
+    emb, paths, ident = heldout["embedding"], heldout["path"], heldout["identity"]
+    protocol = restrict_pairs(read_pairs(str(face_data / "lfw-dev-pairs.txt")), set(map(str, paths)))
+
+    def utility(score, templates: np.ndarray) -> dict[str, object]:
+        rng = np.random.default_rng(0)
+        return attacks.utility(
+            score, templates, ident, paths, protocol, max_impostors=300_000, rng=rng
+        )
+
+    raw = utility(cosine_scores, emb)
+    p = make(key)
+    ours = utility(p.score, p.protect(emb))
+    assert ours["verification_accuracy"] >= raw["verification_accuracy"] - 0.005
+    assert ours["tar_at_far_1e-3"] >= raw["tar_at_far_1e-3"] - 0.015
+    assert ours["rank1"] >= raw["rank1"] - 0.01
+
+
+def test_release_1_stays_loadable_under_its_own_digest(key: Key, heldout) -> None:
+    """Rows enrolled with release 1 carry its config digest: `release=1` reproduces that
+    digest (the one its weights file gives) and its templates; the releases never mix."""
+    old, new = make(key, release=1), make(key)
+    assert new.config.release == LATEST_RELEASE > 1
+    by_file = make(key, weights=str(RELEASES[1][DIM].path))
+    assert old.metadata.config_digest == by_file.metadata.config_digest
+    assert old.metadata.config_digest != new.metadata.config_digest
+    assert scheme_info("xnn-d").config_digest(DIM, release=1) == old.metadata.config_digest
+    raw = heldout["embedding"][:50]
+    np.testing.assert_allclose(old.protect(raw), by_file.protect(raw), atol=1e-6)
+    assert old.rotation_to(new) is None
+    with pytest.raises(ValueError, match="no release 7"):
+        create_protector("xnn-d", key=key, dim=DIM, release=7)
 
 
 def test_noise_is_not_small(key: Key, heldout) -> None:
