@@ -6,8 +6,15 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from typing import TYPE_CHECKING
 
 from advplugin.cli.protect import build_protector
+
+if TYPE_CHECKING:
+    from sqlalchemy import Engine
+
+    from advplugin.bulk import Source
+    from advplugin.gallery import Gallery
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -18,14 +25,29 @@ def register(sub: argparse._SubParsersAction) -> None:
         "chunks, each chunk committed together with its checkpoint. Re-running the same command "
         "after a crash or Ctrl-C continues where it stopped, with no duplicate and no gap.",
     )
-    p.add_argument(
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument(
         "--from",
         dest="source",
-        required=True,
         help="SQLAlchemy URL of a database holding a table of vectors, or a .npy/.npz/.faiss file",
     )
+    src.add_argument(
+        "--from-compreface",
+        metavar="URL",
+        help="a CompreFace PostgreSQL database: every recognition service (API key) becomes a "
+        "collection named after it, its API key an advplugin key (docs/compreface.md)",
+    )
+    src.add_argument(
+        "--from-deepface",
+        metavar="URL",
+        help="a deepface PostgreSQL database (table `embeddings`, or a pgvector table); the "
+        "subject is the folder of img_name (docs/compreface.md)",
+    )
     p.add_argument("--to", dest="gallery", required=True, help="SQLAlchemy URL of the gallery")
-    p.add_argument("--collection", default="default", help="gallery collection (tenant)")
+    p.add_argument(
+        "--collection", default=None,
+        help="gallery collection (tenant); default: `default` (--from-compreface: the service's name)",
+    )
     p.add_argument("--scheme", required=True, help="protection scheme, e.g. xnn")
     p.add_argument("--key", help="key file (from `advplugin keygen`)")
     p.add_argument("--extractor", required=True, help="name of the extractor that made the vectors")
@@ -41,6 +63,8 @@ def register(sub: argparse._SubParsersAction) -> None:
         choices=["auto", "float32", "float64", "array", "json"],
         help="how vectors are stored: float32/float64 bytes, SQL arrays, or JSON text (auto: by type)",
     )
+    g.add_argument("--deepface-table", help="--from-deepface: the table (default: the one deepface table)")
+    g.add_argument("--deepface-model", help="--from-deepface: only rows of this model_name")
     p.add_argument("--mapping", help="CSV (id,subject) or JSON mapping file for .npy/.faiss sources")
     p.add_argument("--chunk-size", type=int, default=10_000, help="rows per chunk and transaction")
     p.add_argument("--workers", type=int, default=os.cpu_count(), help="protection threads")
@@ -86,22 +110,22 @@ def _open_gallery(url: str, *, upgrade: bool, seal_new: bool = True):
         raise ValueError(f"{e} (or pass --upgrade)") from None
 
 
-def run_migrate(args: argparse.Namespace) -> int:
-    from advplugin.bulk import (
-        job_name,
-        load_job,
-        migrate,
-        open_source,
-        set_job_state,
-        validate_source,
-        verify_migration,
-    )
+def _open_sources(args: argparse.Namespace) -> tuple[list[tuple[Source, str]], Engine | None]:
+    """[(source, collection)] of the command line, and an engine to dispose at the end (the
+    CompreFace preset's sources share one)."""
+    from advplugin.bulk import open_source
+    from advplugin.bulk.presets import DeepFaceSource, compreface_collections, compreface_services
 
-    if args.chunk_size < 1:
-        raise ValueError("--chunk-size must be positive")
-    if args.purge_source and not args.verify:
-        raise ValueError("--purge-source needs --verify: raw vectors are deleted only after it passes")
-    progress = not args.no_progress
+    if args.from_compreface:
+        engine, sources = compreface_services(args.from_compreface)
+        if not sources:
+            engine.dispose()
+            raise ValueError("the CompreFace database holds no embeddings")
+        return list(zip(sources, compreface_collections(sources, args.collection), strict=True)), engine
+    collection = args.collection or "default"
+    if args.from_deepface:
+        source = DeepFaceSource(args.from_deepface, table=args.deepface_table, model_name=args.deepface_model)
+        return [(source, collection)], None
     source = open_source(
         args.source,
         table=args.table,
@@ -111,88 +135,126 @@ def run_migrate(args: argparse.Namespace) -> int:
         vector_format=args.vector_format,
         mapping=args.mapping,
     )
-    gallery = _open_gallery(args.gallery, upgrade=args.upgrade and not args.dry_run, seal_new=not args.dry_run)
+    return [(source, collection)], None
+
+
+def run_migrate(args: argparse.Namespace) -> int:
+    if args.chunk_size < 1:
+        raise ValueError("--chunk-size must be positive")
+    if args.purge_source and not args.verify:
+        raise ValueError("--purge-source needs --verify: raw vectors are deleted only after it passes")
+    sources, engine = _open_sources(args)
     try:
-        report = validate_source(source, chunk_size=args.chunk_size, progress=progress)
-        print(f"source: {source.describe()}")
-        print(
-            f"rows: {report.rows}, dimension {report.dim}, {report.subjects} subjects, "
-            f"{report.bad} invalid, {report.duplicate_ids} duplicate ids"
-        )
-        for problem in report.problems():
-            print(f"problem: {problem}")
-        if not report.ok or report.dim is None:
-            print("nothing migrated: fix the source first" if report.rows else "source is empty")
-            return 1
-        protector = build_protector(args.scheme, args.key, report.dim, {})
-        name = job_name(source, args.collection, protector)
-        job = load_job(gallery, name)
-        m = protector.metadata
-        safe_url = gallery.engine.url.render_as_string(hide_password=True)
-        print(
-            f"plan: protect {report.rows} vectors with {m.scheme} v{m.scheme_version} (key id "
-            f"{m.key_id}) into {safe_url} collection {args.collection!r}, chunks of "
-            f"{args.chunk_size}, {args.workers} threads"
-        )
-        if job is None:
-            print("checkpoint: new job")
-        else:
-            print(f"checkpoint: job {job.id} ({job.state}), {job.rows} rows in {job.chunks} chunks done")
-        if args.dry_run:
-            print("dry run: nothing written")
-            return 0
-        sys.stdout.flush()  # the plan reaches a log even if the run is killed
+        gallery = _open_gallery(args.gallery, upgrade=args.upgrade and not args.dry_run, seal_new=not args.dry_run)
         try:
-            result = migrate(
-                source,
-                gallery,
-                protector,
-                collection=args.collection,
-                extractor_name=args.extractor,
-                extractor_version=args.extractor_version,
-                chunk_size=args.chunk_size,
-                workers=args.workers,
-                progress=progress,
-            )
-        except KeyboardInterrupt:
-            done = load_job(gallery, name)
-            print(
-                f"interrupted: {done.rows if done else 0} rows are committed; re-run the same "
-                "command to continue",
-                file=sys.stderr,
-            )
-            raise
-        rate = result.written / result.seconds if result.seconds > 0 else 0.0
-        print(
-            f"migrated: {result.written} rows in {result.seconds:.1f} s ({rate:.0f} rows/s); job "
-            f"{result.job_id} holds {result.rows} rows ({result.resumed_from} from earlier runs)"
-        )
-        if not args.verify:
-            return 0
-        v = verify_migration(
+            status = 0
+            for source, collection in sources:
+                status = max(status, _migrate_one(args, source, gallery, collection))
+            return status
+        finally:
+            gallery.close()
+    finally:
+        for source, _ in sources:
+            source.close()
+        if engine is not None:
+            engine.dispose()
+
+
+def _migrate_one(args: argparse.Namespace, source: Source, gallery: Gallery, collection: str) -> int:
+    """Validate, migrate, verify and (after a passing verify) purge one source."""
+    from advplugin.bulk import (
+        job_name,
+        load_job,
+        migrate,
+        set_job_state,
+        validate_source,
+        verify_migration,
+    )
+
+    progress = not args.no_progress
+    report = validate_source(source, chunk_size=args.chunk_size, progress=progress)
+    print(f"source: {source.describe()}")
+    calculator = getattr(source, "calculator", None)
+    if calculator is not None:
+        print(f"made by: {calculator} (CompreFace calculator; recorded as extractor version)")
+    print(
+        f"rows: {report.rows}, dimension {report.dim}, {report.subjects} subjects, "
+        f"{report.bad} invalid, {report.duplicate_ids} duplicate ids"
+    )
+    for problem in report.problems():
+        print(f"problem: {problem}")
+    if not report.ok or report.dim is None:
+        print("nothing migrated: fix the source first" if report.rows else "source is empty")
+        return 1
+    protector = build_protector(args.scheme, args.key, report.dim, {})
+    name = job_name(source, collection, protector)
+    job = load_job(gallery, name)
+    m = protector.metadata
+    safe_url = gallery.engine.url.render_as_string(hide_password=True)
+    print(
+        f"plan: protect {report.rows} vectors with {m.scheme} v{m.scheme_version} (key id "
+        f"{m.key_id}) into {safe_url} collection {collection!r}, chunks of "
+        f"{args.chunk_size}, {args.workers} threads"
+    )
+    if job is None:
+        print("checkpoint: new job")
+    else:
+        print(f"checkpoint: job {job.id} ({job.state}), {job.rows} rows in {job.chunks} chunks done")
+    if args.dry_run:
+        print("dry run: nothing written")
+        return 0
+    sys.stdout.flush()  # the plan reaches a log even if the run is killed
+    try:
+        result = migrate(
             source,
             gallery,
             protector,
-            job_id=result.job_id,
-            collection=args.collection,
-            samples=args.verify_samples,
-            top_k=args.top_k,
+            collection=collection,
+            extractor_name=args.extractor,
+            extractor_version=calculator if args.extractor_version == "unknown" and calculator
+            else args.extractor_version,
             chunk_size=args.chunk_size,
-            min_agreement=args.min_agreement,
+            workers=args.workers,
+            progress=progress,
         )
-        print(v.render())
-        if not v.passed:
-            if args.purge_source:
-                print("purge: NOT done, verify failed; the source is untouched")
-            return 1
-        set_job_state(gallery, result.job_id, "verified")
-        if args.purge_source:
-            print(f"purge: {source.purge()}")
-            set_job_state(gallery, result.job_id, "purged")
+    except KeyboardInterrupt:
+        done = load_job(gallery, name)
+        print(
+            f"interrupted: {done.rows if done else 0} rows are committed; re-run the same "
+            "command to continue",
+            file=sys.stderr,
+        )
+        raise
+    rate = result.written / result.seconds if result.seconds > 0 else 0.0
+    print(
+        f"migrated: {result.written} rows in {result.seconds:.1f} s ({rate:.0f} rows/s); job "
+        f"{result.job_id} holds {result.rows} rows ({result.resumed_from} from earlier runs)"
+    )
+    if hasattr(source, "grant_api_key") and source.grant_api_key(gallery, collection):
+        print(f"api key: the CompreFace service's API key now opens collection {collection!r} (scope enrol)")
+    if not args.verify:
         return 0
-    finally:
-        source.close()
-        gallery.close()
+    v = verify_migration(
+        source,
+        gallery,
+        protector,
+        job_id=result.job_id,
+        collection=collection,
+        samples=args.verify_samples,
+        top_k=args.top_k,
+        chunk_size=args.chunk_size,
+        min_agreement=args.min_agreement,
+    )
+    print(v.render())
+    if not v.passed:
+        if args.purge_source:
+            print("purge: NOT done, verify failed; the source is untouched")
+        return 1
+    set_job_state(gallery, result.job_id, "verified")
+    if args.purge_source:
+        print(f"purge: {source.purge()}")
+        set_job_state(gallery, result.job_id, "purged")
+    return 0
 
 
 def run_rotate(args: argparse.Namespace) -> int:

@@ -19,7 +19,9 @@ from advplugin.gallery.database import Database
 from advplugin.gallery.models import AuditEvent, Collection, utcnow
 
 #: Actions written by advplugin itself (the column accepts any short word, for later ones).
-AUDIT_ACTIONS = ("enroll", "delete_subject", "create_api_key", "revoke_api_key", "rotate_key")
+AUDIT_ACTIONS = (
+    "enroll", "delete_subject", "add_subject", "delete_templates", "create_api_key", "revoke_api_key", "rotate_key",
+)
 
 
 @dataclass(frozen=True)

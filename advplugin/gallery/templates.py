@@ -661,6 +661,17 @@ class TemplateRepository(ChangeLog, GalleryKeys):
                 deleted += len(rows)
         return deleted
 
+    def add_subject(self, name: str, *, collection: str = DEFAULT_COLLECTION) -> bool:
+        """Create a subject without templates (CompreFace's "add a subject"); False when it
+        exists. No change-log row: an index holds templates, and this adds none."""
+        check_text(name, "subject names", SUBJECT_NAME_MAX)
+        cid = self.collection_id(collection)
+        with self._write() as conn:
+            if self._find_subjects(conn, cid, [name]):
+                return False
+            self._subject_ids(conn, cid, [name], create=True, sealer=self._write_sealer(conn))
+        return True
+
     def delete_subject(self, name: str, *, collection: str = DEFAULT_COLLECTION) -> int:
         """Delete a subject and every template of it; returns the number of templates.
         Raises `SubjectNotFound`."""

@@ -12,7 +12,13 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from advplugin import __version__
 from advplugin.he import HEParams
-from advplugin.service import routes_blind, routes_recognition, routes_subjects, routes_system
+from advplugin.service import (
+    compreface,
+    routes_blind,
+    routes_recognition,
+    routes_subjects,
+    routes_system,
+)
 from advplugin.service.blind_service import max_request_bytes
 from advplugin.service.errors import CatchAll, envelope, install_error_handlers
 from advplugin.service.metrics import Metrics, RequestMetrics, metrics_endpoint
@@ -70,7 +76,11 @@ class BodySizeLimit:
         if self.limits is None:
             service: ServiceState = scope["app"].state.service
             self.limits = body_limits(service.settings, service.protection.expected.output_dim)
-        return self.limits.get(scope["path"].rstrip("/") or "/", _SMALL_BODY)
+        path = scope["path"].rstrip("/") or "/"
+        found = self.limits.get(path) or compreface.body_limit(
+            path, scope["app"].state.service.settings.max_upload_bytes, _MULTIPART_OVERHEAD
+        )
+        return found or _SMALL_BODY
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -122,6 +132,7 @@ def create_app(settings: Settings | None = None, *, state: ServiceState | None =
     app.include_router(routes_recognition.router)
     app.include_router(routes_subjects.router)
     app.include_router(routes_blind.router)
+    app.include_router(compreface.router)  # CompreFace's API (docs/compreface.md)
     # Prometheus text format; not in the OpenAPI schema (not part of the API clients use).
     app.state.metrics = Metrics()
     app.add_route("/metrics", metrics_endpoint, include_in_schema=False)

@@ -132,6 +132,15 @@ class CollectionService:
         self.gallery.checkpoint()
         return n
 
+    def add_subject(self, collection: str, name: str, *, actor: Actor | None = None) -> bool:
+        """Create a subject without templates (nothing for the index to follow); False when
+        it exists. With `actor`, the audit event commits with it."""
+        with self.gallery.transaction() as g:
+            created = g.add_subject(name, collection=collection)
+            if created and actor is not None:
+                g.record_audit(actor, "add_subject", collection=collection, subject=name, template_count=0)
+        return created
+
     def delete_templates(
         self, collection: str, templates: dict[int, str], *, actor: Actor | None = None
     ) -> int:

@@ -1,0 +1,563 @@
+"""CompreFace's REST API (`/api/v1/...`) over the same service, gallery and API keys as the
+native routes, so that CompreFace's SDKs work by changing the base URL (docs/compreface.md).
+
+Every route here is a thin translation: images go through the native routes' own helpers
+(`routes_recognition`: upload bounds, extraction slot, protection under the key view, boxes),
+writes through `state.collections` (index caught up before the answer). What CompreFace does
+and privacy forbids is refused with a message saying why: no image download (images are not
+kept), no `calculator` face plugin (a raw embedding never leaves the extracting process).
+
+Errors keep CompreFace's shape, `{"message": ..., "code": <number>}` with CompreFace's
+numbers (28: no face, 42: subject not found, ...), and carry the native envelope's `error`
+object too; CompreFace answers validation problems with 400 where the native API says 422.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+import math
+import time
+from collections.abc import Callable, Coroutine
+from typing import Annotated, Any
+
+import numpy as np
+from fastapi import APIRouter, Body, Depends, Path, Query, Request, Response
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from fastapi.routing import APIRoute
+from pydantic import StringConstraints
+from sqlalchemy import func, select
+from starlette.convertors import StringConvertor, register_url_convertor
+from starlette.datastructures import UploadFile
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from advplugin.adapters import Detections
+from advplugin.bulk.models import MigrationItem, MigrationJob
+from advplugin.gallery.audit import Actor
+from advplugin.gallery.models import Subject, Template
+from advplugin.gallery.store import SubjectNotFound
+from advplugin.service.compreface.schemas import (
+    CfBox,
+    CfDeleted,
+    CfDetectedFace,
+    CfDetectResponse,
+    CfError,
+    CfFace,
+    CfFacePage,
+    CfRecognizedFace,
+    CfRecognizeResponse,
+    CfSourceFace,
+    CfSubject,
+    CfSubjectBody,
+    CfSubjectList,
+    CfSubjectOut,
+    CfUpdated,
+    CfVerificationItem,
+    CfVerificationResponse,
+    CfVerifiedFace,
+    CfVerifyResponse,
+)
+from advplugin.service.deps import CollectionName, EnrolCaller, State
+from advplugin.service.errors import ServiceError
+from advplugin.service.routes_recognition import (
+    _box,
+    _check_subject,
+    _keys,
+    _protected_faces,
+    _read_upload,
+)
+from advplugin.service.schemas import MAX_PAGE, SubjectName
+from advplugin.service.state import KeyView, ServiceState, image_sha256
+
+PREFIX = "/api/v1"
+#: Paths that take images, and how many each takes (request body bounds, `body_limit`).
+_IMAGE_PATHS = {
+    PREFIX + "/recognition/faces": 1, PREFIX + "/recognition/recognize": 1,
+    PREFIX + "/detection/detect": 1, PREFIX + "/verification/verify": 2,
+}
+_VERIFY_BY_ID = (PREFIX + "/recognition/faces/", "/verify")
+#: Image ids: template ids (digits) or migrated CompreFace ids (UUIDs, 36 characters).
+ID_MAX = 64
+#: Ids per "delete many" request, and the largest such body (each id written as \uXXXX escapes).
+MAX_IDS = 1000
+_DELETE_MANY_BYTES = MAX_IDS * (ID_MAX * 6 + 4) + 1024
+
+#: CompreFace's numeric error codes (its `ExceptionCode`), by the native error code.
+_CF_CODES = {
+    "no_face": 28, "unknown_subject": 42, "image_not_found": 11, "subject_exists": 43,
+    "invalid_request": 26, "invalid_image": 21, "unsupported_plugin": 36, "unauthorized": 20,
+    "too_large": 0, "busy": 0, "forbidden": 0,
+}
+#: Face plugins CompreFace offers; `calculator` is refused for privacy, the others are not built.
+_PLUGINS = {"calculator", "age", "gender", "landmarks", "mask", "pose"}
+
+
+def body_limit(path: str, upload_bytes: int, multipart_overhead: int) -> int | None:
+    """The largest legitimate body of a CompreFace route that takes more than the default
+    (None: not one): each image as multipart or as base64 in JSON (4/3 of its bytes), plus
+    framing; the ids of "delete many". Used by the app's
+    `BodySizeLimit`, which otherwise bounds every body to a small size."""
+    path = path.rstrip("/")
+    if path == PREFIX + "/recognition/faces/delete":
+        return _DELETE_MANY_BYTES
+    images = _IMAGE_PATHS.get(path)
+    if images is None and path.startswith(_VERIFY_BY_ID[0]) and path.endswith(_VERIFY_BY_ID[1]):
+        images = 1
+    if images is None:
+        return None
+    return images * (4 * math.ceil(upload_bytes / 3)) + multipart_overhead
+
+
+# -- errors in CompreFace's shape -------------------------------------------------------------------
+def _compreface_error(response: Response) -> JSONResponse:
+    """The app's error envelope rewritten as CompreFace's `{"message", "code"}` (the envelope's
+    `error` object kept beside it); 422 becomes CompreFace's 400."""
+    body = json.loads(bytes(response.body))
+    error = body.get("error", {})
+    status = 400 if response.status_code == 422 else response.status_code
+    headers = {k: v for k, v in response.headers.items() if k in ("retry-after", "allow")}
+    content = {"message": error.get("message", ""), "code": _CF_CODES.get(error.get("code", ""), 0), "error": error}
+    return JSONResponse(content, status_code=status, headers=headers or None)
+
+
+class CompreFaceRoute(APIRoute):
+    """Answers this router's failures (the app's handlers build the answer, so the messages
+    stay the audited ones: no request content echoed) in CompreFace's error shape."""
+
+    def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
+        handler = super().get_route_handler()
+
+        async def route(request: Request) -> Response:
+            try:
+                return await handler(request)
+            except (ServiceError, RequestValidationError, StarletteHTTPException) as e:
+                for cls in type(e).__mro__:
+                    app_handler = request.app.exception_handlers.get(cls)
+                    if app_handler is not None:
+                        return _compreface_error(await app_handler(request, e))
+                raise
+
+        return route
+
+
+#: Every status a CompreFace route may answer besides its success (CompreFace's 400 for what the
+#: native routes answer 422; 429: too many images in progress, with Retry-After).
+_ERRORS = {s: {"model": CfError} for s in (400, 401, 403, 404, 413, 429, 503)}
+router = APIRouter(prefix=PREFIX, tags=["compreface"], route_class=CompreFaceRoute, responses=_ERRORS)
+
+
+# -- request parts ----------------------------------------------------------------------------------
+def _b64(state: ServiceState, value: object, field: str) -> bytes:
+    limit = state.settings.max_upload_bytes
+    if not isinstance(value, str) or not value:
+        raise ServiceError(422, "invalid_request", f"{field}: a base64 string is required")
+    if len(value) > 4 * math.ceil(limit / 3) + 4:
+        raise ServiceError(413, "too_large", f"upload is larger than {limit} bytes")
+    if value.startswith("data:") and "," in value:  # a data URL, as browsers make them
+        value = value.split(",", 1)[1]
+    try:
+        return base64.b64decode(value, validate=True)
+    except (binascii.Error, ValueError):
+        raise ServiceError(422, "invalid_image", f"{field} is not valid base64") from None
+
+
+async def _images(request: Request, fields: tuple[str, ...]) -> list[bytes]:
+    """The images of a request, by CompreFace's field names: multipart files, or base64
+    strings in a JSON object (`Content-Type: application/json`)."""
+    state: ServiceState = request.app.state.service
+    if request.headers.get("content-type", "").startswith("application/json"):
+        try:
+            body = await request.json()
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            raise ServiceError(422, "invalid_request", "the JSON body could not be parsed") from None
+        if not isinstance(body, dict):
+            raise ServiceError(422, "invalid_request", "the JSON body must be an object")
+        return [_b64(state, body.get(f), f) for f in fields]
+    form = await request.form(max_files=len(fields), max_fields=len(fields) + 4)
+    out = []
+    for f in fields:
+        upload = form.get(f)
+        if not isinstance(upload, UploadFile):
+            raise ServiceError(422, "invalid_request", f"{f}: a multipart file (or a JSON base64 string) is required")
+        out.append(_read_upload(state, upload))  # type: ignore[arg-type]
+    return out
+
+
+async def one_image(request: Request) -> bytes:
+    return (await _images(request, ("file",)))[0]
+
+
+async def two_images(request: Request) -> list[bytes]:
+    return await _images(request, ("source_image", "target_image"))
+
+
+Image = Annotated[bytes, Depends(one_image)]
+TwoImages = Annotated[list[bytes], Depends(two_images)]
+DetProb = Annotated[float | None, Query(ge=0.0, le=1.0, description="minimum detector confidence of a face")]
+Limit = Annotated[int, Query(ge=0, description="faces to process, largest first; 0: all")]
+Status = Annotated[bool, Query(description="add execution_time and plugins_versions")]
+Plugins = Annotated[str, Query(description="face plugins: none is offered (calculator is refused)")]
+
+
+def _check_plugins(face_plugins: str) -> None:
+    asked = [p.strip() for p in face_plugins.split(",") if p.strip()]
+    if "calculator" in asked:
+        raise ServiceError(
+            422, "unsupported_plugin",
+            "the calculator face plugin is refused: this service never returns a face embedding, "
+            "the raw embedding never leaves the process that computes it (only protected templates "
+            "are kept, and those are not returned either)",
+        )
+    if asked:
+        known = [p for p in asked if p in _PLUGINS]
+        raise ServiceError(
+            422, "unsupported_plugin",
+            f"face plugins {known or asked} are not available in advplugin; call without face_plugins",
+        )
+
+
+def _faces(
+    state: ServiceState, data: bytes, view: KeyView, *, largest_only: bool, limit: int, det_prob: float | None
+) -> tuple[Detections, dict[str | None, np.ndarray], np.ndarray]:
+    """Detected faces (largest first, at most `limit`, 0: the service's maximum) with their
+    protected templates, keeping only faces of confidence >= `det_prob`; 400/28 if none."""
+    max_faces = min(limit or state.settings.max_faces, state.settings.max_faces)
+    det, probes = _protected_faces(state, data, view, largest_only=largest_only, max_faces=max_faces)
+    keep = np.arange(len(det))
+    if det_prob is not None:
+        assert state.protection.extractor is not None
+        conf = state.protection.extractor.confidence(det.scores)
+        keep = np.flatnonzero(conf >= det_prob)
+        if not len(keep):
+            raise ServiceError(422, "no_face", "no face is found in the given image above det_prob_threshold")
+    return det, probes, keep
+
+
+def _cf_box(state: ServiceState, det: Detections, i: int) -> CfBox:
+    b = _box(state, det, i)
+    return CfBox(probability=b.probability, x_max=b.x_max, y_max=b.y_max, x_min=b.x_min, y_min=b.y_min)
+
+
+def _versions(state: ServiceState, status: bool) -> dict[str, str] | None:
+    if not status:
+        return None
+    e = state.protection.expected
+    return {"detector": state.protection.extractor_name,
+            "calculator": f"{state.protection.extractor_name} (protected: {e.scheme} v{e.scheme_version})"}
+
+
+def _elapsed(start: float, status: bool) -> dict[str, float] | None:
+    return {"total": round((time.perf_counter() - start) * 1000, 1)} if status else None
+
+
+def _no_subject(name: str) -> ServiceError:
+    return ServiceError(404, "unknown_subject", f"subject {name!r} not found")
+
+
+# -- image ids --------------------------------------------------------------------------------------
+def _template_of(state: ServiceState, collection: str, image_id: str) -> tuple[int, str]:
+    """(template id, subject) of an image id in this collection: a template id, or the id a
+    row had in the database it was migrated from (`advplugin migrate --from-compreface`
+    records it, so image ids kept by clients still work). 404/11 otherwise."""
+    not_found = ServiceError(404, "image_not_found", "no face example with this image_id")
+    if not image_id or "\x00" in image_id:  # never stored (PostgreSQL refuses NUL in a query)
+        raise not_found
+    cid = state.gallery.collection_id(collection)
+    q = select(Template.id, Subject.name).join(Subject, Subject.id == Template.subject_id)
+    if image_id.isascii() and image_id.isdigit() and len(image_id) < 19:
+        q = q.where(Template.id == int(image_id), Template.collection_id == cid)
+    else:
+        q = (q.join(MigrationItem, MigrationItem.template_id == Template.id)
+             .join(MigrationJob, MigrationJob.id == MigrationItem.job_id)
+             .where(MigrationItem.source_id == image_id, MigrationJob.collection_id == cid,
+                    Template.collection_id == cid))
+    with state.gallery.engine.connect() as conn:
+        row = conn.execute(q.limit(1)).first()
+    if row is None:
+        raise not_found
+    return int(row[0]), str(row[1])
+
+
+# -- recognition service: examples (faces) ----------------------------------------------------------
+@router.post("/recognition/faces", response_model=CfFace, status_code=201)
+def add_example(
+    state: State, caller: EnrolCaller, image: Image,
+    subject: Annotated[SubjectName, Query(description="the person's name")],
+    det_prob_threshold: DetProb = None,
+) -> CfFace:
+    """Add an example of `subject` (created if new): its largest face becomes a protected
+    template; the image itself is not kept. image_id is the template id."""
+    name = _check_subject(subject)
+    view = KeyView(current=state.protection.expected.key_id, previous=None, unknown=[])
+    _, probes, keep = _faces(state, image, view, largest_only=True, limit=1, det_prob=det_prob_threshold)
+    templates = probes[view.current][keep[:1]]
+    ids = state.collections.enroll(
+        caller.collection, [name], templates, image_sha256=[image_sha256(image)],
+        actor=Actor.api_key(caller.api_key_id),
+    )
+    return CfFace(image_id=str(ids[0]), subject=name)
+
+
+@router.get("/recognition/faces", response_model=CfFacePage)
+def list_examples(
+    state: State, collection: CollectionName,
+    page: Annotated[int, Query(ge=0, le=MAX_PAGE)] = 0,
+    size: Annotated[int, Query(ge=1, le=1000)] = 20,
+    subject: Annotated[SubjectName | None, Query(description="only this subject's examples")] = None,
+) -> CfFacePage:
+    """Examples (templates) of the collection, by image id; never their vectors."""
+    cid = state.gallery.collection_id(collection)
+    where = [Template.collection_id == cid]
+    if subject is not None:
+        where.append(Subject.name == subject.strip())
+    base = select(Template.id, Subject.name).join(Subject, Subject.id == Template.subject_id).where(*where)
+    with state.gallery.engine.connect() as conn:
+        total = int(conn.scalar(select(func.count()).select_from(base.subquery())) or 0)
+        rows = conn.execute(base.order_by(Template.id).offset(page * size).limit(size)).all()
+    return CfFacePage(
+        faces=[CfFace(image_id=str(i), subject=n) for i, n in rows],
+        page_number=page, page_size=size, total_pages=math.ceil(total / size), total_elements=total,
+    )
+
+
+@router.delete("/recognition/faces", response_model=CfDeleted)
+def delete_examples(
+    state: State, caller: EnrolCaller,
+    subject: Annotated[SubjectName | None, Query(description="whose examples; absent: every example")] = None,
+) -> CfDeleted:
+    """Delete every example of `subject` (the subject stays, as in CompreFace), or, without
+    `subject`, every example of the collection."""
+    actor = Actor.api_key(caller.api_key_id)
+    names = [subject.strip()] if subject is not None else _all_subjects(state, caller.collection)
+    deleted = 0
+    for name in names:
+        ids = state.gallery.subject_template_ids(name, collection=caller.collection)  # [] if absent
+        if ids:
+            deleted += state.collections.delete_templates(caller.collection, dict.fromkeys(ids, name), actor=actor)
+    return CfDeleted(deleted=deleted)
+
+
+class _ImageIdConvertor(StringConvertor):
+    """An image id in a path: any segment but `delete`, so `/faces/delete` (CompreFace's
+    "delete many", POST) is not also `DELETE /faces/{image_id}` (405s name POST only)."""
+
+    regex = "(?!delete$)[^/]+"
+
+
+register_url_convertor("cf_image_id", _ImageIdConvertor())
+
+
+@router.delete("/recognition/faces/{image_id:cf_image_id}", response_model=CfFace)
+def delete_example(
+    state: State, caller: EnrolCaller, image_id: Annotated[str, Path(max_length=ID_MAX)]
+) -> CfFace:
+    tid, name = _template_of(state, caller.collection, image_id)
+    state.collections.delete_templates(caller.collection, {tid: name}, actor=Actor.api_key(caller.api_key_id))
+    return CfFace(image_id=image_id, subject=name)
+
+
+@router.post("/recognition/faces/delete", response_model=list[CfFace])
+def delete_many_examples(
+    state: State, caller: EnrolCaller,
+    image_ids: Annotated[list[Annotated[str, StringConstraints(max_length=ID_MAX)]], Body(max_length=MAX_IDS)],
+) -> list[CfFace]:
+    """Delete several examples by image id; unknown ids are skipped (CompreFace's
+    "delete multiple examples"). Answers the examples deleted."""
+    found: dict[int, str] = {}
+    out = []
+    for image_id in image_ids:
+        try:
+            tid, name = _template_of(state, caller.collection, image_id)
+        except ServiceError:
+            continue
+        found[tid] = name
+        out.append(CfFace(image_id=image_id, subject=name))
+    if found:
+        state.collections.delete_templates(caller.collection, found, actor=Actor.api_key(caller.api_key_id))
+    return out
+
+
+@router.get("/recognition/faces/{image_id}/img", include_in_schema=False)
+def download_image(image_id: str) -> None:
+    raise ServiceError(
+        404, "image_not_found",
+        "image download is not offered: advplugin does not keep enrolled images, only protected templates",
+    )
+
+
+@router.post("/recognition/faces/{image_id}/verify", response_model=CfVerifyResponse)
+def verify_example(
+    state: State, collection: CollectionName, image: Image,
+    image_id: Annotated[str, Path(max_length=ID_MAX)],
+    limit: Limit = 0, det_prob_threshold: DetProb = None, status: Status = False, face_plugins: Plugins = "",
+) -> CfVerifyResponse:
+    """Similarity of every face of the image (up to `limit`) to one stored example."""
+    start = time.perf_counter()
+    _check_plugins(face_plugins)
+    tid, _ = _template_of(state, collection, image_id)
+    view = _keys(state, collection)
+    det, probes, keep = _faces(state, image, view, largest_only=False, limit=limit, det_prob=det_prob_threshold)
+    row = state.gallery.template_rows([tid]).get(tid)
+    if row is None:  # deleted meanwhile
+        raise ServiceError(404, "image_not_found", "no face example with this image_id")
+    scorer = state.protection.scorers(view).get(row.key_id)
+    if scorer is None or row.key_id not in probes:
+        raise ServiceError(503, "key_rotation", state.key_mismatch_message([row.key_id]))
+    sims = scorer(probes[row.key_id][keep], np.asarray(row.vector, np.float32)[None, :])[:, 0]
+    elapsed = _elapsed(start, status)
+    return CfVerifyResponse(
+        result=[CfVerifiedFace(box=_cf_box(state, det, int(i)), similarity=float(s), execution_time=elapsed)
+                for i, s in zip(keep, sims, strict=True)],
+        plugins_versions=_versions(state, status),
+    )
+
+
+@router.post("/recognition/recognize", response_model=CfRecognizeResponse)
+def recognize(
+    state: State, collection: CollectionName, image: Image,
+    limit: Limit = 0,
+    prediction_count: Annotated[int, Query(ge=1, le=100, description="subjects per face")] = 1,
+    det_prob_threshold: DetProb = None, status: Status = False, face_plugins: Plugins = "",
+) -> CfRecognizeResponse:
+    """For every face (up to `limit`, largest first): its box and the most similar subjects,
+    exactly as the native /identify ranks them."""
+    start = time.perf_counter()
+    _check_plugins(face_plugins)
+    view = _keys(state, collection)
+    det, probes, keep = _faces(state, image, view, largest_only=False, limit=limit, det_prob=det_prob_threshold)
+    kept = {k: v[keep] for k, v in probes.items()}
+    matches = state.collections.identify(view, collection, kept, k=prediction_count, threshold=None)
+    elapsed = _elapsed(start, status)
+    return CfRecognizeResponse(
+        result=[
+            CfRecognizedFace(
+                box=_cf_box(state, det, int(i)),
+                subjects=[CfSubject(subject=m.subject, similarity=m.similarity) for m in ms],
+                execution_time=elapsed,
+            )
+            for i, ms in zip(keep, matches, strict=True)
+        ],
+        plugins_versions=_versions(state, status),
+    )
+
+
+# -- recognition service: subjects ------------------------------------------------------------------
+def _all_subjects(state: ServiceState, collection: str) -> list[str]:
+    names: list[str] = []
+    while True:
+        page = state.gallery.list_subjects(collection=collection, offset=len(names), limit=1000)
+        names += [r.name for r in page]
+        if len(page) < 1000:
+            return names
+
+
+@router.get("/recognition/subjects", response_model=CfSubjectList)
+def list_subjects(state: State, collection: CollectionName) -> CfSubjectList:
+    return CfSubjectList(subjects=_all_subjects(state, collection))
+
+
+@router.post("/recognition/subjects", response_model=CfSubjectOut, status_code=201)
+def add_subject(state: State, caller: EnrolCaller, body: CfSubjectBody) -> CfSubjectOut:
+    """A subject without examples yet; 400/43 when it exists."""
+    name = _check_subject(body.subject)
+    if not state.collections.add_subject(caller.collection, name, actor=Actor.api_key(caller.api_key_id)):
+        raise ServiceError(422, "subject_exists", f"subject {name!r} already exists")
+    return CfSubjectOut(subject=name)
+
+
+@router.put("/recognition/subjects/{subject:path}", response_model=CfUpdated)
+def rename_subject(
+    state: State, caller: EnrolCaller, subject: Annotated[SubjectName, Path()], body: CfSubjectBody
+) -> CfUpdated:
+    """Rename (merging into the new name when it exists, as CompreFace does): the subject's
+    protected templates are re-enrolled under the new name, then the old subject is deleted.
+    No raw embedding is involved; the examples get new image ids."""
+    old, new = _check_subject(subject), _check_subject(body.subject)
+    collection, actor = caller.collection, Actor.api_key(caller.api_key_id)
+    try:
+        state.gallery.get_subject(old, collection=collection)
+    except SubjectNotFound:
+        raise _no_subject(old) from None
+    ids = state.gallery.subject_template_ids(old, collection=collection)
+    if old == new:
+        return CfUpdated(updated=False)
+    rows = state.gallery.template_rows(ids)
+    current = state.protection.expected.key_id
+    if any(r.key_id != current for r in rows.values()):
+        raise ServiceError(503, "key_rotation", "a key rotation is in progress: rename after it finished")
+    if rows:
+        vectors = np.stack([np.asarray(rows[i].vector, np.float32) for i in ids if i in rows])
+        state.collections.enroll(collection, [new] * len(vectors), vectors, actor=actor)
+    try:
+        state.collections.delete_subject(collection, old, actor=actor)
+    except SubjectNotFound:  # deleted meanwhile: its templates are under the new name
+        pass
+    return CfUpdated(updated=True)
+
+
+@router.delete("/recognition/subjects/{subject:path}", response_model=CfSubjectOut)
+def delete_subject(state: State, caller: EnrolCaller, subject: Annotated[SubjectName, Path()]) -> CfSubjectOut:
+    name = _check_subject(subject)
+    try:
+        state.collections.delete_subject(caller.collection, name, actor=Actor.api_key(caller.api_key_id))
+    except SubjectNotFound:
+        raise _no_subject(name) from None
+    return CfSubjectOut(subject=name)
+
+
+@router.delete("/recognition/subjects", response_model=CfDeleted)
+def delete_all_subjects(state: State, caller: EnrolCaller) -> CfDeleted:
+    deleted = 0
+    for name in _all_subjects(state, caller.collection):
+        try:
+            state.collections.delete_subject(caller.collection, name, actor=Actor.api_key(caller.api_key_id))
+        except SubjectNotFound:  # deleted meanwhile
+            continue
+        deleted += 1
+    return CfDeleted(deleted=deleted)
+
+
+# -- detection and verification services ------------------------------------------------------------
+@router.post("/detection/detect", response_model=CfDetectResponse)
+def detect(
+    state: State, collection: CollectionName, image: Image,
+    limit: Limit = 0, det_prob_threshold: DetProb = None, status: Status = False, face_plugins: Plugins = "",
+) -> CfDetectResponse:
+    """Boxes of the faces (the same pipeline as recognition; nothing is stored)."""
+    start = time.perf_counter()
+    _check_plugins(face_plugins)
+    view = KeyView(current=state.protection.expected.key_id, previous=None, unknown=[])
+    det, _, keep = _faces(state, image, view, largest_only=False, limit=limit, det_prob=det_prob_threshold)
+    elapsed = _elapsed(start, status)
+    return CfDetectResponse(
+        result=[CfDetectedFace(box=_cf_box(state, det, int(i)), execution_time=elapsed) for i in keep],
+        plugins_versions=_versions(state, status),
+    )
+
+
+@router.post("/verification/verify", response_model=CfVerificationResponse)
+def verify_images(
+    state: State, collection: CollectionName, images: TwoImages,
+    limit: Limit = 0, det_prob_threshold: DetProb = None, status: Status = False, face_plugins: Plugins = "",
+) -> CfVerificationResponse:
+    """The largest face of `source_image` against every face of `target_image` (up to
+    `limit`): both protected under the current key and compared with the scheme's scorer,
+    the one identification uses. Nothing is stored."""
+    start = time.perf_counter()
+    _check_plugins(face_plugins)
+    view = KeyView(current=state.protection.expected.key_id, previous=None, unknown=[])
+    src_det, src, src_keep = _faces(state, images[0], view, largest_only=True, limit=1, det_prob=det_prob_threshold)
+    tgt_det, tgt, tgt_keep = _faces(
+        state, images[1], view, largest_only=False, limit=limit, det_prob=det_prob_threshold
+    )
+    scorer = state.protection.scorers(view)[view.current]
+    sims = scorer(tgt[view.current][tgt_keep], src[view.current][src_keep[:1]])[:, 0]
+    elapsed = _elapsed(start, status)
+    return CfVerificationResponse(result=[CfVerificationItem(
+        source_image_face=CfSourceFace(box=_cf_box(state, src_det, int(src_keep[0]))),
+        face_matches=[CfVerifiedFace(box=_cf_box(state, tgt_det, int(i)), similarity=float(s), execution_time=elapsed)
+                      for i, s in zip(tgt_keep, sims, strict=True)],
+        plugins_versions=_versions(state, status),
+    )])
