@@ -96,6 +96,10 @@ class Settings(BaseSettings):
     #: docs/blind.md); the template settings below describe what the clients protect with.
     mode: Literal["images", "templates", "blind"] = "images"
     scheme: str | None = Field(None, description="default: best of SCHEME_PREFERENCE available")
+    #: Options of the scheme, as `advplugin protect --option` takes them, as JSON
+    #: (ADVPLUGIN_SCHEME_OPTIONS='{"release": 1}'): e.g. to keep serving a gallery made by an
+    #: earlier release of a trained scheme (its rows' config digest says which).
+    scheme_options: dict[str, Any] = Field(default_factory=dict, description="scheme options (JSON)")
     allow_unprotected: bool = Field(False, description="permit the `none` scheme (baseline only)")
     extractor: str = "dlib"
     # Template mode: what client templates must carry (the service has no key to derive it).

@@ -20,7 +20,7 @@ not a check of its type here.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 import numpy as np
@@ -51,12 +51,17 @@ class RotationResult:
     seconds: float
 
 
-def plan_rotation(gallery: Gallery, old: Key, new: Key) -> tuple[list[RotationGroup], int]:
+def plan_rotation(
+    gallery: Gallery, old: Key, new: Key, options: Mapping[str, object] | None = None
+) -> tuple[list[RotationGroup], int]:
     """What a rotation K1 -> K2 would re-key, refusing schemes that cannot be re-keyed.
+    `options`: the scheme options the templates were made with (their config digest must
+    match), e.g. `{"release": 1}` for an earlier release of a trained scheme.
 
     Returns the groups under the old key and the number of templates already under the new
     key (non-zero when an earlier run was interrupted).
     """
+    options = dict(options or {})
     if old.key_id == new.key_id:
         raise ValueError("the old and the new key are the same key")
     groups: dict[tuple[str, int, int, str], int] = {}
@@ -71,8 +76,8 @@ def plan_rotation(gallery: Gallery, old: Key, new: Key) -> tuple[list[RotationGr
     plan = []
     for (scheme, version, dim, digest), count in sorted(groups.items()):
         try:
-            old_p = create_protector(scheme, key=old, dim=dim)
-            new_p = create_protector(scheme, key=new, dim=dim)
+            old_p = create_protector(scheme, key=old, dim=dim, **options)
+            new_p = create_protector(scheme, key=new, dim=dim, **options)
             if old_p.scheme_version != version:
                 raise ValueError(
                     f"{count} templates are {scheme} v{version}, this advplugin makes "
@@ -81,8 +86,8 @@ def plan_rotation(gallery: Gallery, old: Key, new: Key) -> tuple[list[RotationGr
             if old_p.metadata.config_digest != digest:
                 raise ValueError(
                     f"{count} templates were made with {scheme} options (config digest "
-                    f"{digest}) other than the defaults this rotation would use "
-                    f"({old_p.metadata.config_digest})"
+                    f"{digest}) other than the ones this rotation would use "
+                    f"({old_p.metadata.config_digest}; pass the scheme's --option values)"
                 )
             rotation = old_p.rotation_to(new_p)
             if rotation is None:
@@ -105,10 +110,12 @@ def rotate_key(
     chunk_size: int = 10_000,
     progress: bool = False,
     on_chunk: Callable[[int, int], None] | None = None,
+    options: Mapping[str, object] | None = None,
 ) -> RotationResult:
     """Re-key every template under `old` to `new`, chunk by chunk and collection by
-    collection, each chunk atomic together with its `rotate_key` audit event."""
-    plan, already_new = plan_rotation(gallery, old, new)
+    collection, each chunk atomic together with its `rotate_key` audit event (`options`:
+    see `plan_rotation`)."""
+    plan, already_new = plan_rotation(gallery, old, new, options)
     start = time.perf_counter()
     rotated = chunks = 0
     total = sum(g.count for g in plan)

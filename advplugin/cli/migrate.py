@@ -8,6 +8,7 @@ import os
 import sys
 from typing import TYPE_CHECKING
 
+from advplugin.cli.common import add_option_argument, parse_options
 from advplugin.cli.protect import build_protector
 
 if TYPE_CHECKING:
@@ -97,6 +98,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     r.add_argument("--chunk-size", type=int, default=10_000, help="templates per transaction")
     r.add_argument("--dry-run", action="store_true", help="report what would be re-keyed")
     r.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_option_argument(r, "--option", "scheme (the options the templates were made with, e.g. release=1)")
     r.set_defaults(func=run_rotate)
 
 
@@ -264,7 +266,8 @@ def run_rotate(args: argparse.Namespace) -> int:
     old, new = load_key(args.old_key), load_key(args.new_key)
     gallery = _open_gallery(args.gallery, upgrade=False)
     try:
-        plan, already_new = plan_rotation(gallery, old, new)
+        options = parse_options(args.option)
+        plan, already_new = plan_rotation(gallery, old, new, options)
         for group in plan:
             print(
                 f"plan: {group.count} templates {group.scheme} v{group.scheme_version} dim "
@@ -279,7 +282,7 @@ def run_rotate(args: argparse.Namespace) -> int:
             print("dry run: nothing written")
             return 0
         result = rotate_key(
-            gallery, old, new, chunk_size=args.chunk_size, progress=not args.no_progress
+            gallery, old, new, chunk_size=args.chunk_size, progress=not args.no_progress, options=options
         )
         left = gallery.count_templates(collection=None, key_id=old.key_id)
         print(

@@ -26,7 +26,7 @@ import numpy as np
 
 from advplugin.adapters import Extractor
 from advplugin.gallery.matcher import ProbeSet, ScoreFn
-from advplugin.keys import load_key, write_key
+from advplugin.keys import Key, load_key, write_key
 from advplugin.protectors import (
     SCHEMES,
     KeyRotation,
@@ -102,7 +102,7 @@ class Protection:
         if not key_file.exists():
             key = write_key(key_file)
             print(f"advplugin: created key file {key_file} (key id {key.key_id}); back it up", flush=True)
-        protector = create_protector(scheme, key=load_key(key_file), dim=extractor.dim)
+        protector = _create(scheme, s, key=load_key(key_file), dim=extractor.dim)
         if not protector.protects and not s.allow_unprotected:
             raise ConfigurationError(
                 f"scheme {scheme!r} stores raw embeddings; set ADVPLUGIN_ALLOW_UNPROTECTED=1 "
@@ -110,7 +110,7 @@ class Protection:
             )
         previous = None
         if s.previous_key_file is not None:
-            previous = _previous_protector(scheme, protector, s.previous_key_file)
+            previous = _previous_protector(scheme, s, protector, s.previous_key_file)
         return cls(
             expected=protector.metadata, scorer=protector.score_fn,
             extractor_name=extractor.name, extractor_version=extractor.version,
@@ -131,7 +131,7 @@ class Protection:
             raise ConfigurationError(
                 "template mode needs ADVPLUGIN_TEMPLATE_KEY_ID (the key id of the clients' key)"
             )
-        dim = s.template_dim
+        dim, opts = s.template_dim, s.scheme_options
         if not info.supports(dim):
             raise ConfigurationError(
                 f"scheme {scheme!r} has trained weights for dimensions {info.dims}, not "
@@ -140,10 +140,10 @@ class Protection:
         expected = ProtectorMetadata(
             scheme=scheme, scheme_version=info.version,
             key_id=s.template_key_id if info.keyed else None,
-            input_dim=dim, output_dim=info.output_dim(dim), config_digest=info.config_digest(dim),
+            input_dim=dim, output_dim=info.output_dim(dim, **opts), config_digest=info.config_digest(dim, **opts),
         )
         return cls(
-            expected=expected, scorer=info.scorer(dim),
+            expected=expected, scorer=info.scorer(dim, **opts),
             extractor_name=s.template_extractor, extractor_version="client",
         )
 
@@ -188,10 +188,18 @@ class Protection:
         return {view.current: templates, view.previous.metadata.key_id: self._rotation.apply(templates)}
 
 
-def _previous_protector(scheme: str, current: Protector, path: Path) -> Protector:
+def _create(scheme: str, s: Settings, *, key: Key, dim: int) -> Protector:
+    """The protector of the settings: scheme, key, dimension and ADVPLUGIN_SCHEME_OPTIONS."""
+    try:
+        return create_protector(scheme, key=key, dim=dim, **s.scheme_options)
+    except (TypeError, ValueError) as e:
+        raise ConfigurationError(f"scheme {scheme!r} with ADVPLUGIN_SCHEME_OPTIONS: {e}") from None
+
+
+def _previous_protector(scheme: str, s: Settings, current: Protector, path: Path) -> Protector:
     if not path.is_file():
         raise ConfigurationError(f"the previous key file {path} does not exist")
-    previous = create_protector(scheme, key=load_key(path), dim=current.dim)
+    previous = _create(scheme, s, key=load_key(path), dim=current.dim)
     if previous.metadata.key_id == current.metadata.key_id:
         raise ConfigurationError(
             f"the previous key file {path} holds the same key (key id {current.metadata.key_id}) "

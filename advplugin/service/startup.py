@@ -140,7 +140,8 @@ def check_gallery_matches(gallery: Gallery, protection: Protection, settings: Se
                 f"v{row['scheme_version']} (config {row['config_digest']}), key id {row['key_id']}, "
                 f"dim {row['dim']}, but this service protects with {e.scheme} v{e.scheme_version} "
                 f"(config {e.config_digest}), key id {e.key_id}, dim {e.output_dim}; migrate or "
-                "re-enrol them first"
+                "re-enrol them first, or, for a gallery of other scheme options (an earlier release "
+                "of a trained scheme), serve it with those: ADVPLUGIN_SCHEME_OPTIONS='{\"release\": 1}'"
             )
         kid = row["key_id"]
         by_key[kid] = by_key.get(kid, 0) + int(row["count"])  # type: ignore[call-overload]
