@@ -10,13 +10,20 @@ from collections.abc import Callable
 
 import numpy as np
 
-from advplugin.evaluation.decoder import apply_linear_map, fit_linear_map
+from advplugin.evaluation.decoder import (
+    apply_linear_map,
+    apply_mlp_map,
+    fit_linear_map,
+    train_mlp_map,
+)
 from advplugin.evaluation.metrics import (
     PairsProtocol,
     d_sys,
     local_linkability,
+    maximal_linkability,
     rank1_identification,
     roc_curve,
+    subject_weights,
     tar_at_far,
     ten_fold_accuracy,
     threshold_at_far,
@@ -152,23 +159,37 @@ def unlinkability(
     rng: np.random.Generator,
 ) -> dict[str, object]:
     """D_sys across two keys: mated = two different photos of one person, one under each key;
-    non-mated = photos of two different people under the two keys."""
+    non-mated = photos of two different people under the two keys.
+
+    `d_sys` counts every mated pair once (the committed reports' figure); `d_sys_per_subject`
+    gives every person the same weight (`subject_weights`), so a few people with hundreds
+    of photos do not decide it. Each comes with its estimator floor at the same sample sizes.
+    """
     s = score_matrix(score_fn, templates_key1, templates_key2)
     mated, non_mated = genuine_impostor(s, identity, identity, max_impostors=max_impostors, rng=rng)
+    same = (identity[:, None] == identity[None, :]) & ~np.eye(len(identity), dtype=bool)
+    mated_subject = identity[np.nonzero(same)[0]]  # row-major, the order of `mated`
+    weights = subject_weights(mated_subject)
     centres, local, _ = local_linkability(mated, non_mated)
     edges = np.linspace(min(mated.min(), non_mated.min()), max(mated.max(), non_mated.max()), 61)
     m_hist, _ = np.histogram(mated, edges, density=True)
     n_hist, _ = np.histogram(non_mated, edges, density=True)
-    # The histogram estimator's floor at these sample counts: D_sys of two samples of the
-    # same (non-mated) distribution, so a small D_sys can be told from estimation noise.
-    half = min(len(mated), len(non_mated) // 2)
-    shuffled = rng.permutation(non_mated)
     return {
         "d_sys": d_sys(mated, non_mated),
-        "d_sys_floor": d_sys(shuffled[:half], shuffled[half:]),
+        "d_sys_floor": linkability_floor(non_mated, len(mated), rng),
+        "d_sys_per_subject": d_sys(mated, non_mated, mated_weights=weights),
+        "d_sys_per_subject_floor": linkability_floor(non_mated, len(mated), rng, weights=weights),
+        "maximal_linkability": maximal_linkability(mated, non_mated),
+        "maximal_linkability_per_subject": maximal_linkability(
+            mated, non_mated, mated_weights=weights
+        ),
+        "maximal_linkability_per_subject_floor": linkability_floor(
+            non_mated, len(mated), rng, weights=weights, metric=maximal_linkability
+        ),
         "mated_mean": float(mated.mean()),
         "non_mated_mean": float(non_mated.mean()),
         "mated_pairs": len(mated),
+        "mated_subjects": len(np.unique(mated_subject)),
         "non_mated_pairs": len(non_mated),
         "curve": {
             "edges": edges.tolist(),
@@ -178,6 +199,24 @@ def unlinkability(
             "local": local.tolist(),
         },
     }
+
+
+def linkability_floor(
+    non_mated: np.ndarray,
+    n_mated: int,
+    rng: np.random.Generator,
+    *,
+    weights: np.ndarray | None = None,
+    metric: Callable[..., float] = d_sys,
+) -> float:
+    """The histogram estimator's floor at these sample counts: `metric` (D_sys by default)
+    of two samples of the same (non-mated) distribution, so a small value can be told from
+    estimation noise. With `weights` the pseudo-mated sample carries the mated pairs'
+    weights (the same effective size)."""
+    half = min(n_mated, len(non_mated) // 2)
+    shuffled = rng.permutation(non_mated)
+    w = None if weights is None else rng.permutation(weights)[:half]
+    return metric(shuffled[:half], shuffled[half:], mated_weights=w)
 
 
 def reconstruction_pairs(
@@ -212,3 +251,156 @@ def scorer_threshold(
     return threshold_at_far(impostor, far), float(
         (genuine > threshold_at_far(impostor, far)).mean()
     )
+
+
+# -- Build 3's cheaper attacks: known pairs as a curve, no known pairs, maximal leakage ----------
+
+
+def enrolment_order(identity: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """The order in which an attacker enrols chosen photos: one photo of every person first
+    (in random order), then second photos, and so on. Distinct people span more of the
+    embedding space than repeats of one, so a map fitted on n enrolments is as good as n
+    allows."""
+    order = rng.permutation(len(identity))
+    _, inverse = np.unique(identity[order], return_inverse=True)
+    seen: dict[int, int] = {}
+    rank = np.empty(len(order), np.int64)
+    for i, person in enumerate(inverse):
+        rank[i] = seen.get(int(person), 0)
+        seen[int(person)] = rank[i] + 1
+    return order[np.argsort(rank, kind="stable")]
+
+
+def known_pair_curve(
+    train_templates: np.ndarray,
+    train_raw: np.ndarray,
+    train_identity: np.ndarray,
+    test_templates: np.ndarray,
+    test_raw: np.ndarray,
+    test_identity: np.ndarray,
+    sizes: list[int],
+    rng: np.random.Generator,
+    *,
+    mlp_steps: int = 400,
+    seed: int = 0,
+) -> list[dict[str, float]]:
+    """The black-box attacker's curve: after enrolling n chosen photos of train people and
+    reading their templates back, a least-squares and an MLP map templates -> raw; each is
+    scored by rank-1 of the test people's leaked templates among their other raw photos.
+
+    The MLP gets the same number of optimiser steps at every n (`mlp_steps`), so a small n
+    is not also an undertrained one."""
+    probes, _ = leak_probes(test_identity)
+    order = enrolment_order(train_identity, rng)
+    out = []
+    for n in sizes:
+        pick = order[:n]
+        w = fit_linear_map(train_templates[pick], train_raw[pick])
+        batch = min(128, n)
+        epochs = max(1, -(-mlp_steps * batch // n))
+        mlp = train_mlp_map(
+            train_templates[pick], train_raw[pick], epochs=epochs, batch_size=batch,
+            seed=seed, progress=False,
+        )
+        leaked = test_templates[probes]
+        out.append({
+            "pairs": n,
+            "linear_rank1": identification_rate(apply_linear_map(w, leaked), test_raw, test_identity),
+            "mlp_rank1": identification_rate(apply_mlp_map(mlp, leaked), test_raw, test_identity),
+        })
+    return out
+
+
+def _unit(x: np.ndarray) -> np.ndarray:
+    x = np.asarray(x, np.float64)
+    return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+
+def _procrustes(source: np.ndarray, target: np.ndarray) -> np.ndarray:
+    """The orthogonal W minimising ||source W^T - target||_F (rows paired)."""
+    u, _, vt = np.linalg.svd(target.T @ source)
+    return u @ vt
+
+
+def pca_alignment(leaked: np.ndarray, public: np.ndarray) -> np.ndarray:
+    """An orthogonal map leaked space -> public space from second moments alone: principal
+    axes matched by rank, each axis's sign fixed by the sign of the third moment of the
+    projections (a skewed cloud tells its two ends apart; an orthogonal key keeps skew).
+
+    Uncentred moments: the dominant axis is then the shared mean direction, which every
+    face embedding set has and an orthogonal key only rotates."""
+    g, p = _unit(leaked), _unit(public)
+
+    def axes(x: np.ndarray) -> np.ndarray:
+        values, vectors = np.linalg.eigh(x.T @ x / len(x))
+        vectors = vectors[:, np.argsort(values)[::-1]]
+        skew = np.sum((x @ vectors) ** 3, axis=0)
+        return vectors * np.where(skew < 0, -1.0, 1.0)
+
+    return axes(p) @ axes(g).T
+
+
+def icp_alignment(
+    leaked: np.ndarray,
+    public: np.ndarray,
+    *,
+    init: np.ndarray | None = None,
+    iterations: int = 50,
+    keep: float = 0.5,
+) -> tuple[np.ndarray, int]:
+    """Iterative closest point with orthogonal Procrustes: map the leaked templates, pair
+    each with its nearest public embedding (cosine), refit the orthogonal map on the `keep`
+    fraction of closest pairs (trimmed: most leaked people are not in the public set), and
+    repeat until the pairing stops changing. Returns the map and the iterations run."""
+    g, p = _unit(leaked), _unit(public)
+    w = pca_alignment(g, p) if init is None else init
+    n_keep = max(g.shape[1], int(keep * len(g)))
+    previous = None
+    for it in range(1, iterations + 1):
+        sims = g @ w.T @ p.T
+        nearest = np.argmax(sims, axis=1)
+        best = sims[np.arange(len(g)), nearest]
+        kept = np.argsort(best)[::-1][:n_keep]
+        w = _procrustes(g[kept], p[nearest[kept]])
+        if previous is not None and np.array_equal(previous, nearest):
+            return w, it
+        previous = nearest
+    return w, iterations
+
+
+def unsupervised_alignment(
+    test_templates: np.ndarray,
+    test_raw: np.ndarray,
+    test_identity: np.ndarray,
+    public_other_people: np.ndarray,
+    *,
+    iterations: int = 50,
+) -> dict[str, object]:
+    """The attacker with no known pairs: a leaked gallery (the first photo of every test
+    person, as templates) is aligned with unlabelled public raw embeddings by an orthogonal
+    map (PCA initialisation, then ICP Procrustes), once with photos of other people
+    (`public_other_people`: train people) and once with other photos of the enrolled people
+    (the test photos that are not in the gallery). Scored as rank-1 of the leaked templates
+    of people with two or more photos, mapped back, among their other raw photos."""
+    _, gallery = np.unique(test_identity, return_index=True)
+    gallery = np.sort(gallery)
+    others = np.setdiff1d(np.arange(len(test_identity)), gallery)
+    probes, _ = leak_probes(test_identity)
+    leaked = test_templates[gallery]
+    out: dict[str, object] = {"gallery": len(gallery)}
+    if leaked.shape[1] != test_raw.shape[1]:
+        return out | {"other_people": None, "same_people": None}
+    for label, public in (("other_people", public_other_people), ("same_people", test_raw[others])):
+        w0 = pca_alignment(leaked, public)
+        w, its = icp_alignment(leaked, public, init=w0, iterations=iterations)
+        out[label] = {
+            "public": len(public),
+            "pca_rank1": identification_rate(
+                (_unit(test_templates[probes]) @ w0.T).astype(np.float32), test_raw, test_identity
+            ),
+            "icp_rank1": identification_rate(
+                (_unit(test_templates[probes]) @ w.T).astype(np.float32), test_raw, test_identity
+            ),
+            "icp_iterations": its,
+        }
+    return out
