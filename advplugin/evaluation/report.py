@@ -204,6 +204,8 @@ def render_markdown(report: dict) -> str:
                 f"`{label}`",
                 _num(ul["d_sys"]),
                 _num(ul["d_sys_floor"]),
+                f"{_num(ul['d_sys_per_subject'])} ({_num(ul['d_sys_per_subject_floor'])})",
+                _num(ul["maximal_linkability_per_subject"]),
                 f"{ul['mated_mean']:+.4f} / {ul['non_mated_mean']:+.4f}",
                 str(ul["mated_pairs"]),
                 str(ul["non_mated_pairs"]),
@@ -216,6 +218,8 @@ def render_markdown(report: dict) -> str:
             "scheme",
             "D_sys",
             "estimator floor",
+            "D_sys, each person equally (floor)",
+            "maximal linkability, each person equally",
             "mean score mated / non-mated",
             "mated",
             "non-mated",
@@ -226,7 +230,11 @@ def render_markdown(report: dict) -> str:
     )
     out += [
         "The floor is D_sys between two samples of one distribution (non-mated scores) at these "
-        "sample counts: a D_sys above it is a real difference between mated and non-mated scores.",
+        "sample counts: a D_sys above it is a real difference between mated and non-mated scores. "
+        "Every mated pair counts once in D_sys, so a person with hundreds of photos dominates it; "
+        "weighting each person equally (and maximal linkability, Otroshi Shahreza et al., TIFS "
+        "2023) shows whether the linkage holds across people. The goal column judges the "
+        "every-pair D_sys.",
         "",
     ]
     out += [
