@@ -1,14 +1,14 @@
-"""Service and gallery benchmark: one command, prints tables.
+"""Gallery benchmark: one command, prints tables, writes benchmarks/results/service_bench.json.
 
     .venv/bin/python benchmarks/service_bench.py            # ~3 minutes on 2 CPU cores
     .venv/bin/python benchmarks/service_bench.py --quick    # smaller sizes
 
-1. /enroll and /identify over real HTTP (uvicorn subprocess, SQLite, dlib, xnn): latency and
-   throughput, against the same extraction + protection done in-process in the same run.
-2. Protected-template endpoints (/enroll/templates, /identify/templates) over HTTP.
-3. Protected search (Matcher: FAISS + protector re-scoring + SQL names) vs raw FAISS search
+HTTP figures (image and template endpoints under 1-8 concurrent clients, latency against
+bare extraction) are `benchmarks/http_load.py`'s; `start_server` stays here for blind.py.
+
+1. Protected search (Matcher: FAISS + protector re-scoring + SQL names) vs raw FAISS search
    of raw embeddings, same gallery (all lfw-dev images), same queries: the ratio.
-4. Gallery size vs search latency and index memory for flat/IVF/HNSW, with recall@1 of
+2. Gallery size vs search latency and index memory for flat/IVF/HNSW, with recall@1 of
    IVF/HNSW against exact search. Large galleries are LFW templates plus distractors made
    from them (template + Gaussian noise, renormalised), so neighbours are realistic.
 """
@@ -17,14 +17,10 @@ from __future__ import annotations
 
 import argparse
 import os
-import secrets
-import signal
 import socket
-import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
@@ -32,19 +28,17 @@ import faiss
 import httpx
 import numpy as np
 
-from advplugin.adapters import create_extractor
 from advplugin.embedding_files import load_embedding_set
 from advplugin.gallery import Gallery
 from advplugin.gallery.backends import IndexConfig, create_index_backend
 from advplugin.gallery.index import TemplateIndex
 from advplugin.gallery.matcher import Matcher
-from advplugin.images import load_image
-from advplugin.keys import load_key, write_key
+from advplugin.keys import write_key
 from advplugin.protectors import create_protector
 from advplugin.protectors.base import l2_normalize
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import FACE_DATA, table
+from common import FACE_DATA, table, write_results
 from common import ms as pct
 
 
@@ -89,83 +83,7 @@ def timed(fn, items) -> list[float]:
     return out
 
 
-def throughput(fn, items, workers: int) -> float:
-    chunks = [items[i::workers] for i in range(workers)]
-    t = time.perf_counter()
-    threads = [threading.Thread(target=lambda c=c: [fn(x) for x in c]) for c in chunks]
-    for th in threads:
-        th.start()
-    for th in threads:
-        th.join()
-    return len(items) / (time.perf_counter() - t)
-
-
-def bench_http(tmp: Path, cache, n_images: int) -> None:
-    key_path = tmp / "key"
-    write_key(key_path)
-    api_key = secrets.token_urlsafe(24)
-    proc, url = start_server(tmp, {
-        "ADVPLUGIN_DATA_DIR": str(tmp / "data"), "ADVPLUGIN_KEY_FILE": str(key_path),
-        "ADVPLUGIN_API_KEY": api_key, "ADVPLUGIN_SCHEME": "xnn",
-    })
-    try:
-        client = httpx.Client(base_url=url, headers={"x-api-key": api_key}, timeout=120)
-        g_idx, p_idx = first_vs_rest(cache.identity, cache.path)
-        files = [FACE_DATA / "lfw-dev" / str(cache.path[i]) for i in g_idx[:n_images]]
-        probes = [FACE_DATA / "lfw-dev" / str(cache.path[i]) for i in p_idx[:n_images]]
-        data = {f: f.read_bytes() for f in files + probes}
-
-        # Baseline in this run: the same work in-process (decode, detect, embed, protect).
-        extractor = create_extractor("dlib")
-        protector = create_protector("xnn", key=load_key(key_path), dim=128)
-        base = timed(lambda f: protector.protect(extractor.extract(load_image(data[f]), largest_only=True).embeddings),
-                     probes)
-
-        def enroll(f: Path) -> None:
-            r = client.post("/enroll", files={"file": ("i.jpg", data[f])}, data={"subject": f.parent.name})
-            assert r.status_code in (201, 422), r.text
-
-        def identify(f: Path) -> None:
-            r = client.post("/identify", files={"file": ("i.jpg", data[f])}, params={"limit": 1})
-            assert r.status_code in (200, 422), r.text
-
-        t_enroll = timed(enroll, files)
-        t_ident = timed(identify, probes)
-        tput = throughput(identify, probes, 2)
-        m = protector.metadata
-        prot = {"scheme": m.scheme, "scheme_version": m.scheme_version, "key_id": m.key_id,
-                "extractor_name": "dlib", "extractor_version": "cache"}
-        gal = protector.protect(cache.embedding[g_idx])
-        for s in range(0, len(g_idx), 1000):
-            client.post("/enroll/templates", json={"protection": prot, "items": [
-                {"subject": str(cache.identity[i]), "template": t.tolist()}
-                for i, t in zip(g_idx[s:s + 1000], gal[s:s + 1000], strict=True)]}).raise_for_status()
-        prb = protector.protect(cache.embedding[p_idx[:200]])
-        t_tid = timed(lambda t: client.post("/identify/templates", json={
-            "protection": prot, "templates": [t.tolist()]}).raise_for_status(), prb)
-        t_ten = timed(lambda t: client.post("/enroll/templates", json={
-            "protection": prot, "items": [{"subject": "bench", "template": t.tolist()}]}).raise_for_status(), prb[:100])
-        n_gallery = client.get("/status").json()["template_count"]
-        b50 = pct(base, 50)
-        table(
-            f"HTTP latency (SQLite, dlib + xnn, flat index; gallery {len(files)} then {n_gallery} templates)",
-            ["operation", "n", "p50 ms", "p95 ms", "p50 vs in-process extract+protect"],
-            [
-                ["in-process extract + protect (baseline)", len(base), b50, pct(base, 95), 1.0],
-                ["POST /enroll (image)", len(t_enroll), pct(t_enroll, 50), pct(t_enroll, 95), pct(t_enroll, 50) / b50],
-                ["POST /identify (image)", len(t_ident), pct(t_ident, 50), pct(t_ident, 95), pct(t_ident, 50) / b50],
-                ["POST /enroll/templates (1 template)", len(t_ten), pct(t_ten, 50), pct(t_ten, 95), "-"],
-                ["POST /identify/templates (1 probe)", len(t_tid), pct(t_tid, 50), pct(t_tid, 95), "-"],
-            ],
-        )
-        table("HTTP throughput (2 client threads, 2 CPU cores)", ["operation", "requests/s", "in-process baseline /s"],
-              [["POST /identify (image)", tput, 1 / statistics.mean(base)]])
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        proc.wait(30)
-
-
-def bench_protected_vs_raw(tmp: Path, cache) -> None:
+def bench_protected_vs_raw(tmp: Path, cache) -> dict[str, float]:
     key_path = tmp / "key2"
     protector = create_protector("xnn", key=write_key(key_path), dim=128)
     g = Gallery.open(f"sqlite:///{tmp / 'bench.db'}", upgrade=True)
@@ -196,9 +114,12 @@ def bench_protected_vs_raw(tmp: Path, cache) -> None:
     )
     print(f"\ntop-1 neighbour identical for raw and protected search: {same:.2%} of queries")
     g.close()
+    return {"templates": len(templates), "raw_faiss_p50_ms": r, "index_search_p50_ms": pct(t_idx, 50),
+            "matcher_identify_p50_ms": pct(t_match, 50), "identify_ratio_p50": pct(t_match, 50) / r,
+            "top1_identical_share": same}
 
 
-def bench_scaling(cache, sizes: list[int], hnsw_sizes: list[int]) -> None:
+def bench_scaling(cache, sizes: list[int], hnsw_sizes: list[int]) -> dict[str, list]:
     protector = create_protector("xnn", key=load_key_or_new(), dim=128)
     base = protector.protect(cache.embedding)
     g_idx, p_idx = first_vs_rest(cache.identity, cache.path)
@@ -241,6 +162,12 @@ def bench_scaling(cache, sizes: list[int], hnsw_sizes: list[int]) -> None:
           ["index", "templates", "build s", "p50 ms", "p95 ms", "memory MiB"], rows)
     table("Recall@1 of approximate indexes against exact search (300 lfw-dev probes)",
           ["index", "templates", "parameters", "recall@1 vs flat"], recall_rows)
+    return {
+        "latency": [dict(zip(["index", "templates", "build_s", "p50_ms", "p95_ms", "memory_mib"], r, strict=True))
+                    for r in rows],
+        "recall": [dict(zip(["index", "templates", "parameters", "recall_at_1_vs_flat"], r, strict=True))
+                   for r in recall_rows],
+    }
 
 
 def load_key_or_new():
@@ -252,7 +179,6 @@ def load_key_or_new():
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true")
-    p.add_argument("--skip-http", action="store_true")
     args = p.parse_args()
     cache = load_embedding_set(FACE_DATA / "lfw-dev-dlib128.npz")
     # One OpenMP thread, as the service uses (Settings.search_threads), for baseline and
@@ -263,13 +189,12 @@ def main() -> int:
           f"{faiss.get_num_gpus() if hasattr(faiss, 'get_num_gpus') else 0} GPUs)")
     with tempfile.TemporaryDirectory() as d:
         tmp = Path(d)
-        if not args.skip_http:
-            bench_http(tmp, cache, 10 if args.quick else 30)
-        bench_protected_vs_raw(tmp, cache)
+        figures: dict[str, object] = {"protected_vs_raw": bench_protected_vs_raw(tmp, cache)}
     if args.quick:
-        bench_scaling(cache, [10_000, 100_000], [10_000])
+        figures["scaling"] = bench_scaling(cache, [10_000, 100_000], [10_000])
     else:
-        bench_scaling(cache, [10_000, 50_000, 100_000, 1_000_000], [10_000, 50_000])
+        figures["scaling"] = bench_scaling(cache, [10_000, 50_000, 100_000, 1_000_000], [10_000, 50_000])
+    write_results("service_bench", figures, command="python benchmarks/service_bench.py" + (" --quick" if args.quick else ""))
     return 0
 
 

@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 import numpy as np
 from sqlalchemy import insert, select, text, update
 
-from advplugin.bulk.models import MigrationItem, MigrationJob
+from advplugin.bulk.models import MigrationJob
 from advplugin.bulk.sources import Chunk, Cursor, Source
 from advplugin.gallery.models import utcnow
 from advplugin.gallery.store import DEFAULT_COLLECTION, Gallery
@@ -178,11 +178,12 @@ def _insert_items(tx: Gallery, job_id: int, source_ids: list[str], template_ids:
         params = {"job_id": job_id, "source_ids": source_ids, "template_ids": template_ids}
         tx.connection.execute(_PG_INSERT_ITEMS, params)
         return
-    rows = [
-        {"job_id": job_id, "source_id": s, "template_id": t}
-        for s, t in zip(source_ids, template_ids, strict=True)
-    ]
-    tx.connection.execute(insert(MigrationItem), rows)
+    # SQLite: plain tuples to the driver's executemany (SQLAlchemy's per-row dicts cost
+    # more than the insert itself).
+    tx.connection.exec_driver_sql(
+        "INSERT INTO migration_items (job_id, source_id, template_id) VALUES (?, ?, ?)",
+        [(job_id, s, t) for s, t in zip(source_ids, template_ids, strict=True)],
+    )
 
 
 # -- parallel protection -------------------------------------------------------------------

@@ -49,6 +49,8 @@ class Extraction:
         self._pool: ProcessPoolExecutor | None = None
         if self.workers:
             self._pool = self._start_pool()
+        elif protection.extractor is not None:
+            _warm(protection)
 
     def _start_pool(self) -> ProcessPoolExecutor:
         # spawn: forking a process that runs threads (uvicorn's, FAISS's) is unsafe.
@@ -119,9 +121,20 @@ def _extract_and_protect(
 _worker: Protection | None = None
 
 
+def _warm(protection: Protection) -> None:
+    """Build the protectors' cached transforms before the first image, not during it: for
+    `xnn` at 128-d the key-derived matrix and its QR took ~0.6 s on a busy 2-core machine,
+    20 % of a profiled run of image requests (benchmarks/http_load.py)."""
+    for protector in (protection.protector, protection.previous):
+        if protector is not None:
+            protector.protect(np.ones((1, protector.dim), np.float32))
+
+
 def _init_worker(settings: Settings) -> None:
     global _worker
     _worker = Protection.from_settings(settings)
+    if _worker.extractor is not None:
+        _warm(_worker)
 
 
 def _ready() -> bool:
