@@ -307,22 +307,19 @@ class Sealer:
         return sorted(self._keys.items())
 
     # subject keys
-    def new_subject_keys(self, collection_id: int, names: Sequence[str]) -> list[bytes]:
-        """Fresh subject keys, sealed under the current gallery key (what the rows store).
-        With an erasure key store, each gets an erasure key there first (committed before
-        any template is sealed under it)."""
+    def new_subject_keys(self, collection_id: int, names: Sequence[str]) -> list[tuple[bytes, AESGCM]]:
+        """Fresh subject keys: (sealed under the current gallery key, what the row stores;
+        the cipher of the subject's templates, for the write that made it: no unwrap and no
+        store lookup right after). With an erasure key store, each gets an erasure key
+        there first (committed before any template is sealed under it)."""
         raws = [new_data_key() for _ in names]
         if self.erasure is None:
-            return [self._seal_subject_key(collection_id, n, r) for n, r in zip(names, raws, strict=True)]
+            return [(self._seal_subject_key(collection_id, n, r), AESGCM(r)) for n, r in zip(names, raws, strict=True)]
         made = self.erasure.create([erasure_ref(r) for r in raws])
-        sealed = [self._seal_subject_key(collection_id, n, _ERASABLE + r) for n, r in zip(names, raws, strict=True)]
-        # Their templates are sealed next: keep the ciphers rather than unwrap and look up again.
-        with self._lock:
-            if len(self._subjects) + len(names) > _SUBJECT_CACHE:
-                self._subjects.clear()
-            for n, r, k in zip(names, raws, sealed, strict=True):
-                self._subjects[collection_id, n, k] = AESGCM(_erasable_key(r, made[erasure_ref(r)]))
-        return sealed
+        return [
+            (self._seal_subject_key(collection_id, n, _ERASABLE + r), AESGCM(_erasable_key(r, made[erasure_ref(r)])))
+            for n, r in zip(names, raws, strict=True)
+        ]
 
     def _seal_subject_key(self, collection_id: int, name: str, plain: bytes) -> bytes:
         nonce = secrets.token_bytes(NONCE_BYTES)

@@ -146,10 +146,12 @@ def _to_bytes(vector: np.ndarray) -> bytes:
 
 
 class _Sealed(NamedTuple):
-    """A subject as a write needs it: its id and its sealed key (None: unsealed gallery)."""
+    """A subject as a write needs it: its id and its sealed key (None: unsealed gallery),
+    and for a subject made by this write its template cipher (no unwrap, no store lookup)."""
 
     id: int
     key: bytes | None
+    cipher: Any = None
 
 
 def _chunks(seq: Sequence, n: int = _IN_CHUNK) -> Iterator[Sequence]:
@@ -210,18 +212,20 @@ class TemplateRepository(ChangeLog, GalleryKeys):
 
     # -- vectors: the one place they are encoded and decoded --------------------------------------
     def _encode(
-        self, sealer: Sealer | None, cid: int, ids: Sequence[int], subject_keys: Sequence[tuple[str, bytes | None]],
+        self, sealer: Sealer | None, cid: int, ids: Sequence[int], subjects: Sequence[tuple[str, _Sealed]],
         vectors: np.ndarray, *, scheme: Sequence[str], scheme_version: Sequence[int],
         config_digest: Sequence[str], key_id: Sequence[str | None],
     ) -> list[bytes]:
         """Stored bytes of each row: plaintext float32 in an unsealed gallery, else sealed
-        under its subject's key and bound to the row's id and provenance."""
+        under its subject's key and bound to the row's id and provenance. Ciphers of
+        existing subjects are looked up together (cached only for small writes: a bulk
+        migration must not fill the sealer's cache)."""
         if sealer is None:
             return [_to_bytes(v) for v in vectors]
         dim = vectors.shape[1]
-        items = [(cid, name, key) for name, key in subject_keys]
-        by_item = sealer.subject_ciphers(items)  # type: ignore[arg-type]
-        ciphers = [by_item[i] for i in items]  # type: ignore[index]
+        lookup = list({(cid, name, s.key) for name, s in subjects if s.cipher is None})
+        by_item = sealer.subject_ciphers(lookup, cache=len(lookup) <= _IN_CHUNK) if lookup else {}  # type: ignore[arg-type]
+        ciphers = [s.cipher if s.cipher is not None else by_item[cid, name, s.key] for name, s in subjects]  # type: ignore[index]
         ads = [
             template_ad(cid, t, s, v, d, k, dim)
             for t, s, v, d, k in zip(ids, scheme, scheme_version, config_digest, key_id, strict=True)
@@ -313,7 +317,7 @@ class TemplateRepository(ChangeLog, GalleryKeys):
             ids = self._next_template_ids(conn, len(vectors))
             n = len(ids)
             stored = self._encode(
-                sealer, cid, ids, [(name, found[name].key) for name in subjects], vectors,
+                sealer, cid, ids, [(name, found[name]) for name in subjects], vectors,
                 scheme=[protection.scheme] * n, scheme_version=[protection.scheme_version] * n,
                 config_digest=[digest] * n, key_id=[protection.key_id] * n,
             )
@@ -394,7 +398,8 @@ class TemplateRepository(ChangeLog, GalleryKeys):
         if missing and create:
             # Bulk insert without RETURNING, then read the ids back (see _next_template_ids).
             now = utcnow()
-            keys: list[bytes | None] = list(sealer.new_subject_keys(cid, missing)) if sealer else [None] * len(missing)
+            made = dict(zip(missing, sealer.new_subject_keys(cid, missing), strict=True)) if sealer else {}
+            keys = [made[n][0] if sealer else None for n in missing]
             if self.dialect == "postgresql":
                 conn.execute(_PG_INSERT_SUBJECTS, {"cid": cid, "names": missing, "keys": keys, "now": now})
             else:
@@ -403,16 +408,19 @@ class TemplateRepository(ChangeLog, GalleryKeys):
                     for n, k in zip(missing, keys, strict=True)
                 ]
                 conn.execute(insert(Subject), rows)
-            found.update(self._find_subjects(conn, cid, missing))
+            found.update({
+                n: s._replace(cipher=made[n][1]) if n in made else s
+                for n, s in self._find_subjects(conn, cid, missing).items()
+            })
         if sealer is not None:
             unkeyed = [n for n, s in found.items() if s.key is None]
             keyless = dict(zip(unkeyed, sealer.new_subject_keys(cid, unkeyed), strict=True))
             if keyless:
                 conn.execute(
                     update(Subject).where(Subject.id == bindparam("sid")).values(sealed_key=bindparam("k")),
-                    [{"sid": found[n].id, "k": k} for n, k in keyless.items()],
+                    [{"sid": found[n].id, "k": k} for n, (k, _) in keyless.items()],
                 )
-                found.update({n: _Sealed(found[n].id, k) for n, k in keyless.items()})
+                found.update({n: _Sealed(found[n].id, k, c) for n, (k, c) in keyless.items()})
         return found
 
     def _find_subjects(self, conn: Connection, cid: int, names: Sequence[str]) -> dict[str, _Sealed]:
@@ -520,7 +528,7 @@ class TemplateRepository(ChangeLog, GalleryKeys):
             rows = [current[ids[p]] for p in positions]
             keys = self._subject_ids(conn, cid, [r.name for r in rows], create=False, sealer=sealer)
             sealed = self._encode(
-                sealer, cid, [ids[p] for p in positions], [(r.name, keys[r.name].key) for r in rows],
+                sealer, cid, [ids[p] for p in positions], [(r.name, keys[r.name]) for r in rows],
                 vectors[positions],
                 scheme=[scheme if scheme is not None else r.scheme for r in rows],
                 scheme_version=[scheme_version if scheme_version is not None else r.scheme_version for r in rows],
@@ -565,7 +573,7 @@ class TemplateRepository(ChangeLog, GalleryKeys):
                 for cid, part in by_collection.items():
                     keys = self._subject_ids(conn, cid, [r.name for r in part], create=False, sealer=sealer)
                     sealed = self._encode(
-                        sealer, cid, [int(r.id) for r in part], [(r.name, keys[r.name].key) for r in part],
+                        sealer, cid, [int(r.id) for r in part], [(r.name, keys[r.name]) for r in part],
                         np.stack([np.frombuffer(r.vector, dtype="<f4") for r in part]),
                         scheme=[r.scheme for r in part], scheme_version=[r.scheme_version for r in part],
                         config_digest=[r.config_digest for r in part], key_id=[r.key_id for r in part],
@@ -607,13 +615,14 @@ class TemplateRepository(ChangeLog, GalleryKeys):
                     .order_by(Template.id)
                 ).all()
                 vectors = self._decode(rows)  # under the old subject keys
-                new_keys: dict[tuple[int, str], bytes] = {}
+                new_keys: dict[tuple[int, str], _Sealed] = {}
                 for cid in {int(r.collection_id) for r in subjects}:
                     names = [r.name for r in subjects if r.collection_id == cid]
-                    new_keys.update({(cid, n): k for n, k in zip(names, sealer.new_subject_keys(cid, names), strict=True)})
+                    for n, (k, c) in zip(names, sealer.new_subject_keys(cid, names), strict=True):
+                        new_keys[cid, n] = _Sealed(0, k, c)
                 conn.execute(
                     update(Subject).where(Subject.id == bindparam("sid")).values(sealed_key=bindparam("k")),
-                    [{"sid": r.id, "k": new_keys[int(r.collection_id), r.name]} for r in subjects],
+                    [{"sid": r.id, "k": new_keys[int(r.collection_id), r.name].key} for r in subjects],
                 )
                 params = []
                 for cid in {int(r.collection_id) for r in rows}:
