@@ -31,7 +31,6 @@ from common import table, write_results
 
 from advplugin.keys import Key
 from advplugin.protectors import create_protector, list_schemes
-from advplugin.protectors.base import l2_normalize, validate_embeddings
 
 DIM = 128
 GOALS = {"xnn": 1_000_000.0, "advface": 100_000.0}  # templates/s on 2 cores (issue 14)
@@ -57,20 +56,6 @@ def rate(fn: Callable[[np.ndarray], object], batch: np.ndarray, threads: int, se
     for w in workers:
         w.join()
     return sum(counts) * len(batch) / (time.perf_counter() - t0)
-
-
-def xnn_float32(p: object) -> Callable[[np.ndarray], np.ndarray]:
-    """What `xnn` would cost with its transform applied in float32 (the change this benchmark
-    suggests; `XNNProtector._protect` casts every batch to float64 and multiplies by a
-    float64 matrix): the same steps (validate, normalise, transform, normalise) in float32."""
-    t32 = np.ascontiguousarray(p._transform.T, dtype=np.float32)  # type: ignore[attr-defined]
-
-    def protect(raw: np.ndarray) -> np.ndarray:
-        x = validate_embeddings(raw, DIM)
-        x = x / np.linalg.norm(x, axis=1, keepdims=True)
-        return l2_normalize(x @ t32)
-
-    return protect
 
 
 def profile_one(fn: Callable[[np.ndarray], object], batch: np.ndarray, top: int = 6) -> list[str]:
@@ -123,22 +108,6 @@ def main() -> int:
                     }
                     rows.append([scheme, batch_size, threads, r, base, r / base,
                                  "-" if goal is None else f"{goal:.0f}", "-" if met is None else ("met" if met else "NOT met")])
-        # The suggested xnn change, measured beside the real one (not used by advplugin).
-        xnn = create_protector("xnn", key=key, dim=DIM)
-        fast = xnn_float32(xnn)
-        big = rng.standard_normal((1024, DIM)).astype(np.float32)
-        diff = float(np.abs(fast(big) - xnn.protect(big)).max())
-        for threads in (1, 2):
-            r = rate(fast, big, threads, seconds)
-            figures[f"xnn_float32_proposed/b1024/t{threads}"] = {
-                "templates_per_s": r, "vs_xnn": r / figures[f"xnn/b1024/t{threads}"]["templates_per_s"],  # type: ignore[index]
-                "max_abs_diff_vs_xnn": diff, "goal_templates_per_s": GOALS["xnn"] if threads == 2 else None,
-            }
-            rows.append(["xnn, float32 transform (proposed, not in advplugin)", 1024, threads, r,
-                         figures[f"floor/b1024/t{threads}"]["templates_per_s"],  # type: ignore[index]
-                         r / figures[f"floor/b1024/t{threads}"]["templates_per_s"],  # type: ignore[index]
-                         "-", "-"])
-        print(f"float32 xnn vs xnn: max abs difference {diff:.2e}")
         profiles = {}
         big = rng.standard_normal((1024, DIM)).astype(np.float32)
         for scheme in args.schemes.split(","):
