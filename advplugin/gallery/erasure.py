@@ -11,8 +11,10 @@ erasure key (`advplugin.gallery.sealing.Sealer`). Deleting the subject shreds it
 key: from then on no copy of the database, WAL, backup or snapshot can open its templates,
 with any master key.
 
-Entries are found by a *reference* (16 bytes) derived one-way from the subject key, so the
-store alone says nothing about who is enrolled, and one store may serve several galleries.
+Entries are found by a random *reference* (16 bytes) kept inside the subject's sealed key in
+the database, so the store alone says nothing about who is enrolled, and one store may serve
+several galleries. Keys are made ahead in small pools (`take`), so enrolling a new subject
+does not wait for a durable commit of the store each time.
 Index snapshots get an erasure key each too (kind `snapshot`), shredded when a newer
 snapshot replaces them: a copied snapshot file dies with the next snapshot.
 
@@ -28,6 +30,7 @@ of the master key keeps the data key). docs/sealed-storage.md, "Erasure".
 from __future__ import annotations
 
 import secrets
+import threading
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
@@ -64,6 +67,11 @@ _keys = Table(
 )
 
 
+#: Erasure keys made ahead, per process: a new subject takes one from the pool, so enrolling
+#: does not wait for a durable commit of the store each time (one per POOL new subjects).
+POOL = 64
+
+
 class ErasureKeyStore:
     """Erasure keys by reference. Thread-safe (one engine); every call is its own committed
     transaction (durable before it returns: SQLite with synchronous=FULL)."""
@@ -72,6 +80,8 @@ class ErasureKeyStore:
         self.engine = engine
         self.description = description
         _metadata.create_all(engine)
+        self._pool: list[tuple[bytes, bytes]] = []
+        self._pool_lock = threading.Lock()
 
     @classmethod
     def open(cls, location: str | Path) -> ErasureKeyStore:
@@ -90,6 +100,11 @@ class ErasureKeyStore:
         return cls(engine, description)
 
     def close(self) -> None:
+        """Shred the pooled keys no subject took, and release the engine's connections (the
+        store stays usable: a later call reconnects)."""
+        with self._pool_lock:
+            unused, self._pool = [r for r, _ in self._pool], []
+        self.shred(unused)
         self.engine.dispose()
 
     def __repr__(self) -> str:
@@ -113,6 +128,17 @@ class ErasureKeyStore:
                 [(r, s, kind, now) for r, s in out.items()],
             )
         return out
+
+    def take(self, n: int) -> list[tuple[bytes, bytes]]:
+        """`n` new (reference, erasure key) pairs, already durable in the store: from the
+        pool, refilled by one `create` of what is missing plus POOL. A process that dies
+        leaves its unused pool behind: random keys no subject refers to."""
+        with self._pool_lock:
+            if len(self._pool) < n:
+                refs = [secrets.token_bytes(REF_BYTES) for _ in range(n - len(self._pool) + POOL)]
+                self._pool.extend(self.create(refs).items())
+            taken, self._pool = self._pool[:n], self._pool[n:]
+        return taken
 
     def get(self, refs: Iterable[bytes]) -> dict[bytes, bytes]:
         """{ref: erasure key} for the references still present (shredded ones are absent)."""

@@ -51,7 +51,7 @@ import numpy as np
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
-from advplugin.gallery.erasure import ErasureKeyStore
+from advplugin.gallery.erasure import REF_BYTES, ErasureKeyStore
 from advplugin.keys import KEY_BYTES, Key, load_key, write_key
 
 NONCE_BYTES = 12
@@ -61,13 +61,14 @@ OVERHEAD = NONCE_BYTES + TAG_BYTES
 _SERIAL = struct.Struct(">I")
 #: A sealed subject key: gallery key serial (4) + nonce + 32-byte key + tag.
 SUBJECT_KEY_BYTES = _SERIAL.size + OVERHEAD + KEY_BYTES
-#: ... of a subject that has an erasure key (one marker byte more).
-ERASABLE_SUBJECT_KEY_BYTES = SUBJECT_KEY_BYTES + 1
+#: ... of a subject that has an erasure key (a marker byte and the erasure key's reference more).
+ERASABLE_SUBJECT_KEY_BYTES = SUBJECT_KEY_BYTES + 1 + REF_BYTES
 #: Snapshots are sealed in segments: AES-GCM in `cryptography` takes at most 2**31-1 bytes.
 SEGMENT_BYTES = 1 << 26
 _SUBJECT_CACHE = 200_000  # unwrapped subject keys kept (a cache; cleared when full)
-#: First byte of a sealed subject key's plaintext when the subject has an erasure key (a
-#: 33-byte plaintext; 32 bytes: a subject sealed before the erasure key store existed).
+#: First byte of a sealed subject key's plaintext when the subject has an erasure key (then:
+#: marker, 32 key bytes, the erasure key's 16-byte reference in the store; a 32-byte
+#: plaintext: a subject sealed before the erasure key store existed).
 _ERASABLE = b"\x01"
 #: Erasure-store hint for messages.
 ERASURE_STORE_HINT = "ADVPLUGIN_ERASURE_KEY_STORE=<file or URL> (default: erasure-keys.db beside the master key)"
@@ -266,10 +267,11 @@ def gallery_key_context(serial: int) -> bytes:
     return associated_data("gallery-key/v1", serial)
 
 
-def erasure_ref(subject_key: bytes) -> bytes:
-    """The erasure-store reference of a subject key: one-way, so the store alone names no
-    one, and stable across re-wraps of the subject key."""
-    return hashlib.sha256(b"advplugin/erasure-ref/v1\0" + subject_key).digest()[:16]
+def _erasable_parts(plain: bytes) -> tuple[bytes, bytes | None]:
+    """(subject key, erasure-store reference or None) of a sealed subject key's plaintext."""
+    if len(plain) == KEY_BYTES:
+        return plain, None
+    return plain[1 : 1 + KEY_BYTES], plain[1 + KEY_BYTES :]
 
 
 def _erasable_key(subject_key: bytes, erasure_key: bytes) -> bytes:
@@ -315,10 +317,10 @@ class Sealer:
         raws = [new_data_key() for _ in names]
         if self.erasure is None:
             return [(self._seal_subject_key(collection_id, n, r), AESGCM(r)) for n, r in zip(names, raws, strict=True)]
-        made = self.erasure.create([erasure_ref(r) for r in raws])
+        taken = self.erasure.take(len(names))
         return [
-            (self._seal_subject_key(collection_id, n, _ERASABLE + r), AESGCM(_erasable_key(r, made[erasure_ref(r)])))
-            for n, r in zip(names, raws, strict=True)
+            (self._seal_subject_key(collection_id, n, _ERASABLE + r + ref), AESGCM(_erasable_key(r, ek)))
+            for n, r, (ref, ek) in zip(names, raws, taken, strict=True)
         ]
 
     def _seal_subject_key(self, collection_id: int, name: str, plain: bytes) -> bytes:
@@ -331,7 +333,8 @@ class Sealer:
         return int(_SERIAL.unpack_from(sealed)[0])
 
     def _unwrap_subject_key(self, collection_id: int, name: str, sealed: bytes) -> bytes:
-        """The sealed plaintext: 32 key bytes, or the erasable marker + 32 key bytes."""
+        """The sealed plaintext: 32 key bytes, or the erasable marker, 32 key bytes and the
+        erasure key's reference."""
         serial = self.subject_key_serial(sealed)
         aead = self._gallery.get(serial)
         if aead is None:
@@ -347,8 +350,7 @@ class Sealer:
 
     def erasure_ref_of(self, collection_id: int, name: str, sealed: bytes) -> bytes | None:
         """The erasure-store reference of a subject (None: it has no erasure key)."""
-        plain = self._unwrap_subject_key(collection_id, name, sealed)
-        return erasure_ref(plain[1:]) if len(plain) > KEY_BYTES else None
+        return _erasable_parts(self._unwrap_subject_key(collection_id, name, sealed))[1]
 
     def subject_ciphers(self, items: Sequence[_Item], *, cache: bool = True) -> dict[_Item, AESGCM]:
         """The AES-GCM of each subject's templates, by (collection id, name, sealed key);
@@ -364,18 +366,19 @@ class Sealer:
                 out[item] = aead
             elif item not in plains:
                 plains[item] = self._unwrap_subject_key(*item)
-        erasable = {i: p[1:] for i, p in plains.items() if len(p) > KEY_BYTES}
+        parts = {i: _erasable_parts(p) for i, p in plains.items()}
+        erasable = [i for i, (_, ref) in parts.items() if ref is not None]
         found: dict[bytes, bytes] = {}
         if erasable:
             if self.erasure is None:
                 raise ErasureStoreMissing(
-                    f"subject {next(iter(erasable))[1]!r} has an erasure key, and this process was "
+                    f"subject {erasable[0][1]!r} has an erasure key, and this process was "
                     f"given no erasure key store: {ERASURE_STORE_HINT}"
                 )
-            found = self.erasure.get(erasure_ref(k) for k in erasable.values())
-        for item, plain in plains.items():
-            if len(plain) > KEY_BYTES:
-                ek = found.get(erasure_ref(plain[1:]))
+            found = self.erasure.get(parts[i][1] for i in erasable)  # type: ignore[misc]
+        for item, (key, ref) in parts.items():
+            if ref is not None:
+                ek = found.get(ref)
                 if ek is None:
                     raise ErasedError(
                         f"subject {item[1]!r} (collection {item[0]}) has no erasure key in the "
@@ -384,9 +387,9 @@ class Sealer:
                         "store is not this gallery's; a gallery restored from a backup drops such "
                         "subjects with `advplugin db purge-erased`"
                     )
-                aead = AESGCM(_erasable_key(plain[1:], ek))
+                aead = AESGCM(_erasable_key(key, ek))
             else:
-                aead = AESGCM(plain)
+                aead = AESGCM(key)
             out[item] = aead
         if cache and plains:
             with self._lock:

@@ -18,7 +18,7 @@ from sqlalchemy import text
 from sqlalchemy.exc import IntegrityError
 
 from advplugin.gallery import Gallery, make_engine
-from advplugin.gallery.erasure import ErasureKeyStore
+from advplugin.gallery.erasure import POOL, ErasureKeyStore
 from advplugin.gallery.index import TemplateIndex
 from advplugin.gallery.sealing import (
     ERASABLE_SUBJECT_KEY_BYTES,
@@ -106,6 +106,27 @@ def test_store_creates_gets_and_shreds(where: str, tmp_path: Path, request: pyte
         assert store.get([refs[1]]) == {refs[1]: made[refs[1]]}
     finally:
         store.close()
+
+
+def test_erasure_keys_come_from_a_pool_and_unused_ones_are_shredded(
+    gallery_url: str, master_key: LocalKeyProvider, tmp_path: Path, protector
+) -> None:
+    """One durable store commit per POOL new subjects, not per enrolment; closing shreds the rest."""
+    store = ErasureKeyStore.open(tmp_path / "pool" / "erasure-keys.db")
+    commits = []
+    create = store.create
+    store.create = lambda refs, **kw: commits.append(len(refs)) or create(refs, **kw)  # type: ignore[method-assign]
+    with Gallery.open(gallery_url, upgrade=True, master_key=master_key, erasure=store) as g:
+        for i in range(10):
+            _add(g, protector, [f"p{i}"], seed=i)
+        assert commits == [1 + POOL]  # the first new subject filled the pool
+        assert store.count("subject") == 1 + POOL
+        names = {s.name for s in g.list_subjects()}
+    assert names == {f"p{i}" for i in range(10)}
+    assert store.count("subject") == 10  # the unused pool went at close
+    with Gallery.open(gallery_url, master_key=master_key, erasure=store) as g:
+        assert sorted(s for b in g.iter_templates() for s in b.subjects) == sorted(names)
+    store.close()
 
 
 def test_a_copy_made_before_a_delete_opens_nothing_of_the_subject(
