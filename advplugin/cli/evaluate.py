@@ -56,6 +56,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--no-cache", action="store_true", help="compute everything, write no cache")
     p.add_argument("--epochs", type=int, help="decoder training epochs (default 6; --quick 2)")
+    p.add_argument(
+        "--decoder-identity-weight", type=float, default=0.0,
+        help="train the decoders to keep identity too (e.g. 0.03: docs/evaluation/README.md); "
+        "default 0, the L1-only decoder of the committed reports",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument(
         "--threads", type=int, default=2, help="torch and onnxruntime threads (default 2)"
@@ -101,6 +106,7 @@ def run(args: argparse.Namespace) -> int:
         seed_embeddings=args.embeddings_cache,
         quick=args.quick,
         decoder=decoder,
+        decoder_identity_weight=args.decoder_identity_weight,
         seed=args.seed,
         threads=args.threads,
         out=args.out,

@@ -96,3 +96,43 @@ def test_overlapping_people_are_refused(
     assert "share" in capsys.readouterr().err
     assert not (tmp_path / "report.json").exists()
     assert np.all(list_images(small_split["test"]).identity)  # folder untouched
+
+
+def test_decoder_identity_weight_reaches_both_decoders(
+    quick_report: dict, small_split: dict[str, Path], face_data: Path, scorer_model: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """`--decoder-identity-weight` trains the raw and the adaptive decoders with the identity
+    loss against the train photos' raw embeddings (what the attacker can compute); 0 keeps the
+    L1-only decoder of the committed reports (the module's quick report: no identity options)."""
+    from advplugin.evaluation import harness
+
+    calls: list[dict[str, object]] = []
+    real = harness.train_decoder
+
+    def spy(templates, crops, config, **kw):  # type: ignore[no-untyped-def]
+        calls.append({"n": len(templates), **kw})
+        return real(templates, crops, config, **{k: v for k, v in kw.items() if k in ("desc", "progress")})
+
+    monkeypatch.setattr(harness, "train_decoder", spy)
+    tmp = quick_report["out"].parent
+    code = main(
+        [
+            "evaluate", "--scheme", "xnn", "--key", str(tmp / "k.key"),
+            "--train-images", str(small_split["train"]), "--test-images", str(small_split["test"]),
+            "--scorer", str(scorer_model), "--embeddings-cache", str(face_data / "lfw-dev-dlib128.npz"),
+            "--cache-dir", str(tmp / "cache"), "--out", str(tmp / "identity"), "--quick", "--no-progress",
+            "--decoder-identity-weight", "0.03",
+        ]
+    )  # fmt: skip
+    assert code == 0
+    assert [c["desc"] for c in calls] == ["decoder on raw", "adaptive decoder (xnn)"]
+    for c in calls:
+        assert c["identity_weight"] == 0.03
+        targets = np.asarray(c["identity_targets"])
+        assert targets.shape == (c["n"], 128)
+    # Both decoders aim at the raw embeddings of the train photos, not at the protected templates.
+    assert np.array_equal(calls[0]["identity_targets"], calls[1]["identity_targets"])
+    report = json.loads((tmp / "identity" / "report.json").read_text())
+    assert "identity loss" in report["decoder"]["architecture"]
+    assert "identity loss" not in quick_report["json"]["decoder"]["architecture"]
