@@ -2,7 +2,7 @@
 and the official SDK's own virtual environment.
 
 `compreface-sdk==0.6.0` imports only with `urllib3<2` (its pinned `requests_toolbelt`), which
-the main venv cannot hold, so it lives in `.venv-compreface` (made by `scripts/setup.sh`, as
+the main venv cannot hold, so it lives in `.venv-compreface` (made by `scripts/test.sh`, as
 CI runs it, or here when missing) and runs `sdk_driver.py` in a subprocess that speaks to the
 service over HTTP, as a CompreFace user's program would.
 """
@@ -24,7 +24,7 @@ SDK_VENV = REPO / ".venv-compreface"
 SDK_REQUIREMENTS = ("compreface-sdk==0.6.0", "urllib3<2")
 DRIVER = Path(__file__).with_name("sdk_driver.py")
 HOW = (
-    "create it with ./scripts/setup.sh, or by hand: python3 -m venv .venv-compreface && "
+    "create it with ./scripts/test.sh, or by hand: python3 -m venv .venv-compreface && "
     ".venv-compreface/bin/pip install 'compreface-sdk==0.6.0' 'urllib3<2'"
 )
 
