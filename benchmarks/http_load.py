@@ -222,17 +222,24 @@ def main() -> int:
             assert server.proc is not None
             pid = server.proc.pid
             asyncio.run(load(server.url, headers, ident_template, 1, 1.0))  # warm
-            rows, t_runs = [], []
-            for n in CLIENTS:
-                c0 = cpu_seconds(pid)
-                r = asyncio.run(load(server.url, headers, ident_template, n, t_seconds))
-                r["server_cpu_s"] = cpu_seconds(pid) - c0
-                r["requests_per_server_cpu_s"] = r["requests"] / max(r["server_cpu_s"], 1e-9)
-                t_runs.append(r)
-                rows.append(["/identify/templates", n, r["requests_per_s"], r["p50_ms"], r["p95_ms"], r["p99_ms"],
-                             sum(r["errors_by_status"].values()),
-                             r["requests_per_server_cpu_s"], r["load_generator_cpu_share"]])
-                print(f"templates x{n}: {r['requests_per_s']:.0f} req/s", flush=True)
+            rows: list[list[object]] = []
+
+            def sweep(label: str, request, seconds: float) -> list[dict]:  # type: ignore[no-untyped-def]
+                """`request` under 1..8 clients: throughput, latency, the service's CPU."""
+                runs = []
+                for n in CLIENTS:
+                    c0 = cpu_seconds(pid)
+                    r = asyncio.run(load(server.url, headers, request, n, seconds))
+                    r["server_cpu_s"] = cpu_seconds(pid) - c0
+                    r["requests_per_server_cpu_s"] = r["requests"] / max(r["server_cpu_s"], 1e-9)
+                    runs.append(r)
+                    rows.append([label, n, r["requests_per_s"], r["p50_ms"], r["p95_ms"], r["p99_ms"],
+                                 sum(r["errors_by_status"].values()),
+                                 r["requests_per_server_cpu_s"], r["load_generator_cpu_share"]])
+                    print(f"{label} x{n}: {r['requests_per_s']:.1f} req/s", flush=True)
+                return runs
+
+            t_runs = sweep("/identify/templates", ident_template, t_seconds)
 
             # Image endpoint: same images, service and bare extraction alternately.
             extractor = create_extractor("dlib")
@@ -259,17 +266,7 @@ def main() -> int:
                 "ratio_p50": ratio, "met": ratio <= GOAL_IMAGE_RATIO,
             }
             print(f"image: service/bare p50 = {ratio:.3f}", flush=True)
-            i_runs = []
-            for n in CLIENTS:
-                c0 = cpu_seconds(pid)
-                r = asyncio.run(load(server.url, headers, ident_image, n, i_seconds))
-                r["server_cpu_s"] = cpu_seconds(pid) - c0
-                r["requests_per_server_cpu_s"] = r["requests"] / max(r["server_cpu_s"], 1e-9)
-                i_runs.append(r)
-                rows.append(["/identify (image)", n, r["requests_per_s"], r["p50_ms"], r["p95_ms"], r["p99_ms"],
-                             sum(r["errors_by_status"].values()),
-                             r["requests_per_server_cpu_s"], r["load_generator_cpu_share"]])
-                print(f"images x{n}: {r['requests_per_s']:.1f} req/s", flush=True)
+            i_runs = sweep("/identify (image)", ident_image, i_seconds)
         finally:
             server.stop()
         figures["identify_templates"] = t_runs

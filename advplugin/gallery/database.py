@@ -22,7 +22,17 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Self
 
-from sqlalchemy import Connection, Engine, create_engine, event, insert, make_url, select
+from sqlalchemy import (
+    Column,
+    Connection,
+    Dialect,
+    Engine,
+    create_engine,
+    event,
+    insert,
+    make_url,
+    select,
+)
 
 from advplugin.gallery.models import Collection, utcnow
 from advplugin.gallery.schema import check_migrated
@@ -116,6 +126,25 @@ def make_engine(url: str) -> Engine:
     return create_engine(url, pool_pre_ping=True, hide_parameters=True)
 
 
+def wal_checkpoint(engine: Engine) -> bool:
+    """SQLite: copy the WAL into the database and truncate it, so that content deleted (and,
+    with secure_delete, zeroed) leaves the WAL's older frames too. Returns False when a reader
+    kept part of the WAL busy (it is truncated at a later checkpoint); True elsewhere."""
+    if engine.dialect.name != "sqlite":
+        return True
+    with engine.connect() as conn:
+        busy, _log, _done = conn.exec_driver_sql("PRAGMA wal_checkpoint(TRUNCATE)").one()
+    return not busy
+
+
+def bound_value(column: Column, dialect: Dialect, value: object) -> object:
+    """`value` as the column type's bind processor makes it for `dialect`: what an ORM insert
+    would store, for bulk writes that hand plain tuples to the driver (the value is processed
+    once per chunk, not once per row)."""
+    process = column.type.dialect_impl(dialect).bind_processor(dialect)
+    return process(value) if process else value
+
+
 class Database:
     """An open gallery database. Open with `.open(url)`; thread-safe (one engine, a
     connection per call). Subclasses add the operations; they run their SQL through
@@ -158,15 +187,9 @@ class Database:
         return self.engine.dialect.name
 
     def checkpoint(self) -> bool:
-        """SQLite: copy the WAL into the database and truncate it, so that content deleted
-        (and, with secure_delete, zeroed) leaves the WAL's older frames too. Returns False
-        when a reader kept part of the WAL busy (it is truncated at a later checkpoint).
-        Nothing to do on PostgreSQL (its WAL and dead tuples are why sealing shreds)."""
-        if self.dialect != "sqlite" or self._conn is not None:
-            return True
-        with self.engine.connect() as conn:
-            busy, _log, _done = conn.exec_driver_sql("PRAGMA wal_checkpoint(TRUNCATE)").one()
-        return not busy
+        """`wal_checkpoint` of this gallery (not inside a `transaction()` view). Nothing to do
+        on PostgreSQL (its WAL and dead tuples are why sealing shreds)."""
+        return self._conn is not None or wal_checkpoint(self.engine)
 
     # -- transactions ----------------------------------------------------------------------
     @contextmanager

@@ -47,7 +47,7 @@ from sqlalchemy import (
     select,
 )
 
-from advplugin.gallery.database import make_engine, sqlite_path
+from advplugin.gallery.database import bound_value, make_engine, sqlite_path, wal_checkpoint
 from advplugin.gallery.models import utcnow
 
 #: Bytes of an erasure key and of a reference to one.
@@ -120,8 +120,7 @@ class ErasureKeyStore:
         # The driver's executemany with plain tuples: a migration creates one key per new
         # subject, and SQLAlchemy's per-row parameter handling cost more than the insert.
         ph = self._placeholder
-        created = _keys.c.created_at.type.dialect_impl(self.engine.dialect).bind_processor(self.engine.dialect)
-        now = created(utcnow()) if created else utcnow()
+        now = bound_value(_keys.c.created_at, self.engine.dialect, utcnow())
         with self.engine.begin() as conn:
             conn.exec_driver_sql(
                 f"INSERT INTO erasure_keys (ref, secret, kind, created_at) VALUES ({ph}, {ph}, {ph}, {ph})",  # noqa: S608 - placeholders only
@@ -167,7 +166,7 @@ class ErasureKeyStore:
         with self.engine.begin() as conn:
             for i in range(0, len(gone), _IN):
                 n += conn.execute(delete(_keys).where(_keys.c.ref.in_(gone[i : i + _IN]))).rowcount
-        self._checkpoint()
+        wal_checkpoint(self.engine)
         return n
 
     def shred_kind_except(self, kind: str, keep: bytes) -> int:
@@ -183,9 +182,3 @@ class ErasureKeyStore:
             q = q.where(_keys.c.kind == kind)
         with self.engine.connect() as conn:
             return int(conn.scalar(q) or 0)
-
-    def _checkpoint(self) -> None:
-        if self.engine.dialect.name != "sqlite":
-            return
-        with self.engine.connect() as conn:
-            conn.exec_driver_sql("PRAGMA wal_checkpoint(TRUNCATE)").one()

@@ -304,6 +304,12 @@ class Sealer:
     def serials(self) -> list[int]:
         return sorted(self._keys)
 
+    def require_erasure(self, what: str) -> ErasureKeyStore:
+        """The erasure key store, or `ErasureStoreMissing` saying that `what` needs one."""
+        if self.erasure is None:
+            raise ErasureStoreMissing(f"{what} needs the erasure key store, and this process was given none: {ERASURE_STORE_HINT}")
+        return self.erasure
+
     def keys_for_rewrap(self) -> list[tuple[int, bytes]]:
         """(serial, data key) pairs, for re-wrapping under a new master key only."""
         return sorted(self._keys.items())
@@ -370,12 +376,8 @@ class Sealer:
         erasable = [i for i, (_, ref) in parts.items() if ref is not None]
         found: dict[bytes, bytes] = {}
         if erasable:
-            if self.erasure is None:
-                raise ErasureStoreMissing(
-                    f"subject {erasable[0][1]!r} has an erasure key, and this process was "
-                    f"given no erasure key store: {ERASURE_STORE_HINT}"
-                )
-            found = self.erasure.get(parts[i][1] for i in erasable)  # type: ignore[misc]
+            store = self.require_erasure(f"subject {erasable[0][1]!r} (it has an erasure key)")
+            found = store.get(parts[i][1] for i in erasable)  # type: ignore[misc]
         for item, (key, ref) in parts.items():
             if ref is not None:
                 ek = found.get(ref)
@@ -459,9 +461,7 @@ class Sealer:
 
     def snapshot_key_of(self, ref: bytes) -> bytes:
         """A snapshot's erasure key; `ErasedError` once a newer snapshot shredded it."""
-        if self.erasure is None:
-            raise ErasureStoreMissing(f"this snapshot has an erasure key and no store was given: {ERASURE_STORE_HINT}")
-        key = self.erasure.get([ref]).get(ref)
+        key = self.require_erasure("this snapshot (it has an erasure key)").get([ref]).get(ref)
         if key is None:
             raise ErasedError("the snapshot's erasure key was shredded (a newer snapshot replaced it)")
         return key

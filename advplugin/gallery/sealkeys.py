@@ -24,8 +24,6 @@ from advplugin.gallery.database import Database
 from advplugin.gallery.erasure import ErasureKeyStore
 from advplugin.gallery.models import SealingKey, Subject, Template, utcnow
 from advplugin.gallery.sealing import (
-    ERASURE_STORE_HINT,
-    ErasureStoreMissing,
     KeyProvider,
     MasterKeyError,
     Sealer,
@@ -201,14 +199,10 @@ class GalleryKeys(Database):
         refs = [ref for r in rows if (ref := sealer.erasure_ref_of(r.collection_id, r.name, r.sealed_key))]
         if not refs:
             return
-        if sealer.erasure is None:
-            raise ErasureStoreMissing(
-                f"the subjects of gallery {self._where()} have erasure keys, and no erasure key store "
-                f"was given: {ERASURE_STORE_HINT}"
-            )
-        if not sealer.erasure.get(refs):
+        store = sealer.require_erasure(f"gallery {self._where()} (its subjects have erasure keys)")
+        if not store.get(refs):
             raise MasterKeyError(
-                f"the {sealer.erasure.description} holds none of the erasure keys of the newest "
+                f"the {store.description} holds none of the erasure keys of the newest "
                 f"{len(refs)} subjects of gallery {self._where()}: it is not this gallery's store"
             )
 

@@ -43,13 +43,11 @@ from sqlalchemy import (
 from sqlalchemy.exc import SQLAlchemyError
 
 from advplugin.gallery.changelog import ChangeLog
-from advplugin.gallery.database import DEFAULT_COLLECTION
+from advplugin.gallery.database import DEFAULT_COLLECTION, bound_value
 from advplugin.gallery.models import PendingErasure, Subject, Template, utcnow
 from advplugin.gallery.sealing import (
     ERASABLE_SUBJECT_KEY_BYTES,
-    ERASURE_STORE_HINT,
     SUBJECT_KEY_BYTES,
-    ErasureStoreMissing,
     MasterKeyError,
     Sealer,
     TamperedError,
@@ -352,13 +350,9 @@ class TemplateRepository(ChangeLog, GalleryKeys):
                 # once, so what is stored is exactly what `insert(Template)` would store.
                 columns["vector"] = stored
                 table = Template.__table__
-                once = []
-                for name, value in shared.items():
-                    process = table.c[name].type.dialect_impl(conn.dialect).bind_processor(conn.dialect)
-                    once.append(process(value) if process else value)
                 names = [*columns, *shared]
                 sql = f"INSERT INTO templates ({', '.join(names)}) VALUES ({', '.join('?' * len(names))})"  # noqa: S608 - fixed column names
-                tail = tuple(once)
+                tail = tuple(bound_value(table.c[n], conn.dialect, v) for n, v in shared.items())
                 conn.exec_driver_sql(sql, [r + tail for r in zip(*columns.values(), strict=True)])
             # One change-log statement for the chunk. The id range holds no one else's rows
             # (ids come from our allocation, under the write lock).
@@ -595,8 +589,7 @@ class TemplateRepository(ChangeLog, GalleryKeys):
         made before still holds the old subject keys: `db rewrap --new-data-key` retires
         the data key that opens them. Nothing is logged for the index (no vector changes
         meaning)."""
-        if self._read_sealer(refresh=True).erasure is None:
-            raise ErasureStoreMissing(f"making subjects erasable needs the erasure key store: {ERASURE_STORE_HINT}")
+        self._read_sealer(refresh=True).require_erasure("making subjects erasable")
         while True:
             with self._write() as conn:
                 sealer = self._write_sealer(conn)
@@ -725,8 +718,7 @@ class TemplateRepository(ChangeLog, GalleryKeys):
         restored from a backup holds of people deleted since (unreadable, but still rows).
         Returns their (collection id, name)."""
         sealer = self._read_sealer(refresh=True)
-        if sealer.erasure is None:
-            raise ErasureStoreMissing(f"purging erased subjects needs the erasure key store: {ERASURE_STORE_HINT}")
+        store = sealer.require_erasure("purging erased subjects")
         gone = []
         last = 0
         while True:
@@ -739,7 +731,7 @@ class TemplateRepository(ChangeLog, GalleryKeys):
             if not rows:
                 break
             refs = {r.id: sealer.erasure_ref_of(r.collection_id, r.name, r.sealed_key) for r in rows}
-            present = sealer.erasure.get(refs.values())
+            present = store.get(refs.values())
             gone += [r for r in rows if refs[r.id] not in present]
             last = int(rows[-1].id)
         now = utcnow()
@@ -770,15 +762,10 @@ class TemplateRepository(ChangeLog, GalleryKeys):
             except TamperedError:  # under a data key re-keyed away: unreadable already
                 ref = None
             if ref is not None:
-                if sealer.erasure is None:
-                    raise ErasureStoreMissing(
-                        f"deleted subject {r.name!r} has an erasure key to shred, and this process "
-                        f"was given no erasure key store: {ERASURE_STORE_HINT}"
-                    )
                 refs.append(ref)
             sealer.forget_subject(r.collection_id, r.name, r.sealed_key)
-        if sealer.erasure is not None:
-            sealer.erasure.shred(refs)
+        if refs:
+            sealer.require_erasure(f"shredding the erasure keys of deleted subjects ({len(refs)})").shred(refs)
         with self._write() as conn:
             conn.execute(delete(PendingErasure).where(PendingErasure.id.in_([r.id for r in rows])))
         return len(rows)

@@ -124,13 +124,17 @@ class CollectionService:
             if actor is not None:
                 g.record_audit(actor, "delete_subject", collection=collection, subject=name, template_count=n)
         self.gallery.complete_erasures_or_warn()  # its erasure key: every older copy of the database loses it
+        self._erased(collection)
+        return n
+
+    def _erased(self, collection: str) -> None:
+        """After a delete committed: unsearchable on return, and (docs/sealed-storage.md) the
+        snapshot that held the rows is rewritten now (overwriting the old file), and SQLite's
+        WAL, whose older frames still hold them, is checkpointed into the (secure-delete,
+        zeroed) database."""
         self._caught_up(collection)
-        # Erasure (docs/sealed-storage.md): the snapshot that held the subject is rewritten
-        # now (overwriting the old file), and SQLite's WAL, whose older frames still hold
-        # the deleted rows, is checkpointed into the (secure-delete, zeroed) database.
         self.index(collection).save()
         self.gallery.checkpoint()
-        return n
 
     def add_subject(self, collection: str, name: str, *, actor: Actor | None = None) -> bool:
         """Create a subject without templates (nothing for the index to follow); False when
@@ -153,9 +157,7 @@ class CollectionService:
                 for name, count in Counter(templates.values()).items():
                     g.record_audit(actor, "delete_templates", collection=collection, subject=name,
                                    template_count=count)
-        self._caught_up(collection)
-        self.index(collection).save()
-        self.gallery.checkpoint()
+        self._erased(collection)
         return n
 
     # -- keys of a collection (key rotation) -----------------------------------------------------
