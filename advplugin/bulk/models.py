@@ -2,17 +2,24 @@
 
 They live on the gallery's declarative `Base` (one metadata, one Alembic history) and are
 written in the same transaction as the templates of each chunk. That is what makes a
-migration exactly-once: a chunk's templates, its item rows and the advanced cursor commit
+migration exactly-once: a chunk's templates, its chunk row and the advanced cursor commit
 together or not at all, so after a crash (even SIGKILL) the next run starts right after the
-last committed chunk, and the primary key (job, source id) makes a duplicate impossible
-even if a cursor were ever wrong.
+last committed chunk, and the primary key (job, chunk number) makes a second writer of the
+same chunk fail instead of duplicating it.
+
+Why one row per CHUNK (`migration_chunks`, revision 0009) and not one per source row: a
+chunk's templates get one contiguous block of ids in source order, so (first id, the source
+ids in order) says which template every row became; one row per source row cost as much
+as writing the templates themselves. Per-row `migration_items` are still written where a
+client may hold the source ids (ids that are not integers, e.g. CompreFace's image UUIDs,
+which the service resolves through them), and they are what jobs before revision 0009 have.
 """
 
 from __future__ import annotations
 
 from datetime import datetime
 
-from sqlalchemy import BigInteger, DateTime, ForeignKey, Integer, String, Text
+from sqlalchemy import BigInteger, DateTime, ForeignKey, Integer, LargeBinary, String, Text
 from sqlalchemy.orm import Mapped, mapped_column
 
 from advplugin.gallery.models import Base, BigId, utcnow
@@ -53,3 +60,22 @@ class MigrationItem(Base):
     template_id: Mapped[int] = mapped_column(
         BigId, ForeignKey("templates.id", ondelete="CASCADE"), index=True
     )
+
+
+class MigrationChunk(Base):
+    """One committed chunk of a job: its templates are the ids first_template_id ..
+    last_template_id (contiguous, in source order), `source_ids` the chunk's source ids in
+    that order (zlib-compressed JSON list), so row i of the chunk became template
+    first_template_id + i. `source_ids` is NULL when the chunk's rows are listed one by one in
+    `migration_items` instead (ids a client may hold, or a block of ids that was not contiguous)."""
+
+    __tablename__ = "migration_chunks"
+
+    job_id: Mapped[int] = mapped_column(
+        ForeignKey("migration_jobs.id", ondelete="CASCADE"), primary_key=True
+    )
+    seq: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=False)
+    first_template_id: Mapped[int] = mapped_column(BigInteger)
+    last_template_id: Mapped[int] = mapped_column(BigInteger)
+    rows: Mapped[int] = mapped_column(Integer)
+    source_ids: Mapped[bytes | None] = mapped_column(LargeBinary, nullable=True)

@@ -1,14 +1,15 @@
 """Batch migration of raw embeddings into a protected gallery: validate, then stream.
 
-Per chunk: read (a background thread prefetches the next chunk), protect on all cores
-(threads: numpy's matrix products release the GIL, and threads share the one protector, so
-neither the key nor raw vectors are ever pickled to another process), then ONE gallery
-transaction holds the chunk's templates, their `migration_items` rows and the advanced job
-cursor. A run killed at any instant therefore leaves either the whole chunk or none of it,
-and the next run continues at the committed cursor: no duplicate, no gap.
+Per chunk: read and protect (a background thread reads and protects the next chunk while
+this one is sealed and written; protection runs on all cores: threads, because numpy's
+matrix products release the GIL, and threads share the one protector, so neither the key nor
+raw vectors are ever pickled to another process), then ONE gallery transaction holds the
+chunk's templates, its `migration_chunks` row (which template each source row became) and
+the advanced job cursor. A run killed at any instant therefore leaves either the whole chunk
+or none of it, and the next run continues at the committed cursor: no duplicate, no gap.
 
-Memory is bounded by about three chunks of raw vectors (one being read, one queued, one
-being protected), whatever the size of the source.
+Memory is bounded by one chunk of raw vectors (the one being read and protected) and about
+three of templates (that one, one queued, one being written), whatever the size of the source.
 """
 
 from __future__ import annotations
@@ -20,21 +21,24 @@ import queue
 import sys
 import threading
 import time
+import zlib
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 import numpy as np
 from sqlalchemy import insert, select, text, update
 
-from advplugin.bulk.models import MigrationJob
+from advplugin.bulk.models import MigrationChunk, MigrationJob
 from advplugin.bulk.sources import Chunk, Cursor, Source
 from advplugin.gallery.models import utcnow
 from advplugin.gallery.store import DEFAULT_COLLECTION, Gallery
 from advplugin.protectors import Protector
 
 MAX_EXAMPLES = 10  # bad rows named in a report
+T = TypeVar("T")
 
 
 # -- validation ----------------------------------------------------------------------------
@@ -172,8 +176,38 @@ _PG_INSERT_ITEMS = text(
 )
 
 
-def _insert_items(tx: Gallery, job_id: int, source_ids: list[str], template_ids: list[int]) -> None:
-    """Which template each source row became, in the chunk's transaction."""
+def pack_source_ids(ids: list[str]) -> bytes:
+    """A chunk's source ids in order, as `migration_chunks.source_ids` holds them."""
+    return zlib.compress(json.dumps(ids, separators=(",", ":")).encode(), 1)
+
+
+def unpack_source_ids(blob: bytes) -> list[str]:
+    return [str(i) for i in json.loads(zlib.decompress(blob))]
+
+
+def _numeric(ids: list[str]) -> bool:
+    """Whether every id reads as a number, which the service never looks up as a source id
+    (it reads a numeric image id as a template id): then no per-row item is needed."""
+    if not ids:
+        return True
+    joined = "".join(ids)  # one C-level pass instead of three calls per id
+    return joined.isascii() and joined.isdigit() and 0 < min(map(len, ids)) and max(map(len, ids)) < 19
+
+
+def _record_chunk(tx: Gallery, job_id: int, seq: int, source_ids: list[str], template_ids: list[int]) -> None:
+    """Which template each source row became, in the chunk's transaction: ONE
+    `migration_chunks` row when the chunk's templates are one contiguous block and no client
+    can hold its source ids; otherwise (also) one `migration_items` row per source row."""
+    contiguous = template_ids[-1] - template_ids[0] + 1 == len(template_ids)
+    per_row = not contiguous or not _numeric(source_ids)
+    tx.connection.execute(
+        insert(MigrationChunk).values(
+            job_id=job_id, seq=seq, first_template_id=template_ids[0], last_template_id=template_ids[-1],
+            rows=len(template_ids), source_ids=None if per_row else pack_source_ids(source_ids),
+        )
+    )
+    if not per_row:
+        return
     if tx.dialect == "postgresql":
         params = {"job_id": job_id, "source_ids": source_ids, "template_ids": template_ids}
         tx.connection.execute(_PG_INSERT_ITEMS, params)
@@ -215,26 +249,41 @@ class ParallelProtect:
         self._blas.restore_original_limits()
 
 
-def prefetch(chunks: Iterator[Chunk], depth: int = 1) -> Iterator[Chunk]:
-    """Read the next chunk in a background thread while the current one is processed."""
+def _protected(chunks: Iterator[Chunk], protect: ParallelProtect) -> Iterator[tuple[Chunk, np.ndarray | None]]:
+    """Each chunk with its protected templates (None: empty, or invalid rows), its raw
+    vectors dropped as soon as they are protected. Run inside `prefetch`, so the next chunk
+    is read and protected while this one is sealed and written."""
+    for chunk in chunks:
+        templates = protect(chunk.vectors) if len(chunk) and not chunk.bad else None
+        chunk.vectors = np.empty((0, 0), np.float32)
+        yield chunk, templates
+
+
+def prefetch(chunks: Iterator[T], depth: int = 1) -> Iterator[T]:
+    """Produce the next item (read a chunk, and protect it) in a background thread while
+    the current one is processed."""
     q: queue.Queue[object] = queue.Queue(maxsize=depth)
     done = object()
     stop = threading.Event()
 
+    def put(item: object) -> bool:
+        """Hand `item` over; False once the consumer has gone (never blocks past that)."""
+        while not stop.is_set():
+            try:
+                q.put(item, timeout=0.2)
+                return True
+            except queue.Full:
+                continue
+        return False
+
     def reader() -> None:
         try:
             for c in chunks:
-                while not stop.is_set():
-                    try:
-                        q.put(c, timeout=0.2)
-                        break
-                    except queue.Full:
-                        continue
-                if stop.is_set():
+                if not put(c):
                     return
-            q.put(done)
+            put(done)
         except BaseException as e:  # handed to the consumer, re-raised there
-            q.put(e)
+            put(e)
 
     t = threading.Thread(target=reader, name="migration-reader", daemon=True)
     t.start()
@@ -315,15 +364,13 @@ def migrate(
     total = source.count()
     try:
         with _progress(total, job.rows, "migrate", progress) as bar:
-            for chunk in prefetch(source.chunks(chunk_size, cursor)):
+            for chunk, templates in prefetch(_protected(source.chunks(chunk_size, cursor), protect)):
                 if chunk.bad:
                     shown = "; ".join(f"id {i}: {why}" for i, why in chunk.bad[:MAX_EXAMPLES])
                     raise ValueError(
                         f"{len(chunk.bad)} invalid rows in the source (first: {shown}); "
                         "nothing of this chunk was written, fix them and re-run"
                     )
-                templates = protect(chunk.vectors) if len(chunk) else None
-                chunk.vectors = np.empty((0, 0), np.float32)  # drop the raw vectors now
                 chunks += 1
                 # One transaction: the chunk's templates (and their change-log rows), its
                 # item rows and the advanced cursor commit together or not at all.
@@ -339,7 +386,7 @@ def migrate(
                             extractor_version=extractor_version,
                             collection=collection,
                         )
-                        _insert_items(tx, job.id, [str(i) for i in chunk.ids], ids)
+                        _record_chunk(tx, job.id, chunks, [str(i) for i in chunk.ids], ids)
                     conn.execute(
                         update(MigrationJob)
                         .where(MigrationJob.id == job.id, MigrationJob.collection_id == cid)

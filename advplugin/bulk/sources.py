@@ -16,7 +16,7 @@ import json
 import os
 import zipfile
 from abc import ABC, abstractmethod
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO, Literal
@@ -259,10 +259,12 @@ class SqlTableSource(Source):
             if after is not None:
                 q = q.where(self.id_col > after)
             with self.engine.connect() as conn:
-                rows = conn.execute(q).all()
+                rows = self._fetch(conn, q)
             if not rows:
                 return
             after = rows[-1][0]
+            if not isinstance(after, int | str):  # e.g. a UUID: kept as text in the JSON cursor
+                after = str(after)
             yield _page(
                 [str(r[0]) for r in rows],
                 [str(r[1]) for r in rows],
@@ -270,6 +272,19 @@ class SqlTableSource(Source):
                 self.vector_format,
                 after,
             )
+
+    @staticmethod
+    def _fetch(conn: Any, q: Any) -> Sequence[Sequence[Any]]:
+        """A page of (id, subject, vector) rows. PostgreSQL: over the driver's binary protocol,
+        so a bytea vector travels as its bytes, not as hex text twice its size that the
+        server encodes and the client decodes (which cost more than the plain load of the
+        same rows)."""
+        if conn.dialect.name != "postgresql":
+            return conn.execute(q).all()
+        compiled = q.compile(dialect=conn.dialect)
+        with conn.connection.driver_connection.cursor(binary=True) as cur:
+            cur.execute(str(compiled), compiled.params)
+            return cur.fetchall()
 
     def purge(self) -> str:
         """Set the vector column to NULL on every row; other columns stay the team's."""

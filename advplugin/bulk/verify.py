@@ -17,9 +17,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
-from sqlalchemy import func, select
+from sqlalchemy import select
 
-from advplugin.bulk.models import MigrationItem
+from advplugin.bulk.models import MigrationChunk, MigrationItem
+from advplugin.bulk.pipeline import unpack_source_ids
 from advplugin.bulk.sources import Source
 from advplugin.gallery.models import Template
 from advplugin.gallery.store import Gallery
@@ -147,7 +148,8 @@ def verify_migration(
         raw_top.update(scores, chunk.subjects, _self_mask(row_of, chunk.ids, len(probe_ids)))
 
     # Protected search over the job's templates in the gallery.
-    job_templates, own_template = _job_templates(gallery, job_id, probe_ids)
+    job = _job_rows(gallery, job_id, probe_ids)
+    job_templates, own_template = job.templates, job.own
     prot_top = TopK(len(probe_ids), top_k)
     probes = protector.protect(raw) if len(raw) else raw
     del raw, raw_probes
@@ -161,12 +163,6 @@ def verify_migration(
         scores = protector.score(probes, batch.vectors[keep])
         prot_top.update(scores, labels, _self_mask(template_row, ids.tolist(), len(probe_ids)))
 
-    with gallery.engine.connect() as conn:
-        migrated, distinct = conn.execute(
-            select(func.count(), func.count(func.distinct(MigrationItem.source_id))).where(
-                MigrationItem.job_id == job_id
-            )
-        ).one()
     subjects = np.asarray(probe_subjects, dtype=object)
     raw1, prot1 = raw_top.labels[:, 0], prot_top.labels[:, 0]
     overlap = [
@@ -178,8 +174,8 @@ def verify_migration(
         probes=n,
         top_k=top_k,
         source_rows=source.count(),
-        migrated_rows=int(migrated),
-        distinct_migrated=int(distinct),
+        migrated_rows=job.rows,
+        distinct_migrated=job.distinct,
         templates_present=len(job_templates),
         rank1_agreement=float((raw1 == prot1).mean()) if n else 0.0,
         topk_overlap=float(np.mean(overlap)) if n else 0.0,
@@ -202,21 +198,54 @@ def _self_mask(row_of: dict, ids: list, n_probes: int) -> np.ndarray:
     return mask
 
 
-def _job_templates(
-    gallery: Gallery, job_id: int, probe_ids: list[str]
-) -> tuple[np.ndarray, dict[str, int]]:
-    """Sorted ids of the job's templates that still exist, and probe source id -> template id."""
+@dataclass
+class _JobRows:
+    rows: int  # source rows the job recorded
+    distinct: int  # distinct source ids among them
+    templates: np.ndarray  # sorted ids of the job's templates that still exist
+    own: dict[str, int]  # probe source id -> its template id
+
+
+def job_items(gallery: Gallery, job_id: int) -> dict[str, int]:
+    """{source id: template id} of every row the job recorded (whatever table holds it)."""
+    return _job_rows(gallery, job_id, None).own
+
+
+def _job_rows(gallery: Gallery, job_id: int, probe_ids: list[str] | None) -> _JobRows:
+    """What the job recorded: its `migration_chunks` (a contiguous template id block and the
+    chunk's source ids in order) and its per-row `migration_items` (jobs before revision
+    0009, and chunks whose source ids a client may hold); a chunk is in one or the other.
+    Source ids are counted as 64-bit hashes (8 bytes a row, whatever the ids' length).
+    `own` maps the probes' ids (`probe_ids` None: every id)."""
+    wanted = None if probe_ids is None else set(probe_ids)
+    own: dict[str, int] = {}
+    hashes: list[np.ndarray] = []
+    templates: list[np.ndarray] = []
+    rows = 0
     with gallery.engine.connect() as conn:
-        q = (
-            select(MigrationItem.template_id)
-            .join(Template, Template.id == MigrationItem.template_id)
-            .where(MigrationItem.job_id == job_id)
+        items = conn.execute(
+            select(MigrationItem.source_id, MigrationItem.template_id).where(MigrationItem.job_id == job_id)
         )
-        templates = np.fromiter((int(t) for t in conn.scalars(q)), np.int64)
-        own: dict[str, int] = {}
-        for i in range(0, len(probe_ids), 500):
-            q = select(MigrationItem.source_id, MigrationItem.template_id).where(
-                MigrationItem.job_id == job_id, MigrationItem.source_id.in_(probe_ids[i : i + 500])
-            )
-            own.update({s: int(t) for s, t in conn.execute(q)})
-    return np.sort(templates), own
+        for part in items.partitions(10_000):
+            sids = [s for s, _ in part]
+            rows += len(sids)
+            hashes.append(np.fromiter(map(hash, sids), np.int64, len(sids)))
+            own.update({s: int(t) for s, t in part if wanted is None or s in wanted})
+        present = select(Template.id).join(MigrationItem, MigrationItem.template_id == Template.id).where(
+            MigrationItem.job_id == job_id
+        )
+        templates.append(np.fromiter((int(t) for t in conn.scalars(present)), np.int64))
+        chunks = conn.execute(
+            select(MigrationChunk.first_template_id, MigrationChunk.last_template_id, MigrationChunk.source_ids)
+            .where(MigrationChunk.job_id == job_id, MigrationChunk.source_ids.is_not(None))
+            .order_by(MigrationChunk.seq)
+        )
+        for first, last, blob in chunks:
+            sids = unpack_source_ids(blob)
+            rows += len(sids)
+            hashes.append(np.fromiter(map(hash, sids), np.int64, len(sids)))
+            own.update({s: int(first) + p for p, s in enumerate(sids) if wanted is None or s in wanted})
+            q = select(Template.id).where(Template.id.between(int(first), int(last)))
+            templates.append(np.fromiter((int(t) for t in conn.scalars(q)), np.int64))
+    distinct = len(np.unique(np.concatenate(hashes))) if hashes else 0
+    return _JobRows(rows, distinct, np.sort(np.concatenate(templates)), own)

@@ -16,9 +16,17 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
 
+import numpy as np
 from sqlalchemy import Connection, DateTime, String, func, insert, literal, select
 
-from advplugin.gallery.database import DEFAULT_COLLECTION, Database
+from advplugin.gallery.database import (
+    DEFAULT_COLLECTION,
+    Database,
+    pg_copy,
+    pg_int4,
+    pg_text,
+    pg_timestamptz,
+)
 from advplugin.gallery.models import Template, TemplateChange
 
 
@@ -27,6 +35,10 @@ class Change:
     seq: int
     template_id: int
     op: str  # "upsert" | "delete"
+
+
+#: Blocks of more ids than this are logged by COPY on PostgreSQL.
+_COPY_FROM = 100
 
 
 class ChangeLog(Database):
@@ -44,9 +56,20 @@ class ChangeLog(Database):
 
     def _log_inserted(self, conn: Connection, cid: int, first_id: int, last_id: int, now: datetime) -> None:
         """`upsert` entries for every template of collection `cid` with an id in
-        [first_id, last_id], in id order: ONE statement for a bulk insert, the rows read back
-        in the server. Only for a range that holds nobody else's rows (ids the caller
-        allocated itself, under the write lock)."""
+        [first_id, last_id], in id order: ONE statement for a bulk insert. Only for a range
+        that is exactly the rows the caller has just inserted (ids it allocated itself, one
+        contiguous block under the write lock: `TemplateRepository._next_ids`); SQLite reads
+        them back in the server, PostgreSQL writes the range by COPY."""
+        if conn.dialect.name == "postgresql" and last_id - first_id > _COPY_FROM:
+            # A bulk insert's block: the entries as one binary COPY of the id range (cheaper
+            # than reading the new rows back), still one entry per template, in id order.
+            pg_copy(conn, "template_changes", [
+                ("collection_id", pg_int4(cid)),
+                ("template_id", np.arange(first_id, last_id + 1, dtype=np.int64)),
+                ("op", pg_text("upsert")),
+                ("created_at", pg_timestamptz(now)),
+            ])
+            return
         conn.execute(
             insert(TemplateChange).from_select(
                 ["collection_id", "template_id", "op", "created_at"],

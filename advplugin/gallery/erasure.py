@@ -67,6 +67,14 @@ _keys = Table(
 )
 
 
+def random_pieces(n: int, size: int) -> list[bytes]:
+    """`n` random byte strings of `size`, read from the OS's random source at once: a bulk
+    migration makes thousands of keys, references and nonces per chunk, and one read each
+    cost more than the cryptography itself."""
+    data = secrets.token_bytes(n * size)
+    return [data[i * size : (i + 1) * size] for i in range(n)]
+
+
 #: Erasure keys made ahead, per process: a new subject takes one from the pool, so enrolling
 #: does not wait for a durable commit of the store each time (one per POOL new subjects).
 POOL = 64
@@ -82,6 +90,7 @@ class ErasureKeyStore:
         _metadata.create_all(engine)
         self._pool: list[tuple[bytes, bytes]] = []
         self._pool_lock = threading.Lock()
+        self._refill: threading.Thread | None = None  # a bulk caller's next keys, being made
 
     @classmethod
     def open(cls, location: str | Path) -> ErasureKeyStore:
@@ -102,6 +111,7 @@ class ErasureKeyStore:
     def close(self) -> None:
         """Shred the pooled keys no subject took, and release the engine's connections (the
         store stays usable: a later call reconnects)."""
+        self._join_refill()
         with self._pool_lock:
             unused, self._pool = [r for r, _ in self._pool], []
         self.shred(unused)
@@ -116,7 +126,7 @@ class ErasureKeyStore:
         so a template is never sealed under a key the store could lose."""
         if not refs:
             return {}
-        out = {bytes(r): secrets.token_bytes(ERASURE_KEY_BYTES) for r in refs}
+        out = {bytes(r): s for r, s in zip(refs, random_pieces(len(refs), ERASURE_KEY_BYTES), strict=True)}
         # The driver's executemany with plain tuples: a migration creates one key per new
         # subject, and SQLAlchemy's per-row parameter handling cost more than the insert.
         ph = self._placeholder
@@ -130,14 +140,39 @@ class ErasureKeyStore:
 
     def take(self, n: int) -> list[tuple[bytes, bytes]]:
         """`n` new (reference, erasure key) pairs, already durable in the store: from the
-        pool, refilled by one `create` of what is missing plus POOL. A process that dies
-        leaves its unused pool behind: random keys no subject refers to."""
+        pool, refilled by one `create` of what is missing plus POOL. A bulk caller (more
+        than POOL at once: a migration's chunk) has the next `n` made in the background
+        meanwhile, so its next chunk finds its keys committed instead of waiting for the
+        store's durable commit. A process that dies leaves its unused pool behind: random
+        keys no subject refers to."""
+        self._join_refill()
         with self._pool_lock:
             if len(self._pool) < n:
-                refs = [secrets.token_bytes(REF_BYTES) for _ in range(n - len(self._pool) + POOL)]
-                self._pool.extend(self.create(refs).items())
+                self._pool.extend(self.create(random_pieces(n - len(self._pool) + POOL, REF_BYTES)).items())
             taken, self._pool = self._pool[:n], self._pool[n:]
+            ahead = n - len(self._pool) if n > POOL else 0
+            if ahead > 0 and self._refill is None:  # one refill at a time (close joins it)
+                self._refill = threading.Thread(
+                    target=self._refill_pool, args=(ahead,), name="erasure-keys", daemon=True
+                )
+                self._refill.start()
         return taken
+
+    def _refill_pool(self, n: int) -> None:
+        """Background: `n` more keys into the pool once committed. A failure adds nothing
+        (the next `take` makes what it needs itself, and raises then)."""
+        try:
+            made = self.create(random_pieces(n, REF_BYTES))
+        except Exception:  # retried in the foreground by the next take
+            return
+        with self._pool_lock:
+            self._pool.extend(made.items())
+
+    def _join_refill(self) -> None:
+        with self._pool_lock:
+            refill, self._refill = self._refill, None
+        if refill is not None:
+            refill.join()
 
     def get(self, refs: Iterable[bytes]) -> dict[bytes, bytes]:
         """{ref: erasure key} for the references still present (shredded ones are absent)."""

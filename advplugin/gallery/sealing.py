@@ -51,7 +51,7 @@ import numpy as np
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
-from advplugin.gallery.erasure import REF_BYTES, ErasureKeyStore
+from advplugin.gallery.erasure import REF_BYTES, ErasureKeyStore, random_pieces
 from advplugin.keys import KEY_BYTES, Key, load_key, write_key
 
 NONCE_BYTES = 12
@@ -136,6 +136,18 @@ def template_ad(
         _template_ad_head(collection_id) + _SERIAL.pack(len(tid)) + tid
         + _template_ad_tail(scheme, scheme_version, config_digest, key_id, dim)
     )
+
+
+def template_ads(
+    collection_id: int, template_ids: Sequence[int], scheme: str, scheme_version: int,
+    config_digest: str, key_id: str | None, dim: int,
+) -> list[bytes]:
+    """`template_ad` of many rows of one provenance (a bulk write): the same bytes, with the
+    shared parts looked up once rather than once per row."""
+    head = _template_ad_head(collection_id)
+    tail = _template_ad_tail(scheme, scheme_version, config_digest, key_id, dim)
+    pack = _SERIAL.pack
+    return [head + pack(len(t)) + t + tail for t in (str(int(i)).encode() for i in template_ids)]
 
 
 @functools.lru_cache(maxsize=4096)
@@ -320,17 +332,21 @@ class Sealer:
         the cipher of the subject's templates, for the write that made it: no unwrap and no
         store lookup right after). With an erasure key store, each gets an erasure key
         there first (committed before any template is sealed under it)."""
-        raws = [new_data_key() for _ in names]
+        raws = random_pieces(len(names), KEY_BYTES)  # as `new_data_key`, in one read
+        nonces = random_pieces(len(names), NONCE_BYTES)
         if self.erasure is None:
-            return [(self._seal_subject_key(collection_id, n, r), AESGCM(r)) for n, r in zip(names, raws, strict=True)]
+            return [
+                (self._seal_subject_key(collection_id, n, r, nonce), AESGCM(r))
+                for n, r, nonce in zip(names, raws, nonces, strict=True)
+            ]
         taken = self.erasure.take(len(names))
         return [
-            (self._seal_subject_key(collection_id, n, _ERASABLE + r + ref), AESGCM(_erasable_key(r, ek)))
-            for n, r, (ref, ek) in zip(names, raws, taken, strict=True)
+            (self._seal_subject_key(collection_id, n, _ERASABLE + r + ref, nonce), AESGCM(_erasable_key(r, ek)))
+            for n, r, (ref, ek), nonce in zip(names, raws, taken, nonces, strict=True)
         ]
 
-    def _seal_subject_key(self, collection_id: int, name: str, plain: bytes) -> bytes:
-        nonce = secrets.token_bytes(NONCE_BYTES)
+    def _seal_subject_key(self, collection_id: int, name: str, plain: bytes, nonce: bytes | None = None) -> bytes:
+        nonce = nonce or secrets.token_bytes(NONCE_BYTES)
         ad = subject_key_ad(collection_id, name, self.current)
         return _SERIAL.pack(self.current) + nonce + self._gallery[self.current].encrypt(nonce, plain, ad)
 
@@ -416,15 +432,23 @@ class Sealer:
 
     # template vectors
     @staticmethod
-    def seal_vectors(ciphers: Sequence[AESGCM], ads: Sequence[bytes], vectors: np.ndarray) -> list[bytes]:
-        """One sealed value per row: a fresh random nonce each (96 bits: collisions are
-        negligible far beyond any gallery size)."""
+    def seal_vectors(ciphers: Sequence[AESGCM], ads: Sequence[bytes], vectors: np.ndarray) -> np.ndarray:
+        """One sealed value per row, `nonce || ciphertext || tag`, as the rows of ONE uint8
+        array (encrypted in place: no per-row bytes object to build and join again): a
+        fresh random nonce each (96 bits: collisions are negligible far beyond any gallery
+        size)."""
         data = np.ascontiguousarray(vectors, dtype="<f4")
-        nonces = secrets.token_bytes(NONCE_BYTES * len(data))
-        out = []
+        n = len(data)
+        width = sealed_size(data.shape[1] if data.ndim == 2 else 0)
+        out = np.empty((n, width), np.uint8)
+        out[:, :NONCE_BYTES] = np.frombuffer(secrets.token_bytes(NONCE_BYTES * n), np.uint8).reshape(n, NONCE_BYTES)
+        view, src = memoryview(out).cast("B"), memoryview(data).cast("B")
+        size = width - OVERHEAD
         for i, (aead, ad) in enumerate(zip(ciphers, ads, strict=True)):
-            nonce = nonces[NONCE_BYTES * i : NONCE_BYTES * (i + 1)]
-            out.append(nonce + aead.encrypt(nonce, data[i].tobytes(), ad))
+            at = i * width
+            aead.encrypt_into(
+                view[at : at + NONCE_BYTES], src[i * size : (i + 1) * size], ad, view[at + NONCE_BYTES : at + width]
+            )
         return out
 
     @staticmethod

@@ -21,6 +21,7 @@ float32-compatible [N, dim] and never logs or echoes vector values.
 
 from __future__ import annotations
 
+import json
 import logging
 import re
 from collections.abc import Iterator, Sequence
@@ -43,7 +44,15 @@ from sqlalchemy import (
 from sqlalchemy.exc import SQLAlchemyError
 
 from advplugin.gallery.changelog import ChangeLog
-from advplugin.gallery.database import DEFAULT_COLLECTION, bound_value
+from advplugin.gallery.database import (
+    DEFAULT_COLLECTION,
+    bound_value,
+    pg_copy,
+    pg_copy_rows,
+    pg_int4,
+    pg_text,
+    pg_timestamptz,
+)
 from advplugin.gallery.models import PendingErasure, Subject, Template, utcnow
 from advplugin.gallery.sealing import (
     ERASABLE_SUBJECT_KEY_BYTES,
@@ -53,6 +62,7 @@ from advplugin.gallery.sealing import (
     TamperedError,
     sealed_size,
     template_ad,
+    template_ads,
 )
 from advplugin.gallery.sealkeys import MASTER_KEY_HINT, GalleryKeys
 from advplugin.protectors.base import ProtectorMetadata, validate_embeddings
@@ -82,16 +92,29 @@ _PG_INSERT_TEMPLATES = text(
     """
 )
 
-_PG_INSERT_SUBJECTS = text(
-    "INSERT INTO subjects (collection_id, name, sealed_key, created_at) "
-    "SELECT :cid, u.name, u.sealed_key, :now "
-    "FROM unnest(CAST(:names AS VARCHAR[]), CAST(:keys AS BYTEA[])) AS u(name, sealed_key)"
+# SQLite's counterpart (ids contiguous from :first, see `_next_ids`; json_each's key is the
+# row's position).
+_SQLITE_INSERT_TEMPLATES = (
+    "INSERT INTO templates (id, subject_id, collection_id, vector, dim, scheme, scheme_version, "
+    "config_digest, key_id, extractor_name, extractor_version, created_at, updated_at) "
+    "SELECT :first + j.key, j.value, :collection_id, substr(:vectors, j.key * :nbytes + 1, :nbytes), "
+    ":dim, :scheme, :scheme_version, :config_digest, :key_id, :extractor_name, :extractor_version, "
+    ":created_at, :updated_at FROM json_each(:subject_ids) AS j ORDER BY j.key"
 )
+
 # One unique-index probe per name, whatever the planner's statistics say: with `name IN
 # (...)` a bulk load that outran autovacuum's ANALYZE got a plan that filtered every subject
 # of the collection against the whole list, a cost that grew with the table (O(N^2) overall).
+_SQLITE_INSERT_SUBJECTS = (
+    "INSERT INTO subjects (id, collection_id, name, sealed_key, created_at) "
+    "SELECT :first + j.key, :cid, j.value, "
+    "CASE WHEN :width > 0 THEN substr(:keys, j.key * :width + 1, :width) END, :created_at "
+    "FROM json_each(:names) AS j ORDER BY j.key"
+)
+# The names travel as ONE JSON text (psycopg escapes a text array element by element,
+# which cost more than the lookup).
 _PG_FIND_SUBJECTS = text(
-    "SELECT n.name, s.id, s.sealed_key FROM unnest(CAST(:names AS VARCHAR[])) AS n(name) "
+    "SELECT n.name, s.id, s.sealed_key FROM json_array_elements_text(CAST(:names AS JSON)) AS n(name) "
     "CROSS JOIN LATERAL (SELECT id, sealed_key FROM subjects "
     "WHERE collection_id = :cid AND name = n.name) AS s"
 )
@@ -214,20 +237,37 @@ class TemplateRepository(ChangeLog, GalleryKeys):
         vectors: np.ndarray, *, scheme: Sequence[str], scheme_version: Sequence[int],
         config_digest: Sequence[str], key_id: Sequence[str | None],
     ) -> list[bytes]:
-        """Stored bytes of each row: plaintext float32 in an unsealed gallery, else sealed
-        under its subject's key and bound to the row's id and provenance. Ciphers of
+        """Stored bytes of each row (see `_encode_rows`)."""
+        packed = self._encode_rows(
+            sealer, cid, ids, subjects, vectors, scheme=scheme, scheme_version=scheme_version,
+            config_digest=config_digest, key_id=key_id,
+        )
+        return [r.tobytes() for r in packed]
+
+    def _encode_rows(
+        self, sealer: Sealer | None, cid: int, ids: Sequence[int], subjects: Sequence[tuple[str, _Sealed]],
+        vectors: np.ndarray, *, scheme: Sequence[str], scheme_version: Sequence[int],
+        config_digest: Sequence[str], key_id: Sequence[str | None],
+    ) -> np.ndarray:
+        """Stored bytes of the rows as ONE uint8 [n, width] array (every row of a write has one
+        width; a bulk insert ships it as is): plaintext float32 in an unsealed gallery, else
+        sealed under its subject's key and bound to the row's id and provenance. Ciphers of
         existing subjects are looked up together (cached only for small writes: a bulk
         migration must not fill the sealer's cache)."""
         if sealer is None:
-            return [_to_bytes(v) for v in vectors]
+            return np.ascontiguousarray(vectors, dtype="<f4").view(np.uint8)
         dim = vectors.shape[1]
         lookup = list({(cid, name, s.key) for name, s in subjects if s.cipher is None})
         by_item = sealer.subject_ciphers(lookup, cache=len(lookup) <= _IN_CHUNK) if lookup else {}  # type: ignore[arg-type]
         ciphers = [s.cipher if s.cipher is not None else by_item[cid, name, s.key] for name, s in subjects]  # type: ignore[index]
-        ads = [
-            template_ad(cid, t, s, v, d, k, dim)
-            for t, s, v, d, k in zip(ids, scheme, scheme_version, config_digest, key_id, strict=True)
-        ]
+        provenance = (scheme, scheme_version, config_digest, key_id)
+        if all(len(set(p)) == 1 for p in provenance):  # one provenance (a bulk write): shared parts once
+            ads = template_ads(cid, ids, *(p[0] for p in provenance), dim)  # type: ignore[arg-type]
+        else:
+            ads = [
+                template_ad(cid, t, s, v, d, k, dim)
+                for t, s, v, d, k in zip(ids, scheme, scheme_version, config_digest, key_id, strict=True)
+            ]
         return sealer.seal_vectors(ciphers, ads, vectors)
 
     def _decode(self, rows: Sequence) -> list[np.ndarray]:  # type: ignore[type-arg]
@@ -301,7 +341,7 @@ class TemplateRepository(ChangeLog, GalleryKeys):
         for extra, what in ((image_sha256, "image_sha256"), (images, "images")):
             if extra is not None and len(extra) != len(vectors):
                 raise ValueError(f"{what} has {len(extra)} entries for {len(vectors)} templates")
-        for name in subjects:
+        for name in set(subjects):
             check_text(name, "subject names", SUBJECT_NAME_MAX)
         check_text(extractor_name, "extractor_name", EXTRACTOR_NAME_MAX)
         check_text(extractor_version, "extractor_version", EXTRACTOR_VERSION_MAX)
@@ -314,7 +354,7 @@ class TemplateRepository(ChangeLog, GalleryKeys):
             found = self._subject_ids(conn, cid, subjects, create=True, sealer=sealer)
             ids = self._next_template_ids(conn, len(vectors))
             n = len(ids)
-            stored = self._encode(
+            stored = self._encode_rows(
                 sealer, cid, ids, [(name, found[name]) for name in subjects], vectors,
                 scheme=[protection.scheme] * n, scheme_version=[protection.scheme_version] * n,
                 config_digest=[digest] * n, key_id=[protection.key_id] * n,
@@ -337,18 +377,46 @@ class TemplateRepository(ChangeLog, GalleryKeys):
                 "created_at": now,
                 "updated_at": now,
             }
-            if self.dialect == "postgresql":
+            if self.dialect == "postgresql" and image_sha256 is None and images is None:
+                # Sealed or not, every row of the chunk has the same length: one binary COPY
+                # whose rows numpy lays out (a bulk migration's path; no per-row Python).
+                pg_copy(conn, "templates", [
+                    ("id", np.asarray(ids, np.int64)),
+                    ("subject_id", np.asarray(columns["subject_id"], np.int64)),
+                    ("vector", stored),
+                    ("collection_id", pg_int4(cid)),
+                    ("dim", pg_int4(protection.output_dim)),
+                    ("scheme", pg_text(protection.scheme)),
+                    ("scheme_version", pg_int4(protection.scheme_version)),
+                    ("config_digest", pg_text(digest)),
+                    ("key_id", pg_text(protection.key_id)),
+                    ("extractor_name", pg_text(extractor_name)),
+                    ("extractor_version", pg_text(extractor_version)),
+                    ("created_at", pg_timestamptz(now)),
+                    ("updated_at", pg_timestamptz(now)),
+                ])
+            elif self.dialect == "postgresql":
                 # Sealed or not, every row of the chunk has the same length: one bytea still.
                 conn.execute(
                     _PG_INSERT_TEMPLATES,
-                    columns | shared | {"vectors": b"".join(stored), "nbytes": len(stored[0])},
+                    columns | shared | {"vectors": stored.tobytes(), "nbytes": stored.shape[1]},
                 )
+            elif image_sha256 is None and images is None:
+                # SQLite, a bulk write's path: ONE statement, the vectors as one blob cut by
+                # SQLite and the subject ids as one JSON array; chunk-wide values bound once
+                # (no per-row Python tuple, no per-row binding of a dozen parameters).
+                table = Template.__table__
+                params = {n: bound_value(table.c[n], conn.dialect, v) for n, v in shared.items()}
+                conn.exec_driver_sql(_SQLITE_INSERT_TEMPLATES, params | {
+                    "first": ids[0], "subject_ids": json.dumps(columns["subject_id"]),
+                    "vectors": stored.tobytes(), "nbytes": stored.shape[1],
+                })
             else:  # SQLite: the driver's executemany, one prepared statement
                 # Plain tuples straight to sqlite3: SQLAlchemy's per-row parameter handling
                 # (a dict per row, each DateTime formatted again) cost more than the insert.
                 # The chunk-wide values go through their column types' bind processors
                 # once, so what is stored is exactly what `insert(Template)` would store.
-                columns["vector"] = stored
+                columns["vector"] = [r.tobytes() for r in stored]
                 table = Template.__table__
                 names = [*columns, *shared]
                 sql = f"INSERT INTO templates ({', '.join(names)}) VALUES ({', '.join('?' * len(names))})"  # noqa: S608 - fixed column names
@@ -360,24 +428,31 @@ class TemplateRepository(ChangeLog, GalleryKeys):
         return ids
 
     def _next_template_ids(self, conn: Connection, n: int) -> list[int]:
-        """Allocate `n` new template ids, ascending. Allocating first and inserting with
-        explicit ids lets a chunk go in as one bulk statement without RETURNING (whose
-        per-row fallback on SQLite and client-side query parsing on psycopg dominated
-        the insert time). Ids are still never reused: PostgreSQL takes them from the
-        column's sequence; on SQLite, inside the `BEGIN IMMEDIATE` write transaction,
-        they continue after both the largest id and AUTOINCREMENT's high-water mark."""
+        """Allocate `n` new template ids, ascending and contiguous. Allocating first and
+        inserting with explicit ids lets a chunk go in as one bulk statement without
+        RETURNING (whose per-row fallback on SQLite and client-side query parsing on psycopg
+        dominated the insert time), and lets the change log and a migration's chunk record
+        name the chunk as one id range. Ids are still never reused (see `_next_ids`)."""
+        return self._next_ids(conn, "templates", n)
+
+    def _next_ids(self, conn: Connection, table: str, n: int) -> list[int]:
+        """`n` new contiguous ids of `table` (templates, subjects), in the caller's write
+        transaction. PostgreSQL: one block of the column's sequence in one statement (every
+        writer of these tables holds the write lock, so no other nextval lands inside it; a
+        rolled-back block is skipped, never reused: sequences are not transactional). SQLite:
+        inside the `BEGIN IMMEDIATE` write transaction, after both the largest id and
+        AUTOINCREMENT's high-water mark."""
         if self.dialect == "postgresql":
             q = text(
-                "SELECT nextval(pg_get_serial_sequence('templates', 'id')) "
-                "FROM generate_series(1, :n)"
+                f"SELECT setval(pg_get_serial_sequence('{table}', 'id'), "
+                f"nextval(pg_get_serial_sequence('{table}', 'id')) + :n - 1)"
             )
-            return sorted(int(i) for i in conn.scalars(q, {"n": n}))
-        last = conn.scalar(
-            text(
-                "SELECT max(coalesce((SELECT seq FROM sqlite_sequence WHERE name = 'templates'), 0), "
-                "coalesce((SELECT max(id) FROM templates), 0))"
-            )
-        )
+            last = int(conn.scalar(q, {"n": n}))
+            return list(range(last - n + 1, last + 1))
+        last = conn.exec_driver_sql(
+            f"SELECT max(coalesce((SELECT seq FROM sqlite_sequence WHERE name = '{table}'), 0), "  # noqa: S608
+            f"coalesce((SELECT max(id) FROM {table}), 0))"
+        ).scalar()
         return list(range(int(last) + 1, int(last) + 1 + n))
 
     def _subject_ids(
@@ -390,21 +465,28 @@ class TemplateRepository(ChangeLog, GalleryKeys):
         found = self._find_subjects(conn, cid, wanted)
         missing = [n for n in wanted if n not in found]
         if missing and create:
-            # Bulk insert without RETURNING, then read the ids back (see _next_template_ids).
+            # Explicit ids (see _next_template_ids): one bulk insert, nothing read back.
             now = utcnow()
             made = dict(zip(missing, sealer.new_subject_keys(cid, missing), strict=True)) if sealer else {}
             keys = [made[n][0] if sealer else None for n in missing]
+            sids = self._next_ids(conn, "subjects", len(missing))
             if self.dialect == "postgresql":
-                conn.execute(_PG_INSERT_SUBJECTS, {"cid": cid, "names": missing, "keys": keys, "now": now})
-            else:
-                rows = [
-                    {"collection_id": cid, "name": n, "sealed_key": k, "created_at": now}
-                    for n, k in zip(missing, keys, strict=True)
-                ]
-                conn.execute(insert(Subject), rows)
+                pg_copy_rows(
+                    conn, "subjects",
+                    [("id", "int8"), ("collection_id", "int4"), ("name", "varchar"), ("sealed_key", "bytea"),
+                     ("created_at", "timestamptz")],
+                    ((i, cid, n, k, now) for i, n, k in zip(sids, missing, keys, strict=True)),
+                )
+            else:  # one statement, as the templates (see _SQLITE_INSERT_TEMPLATES)
+                width = len(keys[0]) if keys[0] is not None else 0  # one sealer: one key length
+                conn.exec_driver_sql(_SQLITE_INSERT_SUBJECTS, {
+                    "first": sids[0], "cid": cid, "names": json.dumps(missing), "width": width,
+                    "keys": b"".join(keys) if width else b"",  # type: ignore[arg-type]
+                    "created_at": bound_value(Subject.__table__.c.created_at, conn.dialect, now),
+                })
             found.update({
-                n: s._replace(cipher=made[n][1]) if n in made else s
-                for n, s in self._find_subjects(conn, cid, missing).items()
+                n: _Sealed(i, k, made[n][1] if sealer else None)
+                for i, n, k in zip(sids, missing, keys, strict=True)
             })
         if sealer is not None:
             unkeyed = [n for n, s in found.items() if s.key is None]
@@ -419,14 +501,13 @@ class TemplateRepository(ChangeLog, GalleryKeys):
 
     def _find_subjects(self, conn: Connection, cid: int, names: Sequence[str]) -> dict[str, _Sealed]:
         if self.dialect == "postgresql":
-            rows = conn.execute(_PG_FIND_SUBJECTS, {"cid": cid, "names": list(names)})
+            rows = conn.execute(_PG_FIND_SUBJECTS, {"cid": cid, "names": json.dumps(list(names))})
             return {n: _Sealed(int(i), k) for n, i, k in rows}
         found: dict[str, _Sealed] = {}
         for part in _chunks(names):
-            q = select(Subject.name, Subject.id, Subject.sealed_key).where(
-                Subject.collection_id == cid, Subject.name.in_(part)
-            )
-            found.update({n: _Sealed(int(i), k) for n, i, k in conn.execute(q)})
+            # The driver's own query (a bulk write looks up thousands of names per chunk).
+            q = f"SELECT name, id, sealed_key FROM subjects WHERE collection_id = ? AND name IN ({', '.join('?' * len(part))})"  # noqa: S608 - placeholders only
+            found.update({n: _Sealed(int(i), k) for n, i, k in conn.exec_driver_sql(q, (cid, *part))})
         return found
 
     def replace_templates(

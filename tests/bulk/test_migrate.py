@@ -10,7 +10,8 @@ import pytest
 import sqlalchemy as sa
 
 from advplugin.bulk import migrate, open_source, verify_migration
-from advplugin.bulk.models import MigrationItem, MigrationJob
+from advplugin.bulk.models import MigrationChunk, MigrationItem, MigrationJob
+from advplugin.bulk.verify import job_items
 from advplugin.cli.main import main
 from advplugin.gallery import Gallery
 from advplugin.keys import load_key
@@ -41,11 +42,7 @@ def _migrate(source, gallery, protector, **options):
 
 
 def item_map(gallery: Gallery, job_id: int) -> dict[str, int]:
-    with gallery.engine.connect() as conn:
-        q = sa.select(MigrationItem.source_id, MigrationItem.template_id).where(
-            MigrationItem.job_id == job_id
-        )
-        return {s: int(t) for s, t in conn.execute(q)}
+    return job_items(gallery, job_id)
 
 
 @pytest.mark.parametrize("target", ["sqlite", "postgresql"])
@@ -208,3 +205,46 @@ def test_cli_dry_run_then_verify_gated_purge(
         path = tmp_path / f"gallery.db{suffix}"
         if path.exists():
             assert not _raw_bytes_present(path.read_bytes(), lfw_rows.vectors[:n:50])
+
+
+@pytest.mark.parametrize("target", ["sqlite", "postgresql"])
+def test_chunks_are_recorded_once_and_ids_a_client_may_hold_row_by_row(
+    lfw_rows, database_url, key_files, tmp_path: Path, target: str
+) -> None:
+    """Integer source ids: one `migration_chunks` row per chunk (row i became template
+    first + i), no per-row item. Text ids (an .npz's image paths, CompreFace's UUIDs): also
+    one `migration_items` row each, which is how the service resolves an image id it was
+    given before the migration. Both verify."""
+    n = 900
+    npz = tmp_path / "faces.npz"
+    paths = np.array([f"lfw/{s}/{i:04d}.jpg" for i, s in enumerate(lfw_rows.subjects[:n])])
+    np.savez(npz, embedding=lfw_rows.vectors[:n], path=paths, identity=np.array(lfw_rows.subjects[:n]))
+    src_url = database_url("sqlite", "src")
+    fill_table(src_url, lfw_rows, limit=n)
+    protector = create_protector("xnn", key=load_key(key_files[0]), dim=128)
+    gallery = Gallery.open(database_url(target, "gallery"), upgrade=True)
+    sources = [open_source(src_url, **SOURCE_ARGS), open_source(str(npz))]
+    try:
+        for source, per_row in zip(sources, (0, n), strict=True):
+            result = _migrate(source, gallery, protector, chunk_size=400, collection=f"c{per_row}")
+            with gallery.engine.connect() as conn:
+                chunks = conn.execute(
+                    sa.select(MigrationChunk.seq, MigrationChunk.first_template_id, MigrationChunk.last_template_id,
+                              MigrationChunk.rows, MigrationChunk.source_ids)
+                    .where(MigrationChunk.job_id == result.job_id).order_by(MigrationChunk.seq)
+                ).all()
+                items = conn.scalar(sa.select(sa.func.count()).select_from(MigrationItem)
+                                    .where(MigrationItem.job_id == result.job_id))
+            assert [(c.seq, c.rows) for c in chunks] == [(1, 400), (2, 400), (3, 100)]
+            assert all(c.last_template_id - c.first_template_id + 1 == c.rows for c in chunks)
+            assert items == per_row
+            assert all((c.source_ids is None) == bool(per_row) for c in chunks)
+            mapping = job_items(gallery, result.job_id)
+            assert len(mapping) == n and len(set(mapping.values())) == n
+            report = verify_migration(source, gallery, protector, job_id=result.job_id,
+                                      collection=f"c{per_row}", samples=200)
+            assert report.passed, report.render()
+    finally:
+        for s in sources:
+            s.close()
+        gallery.close()

@@ -12,6 +12,7 @@ from collections import Counter
 import pytest
 import sqlalchemy as sa
 
+from advplugin.bulk.verify import job_items
 from advplugin.gallery import Gallery
 from tests.bulk.conftest import fill_table
 
@@ -19,10 +20,10 @@ CHUNK = 200
 
 
 def _committed(engine: sa.Engine) -> tuple[int, int, int]:
-    """(job rows, item rows, template rows) as committed in the gallery."""
+    """(job rows, rows its chunk records hold, template rows) as committed in the gallery."""
     with engine.connect() as conn:
         job = conn.exec_driver_sql("SELECT coalesce(max(rows), 0) FROM migration_jobs").scalar()
-        items = conn.exec_driver_sql("SELECT count(*) FROM migration_items").scalar()
+        items = conn.exec_driver_sql("SELECT coalesce(sum(rows), 0) FROM migration_chunks").scalar()
         templates = conn.exec_driver_sql("SELECT count(*) FROM templates").scalar()
     return int(job), int(items), int(templates)
 
@@ -86,9 +87,16 @@ def test_interrupt_and_sigkill_then_rerun_gives_exactly_the_source(
         assert f"migrated: {n - after_kill[0]} rows" in final.stdout
         assert "verify: PASSED" in final.stdout
         assert _committed(engine) == (n, n, n)
+        gallery = Gallery.open(gallery_url)
+        try:
+            with engine.connect() as conn:
+                job_id = conn.exec_driver_sql("SELECT id FROM migration_jobs").scalar()
+            items = job_items(gallery, int(job_id))
+        finally:
+            gallery.close()
+        assert sorted(int(i) for i in items) == lfw_rows.ids
+        assert len(set(items.values())) == n
         with engine.connect() as conn:
-            source_ids = conn.exec_driver_sql("SELECT source_id FROM migration_items").scalars()
-            assert sorted(int(i) for i in source_ids) == lfw_rows.ids
             per_subject = dict(
                 conn.exec_driver_sql(
                     "SELECT s.name, count(*) FROM templates t JOIN subjects s "

@@ -1,22 +1,30 @@
 """Alembic revisions of the gallery on a real SQLite file and a real PostgreSQL database:
-the models' metadata equals the migrated schema, and revision 0004 backfills
-`templates.config_digest` (and refuses what it does not know) without losing anything."""
+the models' metadata equals the migrated schema, revision 0004 backfills
+`templates.config_digest` (and refuses what it does not know) without losing anything, and
+a batch migration started before 0009 resumes and verifies after it."""
 
 from __future__ import annotations
 
 import importlib.util
+import itertools
+from collections.abc import Iterator
 from datetime import UTC, datetime
-from types import ModuleType
+from types import ModuleType, SimpleNamespace
 
 import numpy as np
 import pytest
 from alembic import command
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
-from sqlalchemy import Engine, inspect, text
+from sqlalchemy import Engine, delete, insert, inspect, select, text
 
-import advplugin.bulk.models  # noqa: F401  (its tables are part of the compared metadata)
+from advplugin.bulk import migrate, open_source, verify_migration
+from advplugin.bulk.models import MigrationChunk, MigrationItem
+from advplugin.bulk.pipeline import unpack_source_ids
+from advplugin.bulk.sources import Chunk, Cursor, Source
+from advplugin.bulk.verify import job_items
 from advplugin.gallery import Gallery, make_engine
+from advplugin.gallery.erasure import ErasureKeyStore
 from advplugin.gallery.models import Base
 from advplugin.gallery.schema import (
     MIGRATIONS_DIR,
@@ -25,7 +33,9 @@ from advplugin.gallery.schema import (
     head_revision,
     upgrade,
 )
+from advplugin.gallery.sealing import LocalKeyProvider
 from advplugin.protectors import create_protector, scheme_info
+from tests.bulk.conftest import fill_table
 
 BEFORE = "0003_templates_inline_vectors"
 REVISION = "0004_templates_config_digest"
@@ -189,4 +199,79 @@ def test_0004_refuses_a_sqlite_rebuild_with_foreign_keys_on(tmp_path) -> None:
         with engine.connect() as conn:
             assert conn.scalar(text("SELECT count(*) FROM migration_items")) == 1
     finally:
+        engine.dispose()
+
+
+class _FirstChunks(Source):
+    """`source` as a run that was stopped after `n` chunks saw it (same job name)."""
+
+    def __init__(self, source: Source, n: int) -> None:
+        self.source, self.n, self.name = source, n, source.name
+
+    def count(self) -> int:
+        return self.source.count()
+
+    def chunks(self, size: int, after: Cursor = None) -> Iterator[Chunk]:
+        return itertools.islice(self.source.chunks(size, after), self.n)
+
+    def purge(self) -> str:
+        raise NotImplementedError
+
+
+def test_0009_a_job_started_before_resumes_after_the_upgrade_and_verifies(
+    gallery_url: str, master_key: LocalKeyProvider, erasure: ErasureKeyStore, key, tmp_path
+) -> None:
+    """A job whose first chunks were recorded the pre-0009 way (one `migration_items` row per
+    source row) resumes at its cursor after `db upgrade`, records the rest per chunk, and
+    `--verify` counts every source row exactly once across both tables."""
+    rng = np.random.default_rng(3)
+    rows = SimpleNamespace(
+        vectors=rng.normal(size=(600, 128)).astype(np.float32),
+        subjects=[f"p{i // 3}" for i in range(600)], ids=list(range(1, 601)),
+    )
+    src_url = f"sqlite:///{tmp_path / 'src.db'}"
+    fill_table(src_url, rows, limit=len(rows.ids))  # type: ignore[arg-type]
+    source = open_source(src_url, table="faces", id_column="id", subject_column="person", vector_column="vec")
+    protector = create_protector("xnn", key=key, dim=128)
+    options = {"extractor_name": "dlib", "extractor_version": "1", "chunk_size": 100, "workers": 1}
+    engine = make_engine(gallery_url)
+    try:
+        with Gallery.open(gallery_url, upgrade=True, master_key=master_key, erasure=erasure) as g:
+            first = migrate(_FirstChunks(source, 2), g, protector, **options)
+        assert first.written == 200
+        # What the code before 0009 left behind: item rows, no chunk rows; then the schema
+        # goes back to 0008 and is upgraded again, as `advplugin db upgrade` would.
+        with engine.begin() as conn:
+            chunks = conn.execute(select(MigrationChunk.first_template_id, MigrationChunk.source_ids)).all()
+            for start, blob in chunks:
+                conn.execute(insert(MigrationItem), [
+                    {"job_id": first.job_id, "source_id": s, "template_id": start + p}
+                    for p, s in enumerate(unpack_source_ids(blob))
+                ])
+            conn.execute(delete(MigrationChunk))
+        cfg = alembic_config()
+        with engine.begin() as conn:
+            cfg.attributes["connection"] = conn
+            command.downgrade(cfg, "0008_pending_erasures")
+            assert not inspect(conn).has_table("migration_chunks")
+        upgrade(engine)
+
+        with Gallery.open(gallery_url, master_key=master_key, erasure=erasure) as g:
+            second = migrate(source, g, protector, **options)
+            assert (second.resumed_from, second.written, second.rows) == (200, 400, 600)
+            with engine.connect() as conn:
+                assert conn.scalar(text("SELECT count(*) FROM migration_items")) == 200
+                assert conn.scalar(text("SELECT sum(rows) FROM migration_chunks")) == 400
+            report = verify_migration(source, g, protector, job_id=second.job_id, collection="default",
+                                      samples=100, chunk_size=100)
+            assert report.counts_ok and report.passed, report.render()
+            assert (report.migrated_rows, report.distinct_migrated, report.templates_present) == (600, 600, 600)
+            items = job_items(g, second.job_id)
+            stored = g.get_templates(list(items.values()))
+            expected = protector.protect(rows.vectors)
+            for sid, tid in list(items.items())[::37]:  # each source row became its own template
+                assert stored[tid][0] == rows.subjects[int(sid) - 1]
+                np.testing.assert_allclose(stored[tid][1], expected[int(sid) - 1], atol=1e-5)
+    finally:
+        source.close()
         engine.dispose()
