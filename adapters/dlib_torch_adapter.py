@@ -28,16 +28,20 @@ CHIP_PADDING = 0.25
 class DlibTorchExtractor(DlibExtractor):
     name = "dlib-torch"
 
-    def __init__(self, *, threads: int = 1, batch_size: int = 64, **config: Any) -> None:
+    def __init__(self, *, threads: int = 1, batch_size: int = 64, device: str = "auto", **config: Any) -> None:
         """`config`: the `dlib` extractor's options (upsample, max_detector_pixels...), except
         `num_jitters`, dlib's random test-time augmentation, which is not ported.
 
         `threads`: torch's intra-op threads, set for the whole process when the extractor is
         created (0 leaves torch's setting). One by default, like dlib's own network: callers
-        parallelise over images or processes (`advplugin embed` runs one per core)."""
+        parallelise over images or processes (`advplugin embed` runs one per core).
+
+        `device`: "auto" runs the network on a GPU when the installed torch sees one and on
+        the CPU otherwise (same descriptors within float tolerance; tests/gpu), or "cpu",
+        "cuda", "cuda:N"."""
         if config.get("num_jitters", 0) != 0:
             raise ValueError("dlib-torch does not support num_jitters (dlib's random jitter)")
-        self._threads, self._batch_size = threads, batch_size
+        self._threads, self._batch_size, self._device = threads, batch_size, device
         super().__init__(**config)
         self.version = (
             f"dlib-torch/resnet_v1/frm-{importlib.metadata.version('face-recognition-models')}"
@@ -47,7 +51,9 @@ class DlibTorchExtractor(DlibExtractor):
     def _load_network(self) -> Any:
         from advplugin.nets.dlib_resnet import ChipEmbedder
 
-        return ChipEmbedder(resnet_model_path(), threads=self._threads, batch_size=self._batch_size)
+        return ChipEmbedder(
+            resnet_model_path(), threads=self._threads, batch_size=self._batch_size, device=self._device
+        )
 
     @property
     def chip_size(self) -> int:

@@ -23,6 +23,7 @@ any other scorer re-scores the candidates with their vectors from the index.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
@@ -136,6 +137,13 @@ class Matcher:
     ) -> list[list[Match]]:
         """`_best` with k = 1 on ranked rows, vectorised over the batch (rows are sorted, so
         the first candidate that has a subject and passes the threshold is the answer)."""
+        if len(ids) == 1:  # one probe, the usual request: a walk that stops at the first hit
+            for j, (code, sim) in enumerate(zip(codes[0].tolist(), scores[0].tolist(), strict=True)):
+                if threshold is not None and sim < threshold:
+                    break  # ranked: every later candidate scores lower still
+                if code >= 0 and math.isfinite(sim):
+                    return [[Match(self.index.subject_name(code), sim, int(ids[0, j]))]]
+            return [[]]
         usable = (codes >= 0) & np.isfinite(scores)
         if threshold is not None:
             usable &= scores >= threshold

@@ -32,8 +32,10 @@ class SubjectMap:
         self.__init__()  # type: ignore[misc]
 
     def _grow(self, max_id: int) -> None:
-        if max_id >= len(self._codes):
-            grown = np.full(max(max_id + 1, 2 * len(self._codes), 1024), _ABSENT, np.int32)
+        # One slot more than the largest id: the last slot is always ABSENT, so the -1 ids of
+        # a short result read it and `codes` needs no mask in the common case.
+        if max_id + 1 >= len(self._codes):
+            grown = np.full(max(max_id + 2, 2 * len(self._codes), 1024), _ABSENT, np.int32)
             grown[: len(self._codes)] = self._codes
             self._codes = grown
 
@@ -60,9 +62,11 @@ class SubjectMap:
 
     def codes(self, ids: np.ndarray) -> np.ndarray:
         """Subject codes of `ids` (any shape), -1 for ids it does not know (or -1 ids)."""
+        try:  # the common case: one gather (an id of -1 reads the last slot, always ABSENT)
+            return self._codes[ids]
+        except IndexError:  # an id beyond the map (not known yet)
+            pass
         ids = np.asarray(ids, np.int64)
-        if ids.size and ids.min() >= 0 and ids.max() < len(self._codes):
-            return self._codes[ids]  # the common case: every id in range, one gather
         known = (ids >= 0) & (ids < len(self._codes))
         out = np.full(ids.shape, _ABSENT, np.int32)
         out[known] = self._codes[ids[known]]

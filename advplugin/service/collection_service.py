@@ -67,6 +67,7 @@ class CollectionService:
                 # Persist only what the snapshot lacks: a rebuild or replayed changes.
                 if not index.load() or index._changes_since_snapshot:
                     index.save()
+                index.follow()  # other processes' writes, off the request path
                 self._watch[collection] = watch
                 self._indexes[collection] = index
             return self._indexes[collection]
@@ -78,6 +79,7 @@ class CollectionService:
     def close(self) -> None:
         """Snapshot every index (a faster next start; SQL stays the truth)."""
         for index in self._indexes.values():
+            index.stop_following()
             try:
                 index.save()
             except OSError as e:

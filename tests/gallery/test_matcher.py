@@ -148,4 +148,21 @@ def test_top1_of_a_batch_equals_the_first_of_the_ranked_walk(gallery: Gallery, t
         top1 = matcher.identify(probes, k=1, threshold=threshold)  # vectorised over the batch
         walk = matcher.identify(probes, k=2, threshold=threshold)  # per-row walk
         assert top1 == [w[:1] for w in walk]
+        # One probe per call (the request's usual shape) takes its own short walk: same answers.
+        assert [matcher.identify(probes[i : i + 1], k=1, threshold=threshold)[0] for i in range(len(probes))] == top1
     assert matcher.identify(probes, k=1, threshold=2.0) == [[]] * len(probes)
+
+
+def test_subject_map_names_only_what_it_holds() -> None:
+    """The map's gather needs no mask: a -1 id (a short result) and an id it never saw are
+    both unnamed (-1), whatever the ids it holds, before and after growing."""
+    from advplugin.gallery.subject_map import SubjectMap
+
+    m = SubjectMap()
+    assert m.codes(np.array([[-1, 5]])).tolist() == [[-1, -1]]
+    for top in (3, 1023, 1024, 5000):  # around the growth steps
+        m.set([top], [f"p{top}"])
+        codes = m.codes(np.array([top, -1, top + 1, 10**9]))
+        assert m.name(int(codes[0])) == f"p{top}" and codes[1:].tolist() == [-1, -1, -1]
+    m.remove([5000])
+    assert m.codes(np.array([5000, 3])).tolist()[0] == -1 and m.name(int(m.codes(np.array([3]))[0])) == "p3"
