@@ -12,12 +12,14 @@ has seen change `n` has seen every change before it.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
+from typing import Any
 
 import numpy as np
-from sqlalchemy import Connection, DateTime, String, func, insert, literal, select
+from sqlalchemy import Connection, DateTime, Engine, String, func, insert, literal, select
 
 from advplugin.gallery.database import (
     DEFAULT_COLLECTION,
@@ -39,6 +41,46 @@ class Change:
 
 #: Blocks of more ids than this are logged by COPY on PostgreSQL.
 _COPY_FROM = 100
+
+
+class ChangeWatch:
+    """The newest change `seq` of the whole gallery (every collection), read again and again
+    on one held driver connection with one fixed statement (the primary key's max: one index
+    probe). An index follower asks this dozens of times a second; through a pooled
+    connection and SQLAlchemy's statement handling that was ~1 ms per look and 3-4 % of a
+    core while idle, here it is the query alone, and one look serves every collection (a
+    changed number says *something* changed; each index then reads its own changes). Each
+    look is its own read (the transaction is ended at once), so it never pins an old
+    snapshot (SQLite WAL) or holds a transaction open (PostgreSQL). A failed look drops the
+    connection; the next one opens a new one. One thread at a time."""
+
+    _SQL = "SELECT max(seq) FROM template_changes"
+
+    def __init__(self, engine: Engine) -> None:
+        self._engine = engine
+        self._conn: Any = None
+
+    def latest(self) -> int:
+        if self._conn is None:
+            self._conn = self._engine.raw_connection()
+        try:
+            cur = self._conn.cursor()
+            try:
+                cur.execute(self._SQL)
+                row = cur.fetchone()
+            finally:
+                cur.close()
+            self._conn.rollback()
+        except Exception:
+            self.close()
+            raise
+        return int(row[0] or 0) if row else 0
+
+    def close(self) -> None:
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            with contextlib.suppress(Exception):  # a broken connection is simply dropped
+                conn.close()
 
 
 class ChangeLog(Database):
@@ -88,6 +130,10 @@ class ChangeLog(Database):
         q = select(func.max(TemplateChange.seq)).where(TemplateChange.collection_id == cid)
         with self._read() as conn:
             return int(conn.scalar(q) or 0)
+
+    def watch_changes(self) -> ChangeWatch:
+        """A cheap, repeated look at the newest change of any collection (`ChangeWatch`)."""
+        return ChangeWatch(self.engine)
 
     def changes_since(
         self, seq: int, *, collection: str = DEFAULT_COLLECTION, limit: int = 10_000

@@ -35,7 +35,7 @@ from advplugin.gallery.subject_map import SubjectMap
 from advplugin.gallery.templates import TemplateRepository
 from advplugin.protectors.base import l2_normalize
 
-__all__ = ["SNAPSHOT_VERSION", "IndexConfig", "TemplateIndex"]
+__all__ = ["SNAPSHOT_VERSION", "IndexConfig", "IndexFollower", "TemplateIndex"]
 
 log = logging.getLogger(__name__)
 
@@ -76,7 +76,7 @@ class TemplateIndex:
         # A removal since the last snapshot: the next one overwrites the old file first.
         self._removed_since_snapshot = False
         self._synced = 0.0  # monotonic time of the last catch-up
-        self._follower: tuple[threading.Thread, threading.Event] | None = None
+        self._follower: IndexFollower | None = None
         self._subjects = SubjectMap()  # template id -> subject, kept with the backend
         # Whether the map names every template the backend holds (true after a rebuild; a
         # loaded snapshot starts with an empty map, filled from SQL as searches meet ids).
@@ -126,45 +126,20 @@ class TemplateIndex:
                 self._catch_up_locked()
 
     def follow(self) -> None:
-        """Look at the change log in a background thread twice per `sync_interval` (what the
-        service does), so that a search never waits for a SQL round trip: catching up on the
-        request path put a query on every few searches (at 1M templates, where a search takes
-        25 ms, every other one), measurably above the search itself on a loaded machine. The
-        staleness bound for other processes' writes stays `sync_interval`; this process's
-        own writes are applied when they commit (`catch_up`). No-op when `sync_interval` is 0
-        (every search catches up itself) or a follower already runs."""
-        interval = self.config.sync_interval
-        if interval <= 0 or self._follower is not None:
-            return
-        stop = threading.Event()
-
-        def run() -> None:
-            while not stop.wait(interval / 2):
-                try:
-                    self._look()
-                except Exception as e:  # keep following; a search catches up itself meanwhile
-                    log.warning("index follower of %s: %s", self.collection, type(e).__name__)
-
-        thread = threading.Thread(target=run, name=f"index-follower-{self.collection}", daemon=True)
-        self._follower = (thread, stop)
-        thread.start()
+        """Follow the change log in a background thread (`IndexFollower`) so that no search
+        waits for SQL; the service runs one follower for all its collections instead."""
+        if self._follower is None and self.config.sync_interval > 0:
+            self._follower = IndexFollower(self.gallery, self.config.sync_interval)
+            self._follower.add(self)
 
     def stop_following(self) -> None:
         if self._follower is not None:
-            thread, stop = self._follower
-            stop.set()
-            thread.join()
+            self._follower.close()
             self._follower = None
 
-    def _look(self) -> None:
-        """One look of the follower: the newest change's seq, read WITHOUT the lock (searches
-        go on meanwhile); the lock only when there is something to apply."""
-        looked = time.monotonic()
-        if self.gallery.last_change_seq(collection=self.collection) > self.last_seq:
-            with self._lock:
-                self._catch_up_locked()
-        else:
-            self._synced = max(self._synced, looked)
+    def looked(self, at: float) -> None:
+        """A follower saw no change for this index as of monotonic time `at`."""
+        self._synced = max(self._synced, at)
 
     def _catch_up_locked(self) -> int:
         self._synced = time.monotonic()
@@ -320,3 +295,64 @@ class TemplateIndex:
         self._subjects_complete = False
         self.last_seq = int(meta["last_seq"])
         return True
+
+
+class IndexFollower:
+    """Keeps the indexes of one gallery in step with other processes' writes from ONE
+    background thread, so that a search never waits for a SQL round trip: catching up on
+    the request path put a query on every few searches (at 1M templates, where a search
+    takes 25 ms, every other one), measurably above the search itself on a loaded machine.
+
+    It looks at the gallery's newest change (`ChangeWatch`: one cheap query for every
+    collection) twice per `interval`; when the number moved, each index reads its own
+    changes (`catch_up`). So the staleness bound for other processes' writes stays
+    `interval`, searches find every index looked at within it (`TemplateIndex.sync` does
+    nothing), and this process's own writes are applied when they commit, as before. One
+    follower serves any number of collections: the service runs one."""
+
+    def __init__(self, gallery: TemplateRepository, interval: float) -> None:
+        if interval <= 0:
+            raise ValueError("a follower needs a positive interval")
+        self.interval = interval
+        self._watch = gallery.watch_changes()
+        self._indexes: list[TemplateIndex] = []
+        self._seen = -1
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def add(self, index: TemplateIndex) -> None:
+        self._indexes = [*self._indexes, index]  # replaced, not mutated: the thread iterates it
+        self._seen = -1  # the new index has not been looked at by this follower yet
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._run, name="index-follower", daemon=True)
+            self._thread.start()
+
+    def _run(self) -> None:
+        try:
+            while not self._stop.wait(self.interval / 2):
+                try:
+                    self.look()
+                except Exception as e:  # keep following; a search catches up itself meanwhile
+                    log.warning("index follower: %s", type(e).__name__)
+        finally:
+            self._watch.close()
+
+    def look(self) -> None:
+        """One look: the newest change of the gallery, read without any index's lock
+        (searches go on meanwhile); an index's lock only when there is something to apply."""
+        at = time.monotonic()
+        latest = self._watch.latest()
+        indexes = self._indexes
+        if latest != self._seen:
+            for index in indexes:
+                if index.last_seq < latest:
+                    index.catch_up()
+            self._seen = latest
+        for index in indexes:
+            index.looked(at)
+
+    def close(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None

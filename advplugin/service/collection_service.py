@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from advplugin.gallery.audit import Actor
-from advplugin.gallery.index import TemplateIndex
+from advplugin.gallery.index import IndexFollower, TemplateIndex
 from advplugin.gallery.matcher import Match, Matcher, ProbeSet
 from advplugin.gallery.store import Gallery
 from advplugin.service.protection import KeyView, Protection
@@ -47,6 +47,7 @@ class CollectionService:
         self._watch: dict[str, _KeyWatch] = {}
         self._lock = threading.Lock()
         self._keys_lock = threading.Lock()
+        self._follower: IndexFollower | None = None
 
     # -- indexes ---------------------------------------------------------------------------------
     def index(self, collection: str) -> TemplateIndex:
@@ -67,7 +68,10 @@ class CollectionService:
                 # Persist only what the snapshot lacks: a rebuild or replayed changes.
                 if not index.load() or index._changes_since_snapshot:
                     index.save()
-                index.follow()  # other processes' writes, off the request path
+                if self._follower is None and s.index.sync_interval > 0:
+                    self._follower = IndexFollower(self.gallery, s.index.sync_interval)
+                if self._follower is not None:  # other processes' writes, off the request path
+                    self._follower.add(index)
                 self._watch[collection] = watch
                 self._indexes[collection] = index
             return self._indexes[collection]
@@ -78,8 +82,10 @@ class CollectionService:
 
     def close(self) -> None:
         """Snapshot every index (a faster next start; SQL stays the truth)."""
+        if self._follower is not None:
+            self._follower.close()
+            self._follower = None
         for index in self._indexes.values():
-            index.stop_following()
             try:
                 index.save()
             except OSError as e:

@@ -106,3 +106,61 @@ def test_backend_that_cannot_persist_is_rebuilt_never_snapshotted(
     assert index.load() is False and index.size == 2
     index.save()
     assert not list(tmp_path.glob("*.npz"))
+
+
+def test_follower_applies_another_writers_changes_without_a_search(
+    gallery: Gallery, gallery_url: str, master_key, erasure, protector
+) -> None:
+    """Two collections followed by ONE follower; a second `Gallery` on the same database
+    (another process, as far as these indexes know) enrols and deletes. Within the stated
+    bound the indexes hold it without any search having caught up, and a search then does
+    not touch SQL (its `sync` finds a recent look)."""
+    import threading
+    import time
+
+    from advplugin.gallery.index import IndexFollower
+
+    interval = 0.1
+    _add(gallery, protector, ["a0", "a1"], 1)
+    indexes = {c: TemplateIndex(gallery, 64, collection=c, config=IndexConfig(use_gpu=False, sync_interval=interval))
+               for c in ("default", "other")}  # fmt: skip
+    for index in indexes.values():
+        index.rebuild()
+    follower = IndexFollower(gallery, interval)
+    other = Gallery.open(gallery_url, master_key=master_key, erasure=erasure)
+    try:
+        for index in indexes.values():
+            follower.add(index)
+        ids, _ = _add(other, protector, ["b0"], 2)
+        other.add_templates(["c0"], protector.protect(np.ones((1, 64), np.float32)), protection=protector.metadata,
+                            extractor_name="test", extractor_version="0", collection="other")  # fmt: skip
+        other.delete_subject("a0")
+
+        def held() -> tuple[set[int], int]:
+            return set(indexes["default"].ids().tolist()), indexes["other"].size
+
+        deadline = time.monotonic() + 5
+        while held()[0] != set(_sql_ids(gallery).tolist()) or held()[1] != 1:
+            assert time.monotonic() < deadline, "the follower did not apply the other writer's changes"
+            time.sleep(interval / 4)
+        assert ids[0] in held()[0]
+        me, calls = threading.get_ident(), []
+        real = gallery.changes_since
+
+        def spy(*a, **k):  # type: ignore[no-untyped-def]
+            if threading.get_ident() == me:  # a search's own catch-up (the follower's are fine)
+                calls.append(1)
+            return real(*a, **k)
+
+        gallery.changes_since = spy  # type: ignore[method-assign]
+        try:
+            for _ in range(20):
+                indexes["default"].search(np.ones((1, 64), np.float32), 3)
+        finally:
+            gallery.changes_since = real  # type: ignore[method-assign]
+        assert not calls
+    finally:
+        follower.close()
+        other.close()
+    with pytest.raises(ValueError, match="positive"):
+        IndexFollower(gallery, 0.0)
