@@ -2,9 +2,10 @@
 
 `advplugin.protectors.advface` runs numpy only; with `refine_steps > 0` it imports this
 module (function-locally, so `import advplugin.protectors` never imports torch) to take a
-few gradient steps per template against the shipped shadow decoder. The training script
-(`advplugin.training.advface`) uses the same functions, so the formulas used in training
-and at inference are one copy.
+few gradient steps per template against the shipped shadow decoder (either version's: both
+weights files record the decoder's shape). The training scripts (`advplugin.training.advface`
+and `advface_v2`) use the same functions, so the formulas used in training and at inference
+are one copy.
 """
 
 from __future__ import annotations

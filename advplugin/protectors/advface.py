@@ -8,6 +8,12 @@ budget, in the direction that most changes what the shadow decoder draws, while 
 pairwise cosine structure (so genuine pairs stay matched). See `advplugin.training.advface` and
 docs/schemes/advface.md for the data, losses and measured numbers.
 
+Two versions of the weights ship (`version` option; same formulas, other generator):
+version 1 optimised the shadow image only, against a fixed L1 shadow decoder; version 2
+(`advplugin.training.advface_v2`) the complete loop - shadow image, shadow feature through
+dlib's own network, reconstructed image - against an identity-trained shadow decoder and an
+adaptive one retrained on protected templates during training.
+
     u = x / ||x||,   n = g(u) projected orthogonal to u,   a = a_max * sigmoid(g_a(u))
     t = cos(a) u + sin(a) n / ||n||          # cosine(x, t) = cos(a) >= min_cosine exactly
     template = T_key t                       # xnn transform under a key derived for advface
@@ -50,12 +56,30 @@ from advplugin.protectors.base import (
 )
 from advplugin.protectors.xnn import XNNProtector
 
-#: Trained weights per embedding dimension (only dlib's 128-d exist), with their SHA-256.
-WEIGHTS = {
-    128: WeightsFile(
-        "advface-dlib128-v1.npz", "6396ac82b8c1801281ff03907fc25728f4ec7238c497b8efac630486e50589f2"
-    ),
+#: Shipped weights per version and embedding dimension (only dlib's 128-d exist), with their
+#: SHA-256. Version 1: the shadow-image loop against a fixed L1 shadow decoder; version 2:
+#: the complete loop (shadow image, shadow feature through dlib's ResNet, reconstructed
+#: image) and an adaptive shadow decoder retrained during training (docs/schemes/advface.md).
+#: Templates of two versions are different spaces: the weights' SHA-256 is in every row's
+#: config digest, so a gallery enrolled with version 1 is read with `version=1`.
+VERSIONS: dict[int, dict[int, WeightsFile]] = {
+    1: {
+        128: WeightsFile(
+            "advface-dlib128-v1.npz",
+            "6396ac82b8c1801281ff03907fc25728f4ec7238c497b8efac630486e50589f2",
+        ),
+    },
+    2: {
+        128: WeightsFile(
+            "advface-dlib128-v2.npz",
+            "c89203e9083bc5273e92d5141c5141cf8faa9a66393e500a05f7a5e325afe268",
+        ),
+    },
 }
+#: The version a protector uses when no `version` option is given.
+DEFAULT_VERSION = 1
+#: The default version's weights: what `SchemeInfo` lists.
+WEIGHTS = VERSIONS[DEFAULT_VERSION]
 
 Transform = Literal["xnn", "none"]
 
@@ -66,8 +90,13 @@ class AdvFaceConfig:
     refine_steps: int = 0
     refine_lr: float = 0.005
     weights: str | None = None
+    #: Which shipped weights to load when `weights` is not given (galleries enrolled with an
+    #: earlier version keep being read with it: `version=1`).
+    version: int = DEFAULT_VERSION
 
     def __post_init__(self) -> None:
+        if self.version not in VERSIONS:
+            raise ValueError(f"advface has no version {self.version!r}; versions: {sorted(VERSIONS)}")
         if self.transform not in ("xnn", "none"):
             raise ValueError(f"advface transform must be 'xnn' or 'none', got {self.transform!r}")
         if not isinstance(self.refine_steps, int) or not 0 <= self.refine_steps <= 100:
@@ -126,6 +155,8 @@ class AdvFaceProtector(TrainedProtector):
     """Trained adversarial latent noise against face decoders (AdvFace), then a keyed transform."""
 
     scheme = "advface"
+    # Stays 1: it enters every config digest, and v1 galleries must keep theirs. The weights
+    # versions are the `version` option (their SHA-256 tells the digests apart).
     scheme_version = 1
     # Measured drop on lfw-dev pairs is in docs/schemes/advface.md; this is the promise.
     accuracy_tolerance = 0.01
@@ -137,7 +168,7 @@ class AdvFaceProtector(TrainedProtector):
 
     def __init__(self, *, dim: int, key: Key | None, config: AdvFaceConfig | None = None) -> None:
         super().__init__(dim=dim, key=key, config=config)
-        self._weights = self.weights_path(dim, self.config.weights)
+        self._weights = self.weights_path_for(dim, self.config)
         generator, _, record = load_weights(self._weights)
         if generator.layers[0][0].shape[0] != dim:
             raise ValueError(f"advface weights {self._weights.name} are not for dimension {dim}")
@@ -147,6 +178,35 @@ class AdvFaceProtector(TrainedProtector):
             # Per-template steps ignore the pairwise structure the generator keeps.
             self.accuracy_tolerance = 0.02  # type: ignore[misc]
 
+
+    @classmethod
+    def weights_path_for(cls, dim: int, config: AdvFaceConfig) -> Path:
+        """`weights_path` for the default version (the class's `weights`) or a given file;
+        another version's shipped file otherwise (SHA-256 verified the same way)."""
+        if config.weights is not None or config.version == DEFAULT_VERSION:
+            return cls.weights_path(dim, config.weights)
+        files = VERSIONS[config.version]
+        if dim not in files:
+            raise ValueError(f"advface version {config.version} has no weights for dimension {dim}")
+        return files[dim].verified_path()
+
+    @classmethod
+    def digest_options(cls, config: AdvFaceConfig) -> dict[str, object]:
+        """Neither the path nor the version number: the weights' SHA-256 identifies both, so
+        version 1's templates keep the config digest they were stored with."""
+        return {k: v for k, v in super().digest_options(config).items() if k != "version"}
+
+    @classmethod
+    def weights_sha256(cls, dim: int, config: AdvFaceConfig) -> str | None:
+        if config.weights is None and config.version != DEFAULT_VERSION:
+            w = VERSIONS[config.version].get(dim)
+            return w.sha256 if w is not None else None
+        return super().weights_sha256(dim, config)
+
+    @property
+    def weights_version(self) -> int:
+        """The version of the loaded generator (its training record; v1's has none)."""
+        return int(self.record.get("scheme_version", 1))  # type: ignore[call-overload]
 
     @property
     def min_cosine(self) -> float:
@@ -159,7 +219,8 @@ class AdvFaceProtector(TrainedProtector):
         if self.config.transform == "none":
             return None
         assert self._key is not None
-        sub = Key(self._key.derive(f"advface/v{self.scheme_version}/xnn", 32))
+        # v1's sub-key name is unchanged (its galleries keep matching); v2's is another space.
+        sub = Key(self._key.derive(f"advface/v{self.weights_version}/xnn", 32))
         return XNNProtector(dim=self.dim, key=sub)
 
     def noisy(self, raw: np.ndarray) -> np.ndarray:

@@ -186,7 +186,20 @@ def heldout_accuracy(
 
 
 def main(argv: list[str] | None = None) -> int:
+    # `--version 2` (also through `advplugin train advface`) hands over to v2's trainer.
+    version = argparse.ArgumentParser(add_help=False)
+    version.add_argument("--version", type=int, choices=(1, 2), default=1)
+    chosen, rest = version.parse_known_args(argv)
+    if chosen.version == 2:
+        from advplugin.training.advface_v2 import main as main_v2
+
+        return main_v2(rest)
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument(
+        "--version", type=int, choices=(1, 2), default=1,
+        help="1: this trainer; 2: the complete loop and the adaptive game (advface_v2, "
+        "which takes its own options)",
+    )  # fmt: skip
     p.add_argument("--data", type=Path, default=Path("/work/shared/data"), help="LFW folder")
     p.add_argument("--out", type=Path, required=True, help="weights .npz to write")
     p.add_argument("--cache-dir", type=Path, default=default_cache_dir(), help="landmark cache")

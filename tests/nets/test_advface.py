@@ -55,3 +55,16 @@ def test_shadow_decoder_reads_the_weights_record() -> None:
     _, state, record = tiny_weights()
     out = shadow_decoder(state, record)(torch.randn(2, DIM))
     assert out.shape == (2, 3, 8, 8)
+
+
+def test_refine_runs_on_every_shipped_version() -> None:
+    """Both weights files carry a shadow decoder `refine` can rebuild from the record."""
+    from advplugin.protectors.advface import VERSIONS, load_weights
+
+    x = np.random.default_rng(3).normal(size=(4, 128))
+    u = x / np.linalg.norm(x, axis=1, keepdims=True)
+    for version, files in sorted(VERSIONS.items()):
+        generator, state, record = load_weights(files[128].verified_path())
+        t = refine(u, generator, state, record, steps=1, lr=0.01)
+        _, angle = generator.direction_and_angle(u)
+        np.testing.assert_allclose(np.sum(u * t, axis=1), np.cos(angle), atol=1e-9, err_msg=f"v{version}")
