@@ -121,9 +121,10 @@ class FaissBackend(IndexBackend):
 
     def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         q = _as_vectors(queries)
-        if self.size == 0 or k <= 0:
+        n = self._index.ntotal
+        if n == 0 or k <= 0:
             return empty_results(len(q), max(k, 0))
-        scores, ids = self._searcher().search(q, min(k, int(self._index.ntotal)))
+        scores, ids = self._searcher().search(q, min(k, n))
         return pad_results(scores, ids, k)
 
     def _reconstruct(self, i: int) -> np.ndarray | None:
