@@ -9,15 +9,20 @@ The same data, split, scorer and judging as `advplugin evaluate` (docs/evaluatio
 lfw-dev split by the harness's identity hash (`evaluate-split`, folders under --split-dir,
 made if missing), the train people's raw dlib embeddings (seeded from the shipped cache) and
 ArcFace-aligned 64x64 crops; the 3000 attacked test photos drawn as the harness draws them
-(same seed, same order of random draws), judged by the harness's own `_Judge`:
+(same seed, same order of random draws), judged by the harness's own
+`reconstruction.ReconstructionJudge` at FAR 1e-3 and 1e-2:
 
 - type II (the independent scorer, `mobileface.onnx`): accepted as the right person at its
-  FAR 1e-3 threshold on real test photos, against another photo of that person (same photo
+  FAR threshold on real test photos, against another photo of that person (same photo
   in brackets), and false accept against someone else - the harness's reconstruction row;
 - type I (dlib itself, the system under attack): the same judge with dlib's ResNet in torch
-  as the scorer (the reconstruction warped to dlib's chip framing, `IdentityLoss.chips`) and
-  the test photos' raw dlib embeddings as references, threshold at dlib's FAR 1e-3 on real
-  test pairs (cosine).
+  as the scorer (`reconstruction.ChipScorer`: the reconstruction warped to dlib's chip
+  framing, `IdentityLoss.chips`) and the test photos' raw dlib embeddings as references,
+  threshold at dlib's FAR on real test pairs (cosine).
+
+The decoders are the harness's (`reconstruction.train_attack_decoder` with an
+`AttackRecipe`); this script only picks the recipes to compare and measures where the crop
+lies in dlib's chip.
 
 Decoders, trained in this run with the same epochs: (a) today's decoder (L1 only, all train
 people, `identity_weight` 0: the committed report's configuration); (b) for each
@@ -56,47 +61,23 @@ from common import FACE_DATA, REPO, table, write_results
 from advplugin.adapters import create_extractor
 from advplugin.adapters.align import ARCFACE_TEMPLATE, similarity_transform
 from advplugin.evaluation import attacks
-from advplugin.evaluation.data import (
-    FeatureCache,
-    identity_in_test,
-    limit_images,
-    list_images,
-    split_identities,
+from advplugin.evaluation.data import FeatureCache, limit_images, list_images, split_identities
+from advplugin.evaluation.decoder import DLIB_CHIP_FROM_ARCFACE, DecoderConfig, reconstruct
+from advplugin.evaluation.faces import hash_files, load_face_set, scorer_embeddings
+from advplugin.evaluation.reconstruction import (
+    FARS,
+    AttackRecipe,
+    ChipScorer,
+    JudgeScorer,
+    ReconstructionJudge,
+    mirrored_embeddings,
+    train_attack_decoder,
+    validation_split,
 )
-from advplugin.evaluation.decoder import (
-    DLIB_CHIP_FROM_ARCFACE,
-    DecoderConfig,
-    IdentityLoss,
-    dlib_identity_loss,
-    reconstruct,
-    train_decoder,
-)
-from advplugin.evaluation.faces import FaceSet, hash_files, load_face_set
-from advplugin.evaluation.harness import FAR, _Judge
 from advplugin.images import load_image
 
 COMMAND = ".venv/bin/python benchmarks/identity_decoder.py"
-
-
-class DlibReconstructionScorer:
-    """dlib's ResNet (torch) as a `_Judge` scorer: `embed_aligned` takes ArcFace-aligned crops
-    (the judge hands them at 112x112) and embeds them warped to dlib's chip framing."""
-
-    def __init__(self, loss: IdentityLoss, batch: int = 64) -> None:
-        self.loss, self.batch, self.dim = loss, batch, 128
-
-    @torch.no_grad()
-    def embed_aligned(self, crops: np.ndarray) -> np.ndarray:
-        out = []
-        for start in range(0, len(crops), self.batch):
-            chunk = np.ascontiguousarray(crops[start : start + self.batch].transpose(0, 3, 1, 2))
-            out.append(self.loss.embed(torch.from_numpy(chunk).float() / 255.0).numpy())
-        return np.concatenate(out).astype(np.float32)
-
-
-def mirrored_templates(loss: IdentityLoss, crops: np.ndarray) -> np.ndarray:
-    """Templates of the mirrored photos: dlib-torch's embeddings of the mirrored crops."""
-    return DlibReconstructionScorer(loss).embed_aligned(np.ascontiguousarray(crops[:, :, ::-1]))
+FAR = FARS[0]
 
 
 def chip_geometry(
@@ -150,9 +131,11 @@ def chip_geometry(
     }
 
 
-def judged(judge: _Judge, images: np.ndarray) -> dict[str, float]:
+def judged(judge: ReconstructionJudge, images: np.ndarray) -> dict[str, object]:
     """The judge's figures; SSIM/PSNR only where finite (a real crop against itself is not)."""
-    return {k: float(v) for k, v in judge(images).items() if np.isfinite(v)}
+    return {
+        k: v for k, v in judge(images).items() if not isinstance(v, float) or np.isfinite(v)
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -202,17 +185,18 @@ def main(argv: list[str] | None = None) -> int:
     test = load_face_set(test_folder, create_extractor("dlib"), **load)  # type: ignore[arg-type]
     print(f"loaded {len(train.raw)} train / {len(test.raw)} test photos", flush=True)
 
-    # The harness's draws, in its order: attacked photos, then the scorer's judge.
+    # The harness's draws, in its order: attacked photos, then the judge.
     rng = np.random.default_rng(args.seed)
     attacked, other = attacks.reconstruction_pairs(
         test.folder.identity, args.max_reconstructions, rng
     )
-    type2 = _Judge(scorer, test, attacked, other, rng, args.max_impostors)
-    loss = dlib_identity_loss()  # judging and mirrored templates: fixed framing, no blur
-    dlib_view = FaceSet(test.folder, test.raw, test.detected, test.crops, test.raw)
-    type1 = _Judge(
-        DlibReconstructionScorer(loss), dlib_view, attacked, other, rng, args.max_impostors
-    )
+    chip = ChipScorer()  # judging and mirrored templates: fixed framing, no blur
+    judge = ReconstructionJudge(
+        test.crops, test.folder.identity, attacked, other,
+        [JudgeScorer("type_i", lambda c: scorer_embeddings(chip, c), test.raw),  # type: ignore[arg-type]
+         JudgeScorer("type_ii", lambda c: scorer_embeddings(scorer, c), test.scorer)],  # type: ignore[arg-type]
+        rng, args.max_impostors,
+    )  # fmt: skip
 
     sample = np.random.default_rng(args.seed).choice(
         len(train.raw), min(args.geometry_photos, len(train.raw)), replace=False
@@ -225,14 +209,11 @@ def main(argv: list[str] | None = None) -> int:
             "test_images": len(test.raw), "test_people": len(np.unique(test.folder.identity)),
             "attacked": len(attacked), "quick": args.quick,
         },
-        "thresholds": {"type_ii_mobileface": type2.real_photos, "type_i_dlib": type1.real_photos},
+        "thresholds": judge.real_photos,
         "chip_geometry": chip_geometry(
             sub.files(), hash_files(sub, progress=False), args.cache_dir
         ),
-        "real_64px_crops": {  # the ceiling for any 64x64 reconstruction
-            "type_ii": judged(type2, test.crops[attacked]),
-            "type_i": judged(type1, test.crops[attacked]),
-        },
+        "real_64px_crops": judged(judge, test.crops[attacked]),  # the ceiling at 64x64
         "decoders": {},
     }  # fmt: skip
     print(json.dumps(figures["chip_geometry"]), flush=True)
@@ -245,7 +226,7 @@ def main(argv: list[str] | None = None) -> int:
             args.results_name, figures, command=" ".join([COMMAND, *(argv or sys.argv[1:])])
         )
 
-    def run(label: str, train_fn: object, options: dict[str, object]) -> None:
+    def run(label: str, recipe: AttackRecipe, options: dict[str, object]) -> None:
         history: list[dict[str, float]] = []
 
         def on_epoch(epoch: int, model: torch.nn.Module, values: dict[str, float]) -> None:
@@ -255,64 +236,48 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{label} {json.dumps(values)}", flush=True)
 
         t0 = time.perf_counter()
-        model = train_fn(on_epoch)  # type: ignore[operator]
+        model = train_attack_decoder(
+            train.raw, train.raw, train.crops, train.folder.identity, config, recipe,
+            mirrored_templates=flipped, mirrored_raw=flipped, progress=False, on_epoch=on_epoch,
+        )  # fmt: skip
         seconds = time.perf_counter() - t0
         recon = reconstruct(model, test.raw[attacked])
+        fit, val = validation_split(train.folder.identity, recipe.val_fraction)
         decoders[label] = {
-            **options, "train_seconds": round(seconds, 1), "epochs": history,
-            "type_ii": judged(type2, recon), "type_i": judged(type1, recon),
+            **options, **recipe.__dict__, "train_photos": len(fit), "validation_photos": len(val),
+            "validation_people": len(np.unique(train.folder.identity[val])),
+            "train_seconds": round(seconds, 1), "epochs": history, **judged(judge, recon),
         }  # fmt: skip
         np.save(args.work / f"{label}-recon-first16.npy", recon[:16])
         row = decoders[label]
         print(f"{label}: {json.dumps(row['type_ii'])} {json.dumps(row['type_i'])}", flush=True)
         save()
 
-    run(
-        "l1_only",
-        lambda cb: train_decoder(train.raw, train.crops, config, progress=False, on_epoch=cb),
-        {
-            "identity_weight": 0.0,
-            "flip": False,
-            "early_stopping": False,
-            "train_photos": len(train.raw),
-        },
-    )
-    held_out = np.array([identity_in_test(str(n), args.val_fraction, "identity-decoder-val")
-                         for n in train.folder.identity])  # fmt: skip
-    fit, val = np.flatnonzero(~held_out), np.flatnonzero(held_out)
-    flipped = None if args.no_flip else mirrored_templates(loss, train.crops[fit])
+    flipped = None if args.no_flip else mirrored_embeddings(chip, train.crops)
+    run("l1_only", AttackRecipe.l1_only(), {"early_stopping": False})
     for weight in weights:
-        run(
-            f"identity_{weight:g}" if weight > 0 else "l1_flip_early_stopping",
-            lambda cb, w=weight: train_decoder(
-                train.raw[fit], train.crops[fit], config, progress=False,
-                identity_weight=w, flipped_templates=flipped,
-                identity_loss=dlib_identity_loss(jitter=args.jitter, blur=args.blur),
-                validation=(train.raw[val], train.crops[val], None), on_epoch=cb,
-            ),
-            {
-                "identity_weight": weight, "jitter": args.jitter, "blur": args.blur,
-                "flip": flipped is not None, "early_stopping": True,
-                "train_photos": len(fit), "validation_photos": len(val),
-                "validation_people": len(np.unique(train.folder.identity[val])),
-            },
+        recipe = AttackRecipe(
+            identity_weight=weight, flip=flipped is not None, val_fraction=args.val_fraction,
+            jitter=args.jitter, blur=args.blur,
         )  # fmt: skip
+        label = f"identity_{weight:g}" if weight > 0 else "l1_flip_early_stopping"
+        run(label, recipe, {"early_stopping": True})
 
     base = decoders["l1_only"]
     for d in decoders.values():
         d["train_seconds_vs_l1_only"] = round(d["train_seconds"] / base["train_seconds"], 2)  # type: ignore[operator]
         d["accepted_other_photo_vs_l1_only"] = (
-            d["type_ii"]["accepted_other_photo"]
-            / max(base["type_ii"]["accepted_other_photo"], 1e-9)  # type: ignore[index]
+            d["type_ii"]["1e-3"]["accepted_other_photo"]  # type: ignore[index]
+            / max(base["type_ii"]["1e-3"]["accepted_other_photo"], 1e-9)  # type: ignore[index]
         )
     figures["seconds"] = round(time.perf_counter() - t_start, 1)
     save()
     pct = "{:.2%}".format
     rows = [
-        [label, pct(d["type_ii"]["accepted_other_photo"]), pct(d["type_ii"]["accepted_same_photo"]),
-         pct(d["type_ii"]["false_accept"]), pct(d["type_i"]["accepted_other_photo"]),
-         pct(d["type_i"]["accepted_same_photo"]), pct(d["type_i"]["false_accept"]),
-         f"{d['type_ii']['ssim']:.3f}", d["train_seconds"]]
+        [label, pct(d["type_ii"]["1e-3"]["accepted_other_photo"]),
+         pct(d["type_ii"]["1e-3"]["accepted_same_photo"]), pct(d["type_ii"]["1e-3"]["false_accept"]),
+         pct(d["type_i"]["1e-3"]["accepted_other_photo"]), pct(d["type_i"]["1e-3"]["accepted_same_photo"]),
+         pct(d["type_i"]["1e-3"]["false_accept"]), f"{d.get('ssim', float('nan')):.3f}", d["train_seconds"]]
         for label, d in [*decoders.items(), ("real 64x64 crops", {**figures["real_64px_crops"], "train_seconds": "-"})]  # type: ignore[dict-item]
     ]  # fmt: skip
     table(

@@ -128,6 +128,18 @@ def identification_rate(estimates: np.ndarray, raw: np.ndarray, identity: np.nda
     return rank1_identification(cosine(estimates, raw[search]), identity[probes], identity[search])
 
 
+def verification_success(
+    estimates: np.ndarray, references: np.ndarray, thresholds: dict[str, float]
+) -> dict[str, float]:
+    """Success attack rate of raw-embedding estimates (rows aligned with `references`, a real
+    photo of the same person each): the share whose cosine passes each threshold (keyed by
+    operating point). NaN where the estimates are not in the references' space."""
+    if estimates.shape[1] != references.shape[1]:
+        return {k: float("nan") for k in thresholds}
+    s = np.sum(_unit(estimates) * _unit(references), axis=1)
+    return {k: float((s > t).mean()) for k, t in thresholds.items()}
+
+
 def key_recovery(
     train_templates: np.ndarray,
     train_raw: np.ndarray,

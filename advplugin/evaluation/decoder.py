@@ -189,6 +189,7 @@ def train_decoder(
     identity_loss: IdentityLoss | None = None,
     identity_targets: np.ndarray | None = None,
     flipped_templates: np.ndarray | None = None,
+    flipped_targets: np.ndarray | None = None,
     validation: tuple[np.ndarray, np.ndarray, np.ndarray | None] | None = None,
     patience: int | None = None,
     on_epoch: EpochCallback | None = None,
@@ -204,7 +205,8 @@ def train_decoder(
       when they are raw embeddings);
     - `flipped_templates` [N, D]: the templates of the mirrored photos; each sample is then
       mirrored with probability 1/2 (crop mirrored, its template and identity target
-      swapped for the mirrored photo's), twice the faces for the same photos;
+      swapped for the mirrored photo's: `flipped_targets`, by default the mirrored
+      templates, right when they are raw embeddings), twice the faces for the same photos;
     - `validation` = (templates, crops, identity targets or None) of held-out people: the
       same loss is measured on them after each epoch and the best epoch's weights are kept
       (early stopping; `patience` epochs without improvement end training early).
@@ -220,6 +222,10 @@ def train_decoder(
             np.asarray(templates if identity_targets is None else identity_targets, np.float32)
         )
     x_flip = _unit_scaled(flipped_templates) if flipped_templates is not None else None
+    if x_flip is not None and identity_weight > 0:
+        flip_targets = torch.from_numpy(
+            np.asarray(flipped_templates if flipped_targets is None else flipped_targets, np.float32)
+        )
     model = Decoder(x.shape[1], config)
     opt = torch.optim.Adam(model.parameters(), lr=config.learning_rate, betas=(0.5, 0.999))
     steps = config.epochs * math.ceil(len(x) / config.batch_size)
@@ -247,7 +253,7 @@ def train_decoder(
                 inputs = torch.where(mirror[:, None], x_flip[idx], inputs)
                 target = torch.where(mirror[:, None, None, None], target.flip(3), target)
                 if identity_weight > 0:
-                    wanted = torch.where(mirror[:, None], x_flip[idx], wanted)
+                    wanted = torch.where(mirror[:, None], flip_targets[idx], wanted)
             out = model(inputs)
             loss = (out - target).abs().mean()
             totals["l1"] += loss.item()

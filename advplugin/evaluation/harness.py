@@ -2,12 +2,19 @@
 
 Train and test folders hold different people. Everything the attacker learns (decoders,
 maps, key-recovery pairs) comes from the train folder; everything is measured on the test
-folder. Each run reports the scheme and the `none` baseline (raw embeddings) side by side.
+folder. Each run reports every scheme asked for (`SchemeSpec`s, e.g. `xnn`, `advface`,
+`advface:version=2`) and the `none` baseline (raw embeddings) side by side, in ISO/IEC
+30136 terms: success attack rates at FMR 1e-3 and 1e-2, reconstructions judged type I (by
+dlib, the system under attack) and type II (by an independent scorer). The reconstruction
+attacker is issue 15's (`reconstruction.AttackRecipe`: identity loss through dlib, flip
+augmentation re-embedded, early stopping); report.json is rewritten after every scheme row,
+so a run stopped early leaves a partial report.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -25,28 +32,56 @@ from advplugin.evaluation.decoder import (
     fit_linear_map,
     linear_fit_residual,
     reconstruct,
-    train_decoder,
     train_mlp_map,
 )
-from advplugin.evaluation.faces import FaceSet, load_face_set, scorer_embeddings
+from advplugin.evaluation.faces import load_face_set, scorer_embeddings
 from advplugin.evaluation.metrics import psnr, read_pairs, ssim
+from advplugin.evaluation.reconstruction import (
+    FARS,
+    AttackRecipe,
+    ChipScorer,
+    JudgeScorer,
+    ReconstructionJudge,
+    far_key,
+    mirrored_embeddings,
+    other_photo,
+    train_attack_decoder,
+)
 from advplugin.evaluation.report import write_report
 from advplugin.keys import Key
 from advplugin.protectors import create_protector
-from advplugin.protectors.base import l2_normalize
 
-FAR = 1e-3
+FAR = FARS[0]
+logger = logging.getLogger(__name__)
+#: Extractors whose network the torch port of dlib's ResNet is: the only ones a type-I judge
+#: and the identity loss through dlib apply to.
+DLIB_EXTRACTORS = ("dlib", "dlib-torch")
 QUICK_DECODER = DecoderConfig(size=64, widths=(32, 32, 16, 16, 8), epochs=2, batch_size=16)
+
+
+@dataclass(frozen=True)
+class SchemeSpec:
+    """A scheme row of the report: registered name, its options, and the row's label
+    (`advface` and `advface:version=2` can stand side by side)."""
+
+    name: str
+    options: dict[str, object] = field(default_factory=dict)
+    label: str = ""
+
+    def __post_init__(self) -> None:
+        if not self.label:
+            extra = ",".join(f"{k}={v}" for k, v in self.options.items())
+            object.__setattr__(self, "label", self.name + (f":{extra}" if extra else ""))
 
 
 @dataclass
 class EvalConfig:
-    scheme: str
+    #: the schemes attacked, each a row beside the `none` baseline (always first).
+    schemes: list[SchemeSpec]
     train_images: Path
     test_images: Path
     out: Path
     key: Key | None = None
-    scheme_options: dict[str, object] = field(default_factory=dict)
     pairs: Path | None = None
     extractor: str = "dlib"
     scorer: Path | None = None
@@ -56,16 +91,17 @@ class EvalConfig:
     seed_embeddings: Path | None = None
     quick: bool = False
     decoder: DecoderConfig = field(default_factory=DecoderConfig)
-    #: > 0: the decoders also keep identity (issue 15): + weight x (1 - cosine) between dlib's
-    #: embedding of the reconstruction (its ResNet in torch) and the photo's raw embedding.
-    #: 0 (default): the L1-only decoder of the committed reports.
-    decoder_identity_weight: float = 0.0
+    #: how the reconstruction attacker trains (issue 15's strong attacker by default;
+    #: `AttackRecipe.l1_only()` reproduces the committed reports' L1 decoder).
+    recipe: AttackRecipe = field(default_factory=AttackRecipe)
     max_impostors: int = 5_000_000
     max_reconstructions: int = 3000
     mlp_epochs: int = 20
     seed: int = 0
     threads: int = 2
     progress: bool = True
+    #: the command line that ran this evaluation, quoted in the report (regeneration).
+    command: str | None = None
 
 
 class Stages:
@@ -96,6 +132,9 @@ def _run(config: EvalConfig) -> dict[str, object]:
     stages = Stages()
     if config.quick:
         config = replace(config, decoder=QUICK_DECODER, max_impostors=200_000, mlp_epochs=10)
+    labels = [spec.label for spec in config.schemes]
+    if "none" in labels or len(set(labels)) != len(labels):
+        raise ValueError(f"scheme rows must be distinct and not `none` (always added): {labels}")
     train_folder, test_folder = list_images(config.train_images), list_images(config.test_images)
     if config.quick:
         train_folder = limit_images(train_folder, max_identities=16, max_per_identity=4)
@@ -105,6 +144,12 @@ def _run(config: EvalConfig) -> dict[str, object]:
         raise ValueError(
             f"train and test folders share {len(shared)} identities; attacks must be trained "
             "on other people (use `advplugin evaluate-split`)"
+        )
+    dlib_family = config.extractor in DLIB_EXTRACTORS
+    if config.recipe.needs_dlib_torch and not dlib_family:
+        raise ValueError(
+            f"the identity loss and flip re-embedding run dlib's ResNet; extractor "
+            f"{config.extractor!r} needs `--decoder-identity-weight 0` (the L1-only decoder)"
         )
     extractor = create_extractor(config.extractor)
     scorer = None
@@ -137,29 +182,63 @@ def _run(config: EvalConfig) -> dict[str, object]:
     ephemeral = config.key is None
     key = config.key or Key.generate()
     dim = extractor.dim
-    scheme = create_protector(config.scheme, key=key, dim=dim, **config.scheme_options)
     baseline = create_protector("none", dim=dim)
-    second = create_protector(config.scheme, key=Key.generate(), dim=dim, **config.scheme_options)
+    plans = [("none", baseline, baseline)] + [
+        (
+            spec.label,
+            create_protector(spec.name, key=key, dim=dim, **spec.options),
+            create_protector(spec.name, key=Key.generate(), dim=dim, **spec.options),
+        )
+        for spec in config.schemes
+    ]
 
-    # The attacker knows the raw embeddings of its own (train) photos: dlib is public.
-    identity: dict[str, object] = (
-        {"identity_weight": config.decoder_identity_weight, "identity_targets": train.raw}
-        if config.decoder_identity_weight > 0 else {}
-    )
-    decoder_raw = train_decoder(
-        train.raw, train.crops, config.decoder, desc="decoder on raw", progress=config.progress, **identity  # type: ignore[arg-type]
-    )
+    chip = ChipScorer() if dlib_family else None
+    # The attacker knows the raw embeddings of its own (train) photos, mirrored ones too:
+    # dlib is public.
+    mirrored_raw = mirrored_embeddings(chip, train.crops) if config.recipe.flip and chip else None
+    stages.done("mirrored train photos embedded")
+
+    def decoder_for(protect: object, desc: str) -> object:
+        return train_attack_decoder(
+            protect(train.raw),  # type: ignore[operator]
+            train.raw,
+            train.crops,
+            train.folder.identity,
+            config.decoder,
+            config.recipe,
+            mirrored_templates=None if mirrored_raw is None else protect(mirrored_raw),  # type: ignore[operator]
+            mirrored_raw=mirrored_raw,
+            desc=desc,
+            progress=config.progress,
+        )
+
+    decoder_raw = decoder_for(baseline.protect, "decoder on raw")
     stages.done("decoder on raw embeddings")
     attacked, other = attacks.reconstruction_pairs(
         test.folder.identity, config.max_reconstructions, rng
     )
-    judge = _Judge(scorer, test, attacked, other, rng, config.max_impostors)
-    raw_recon = reconstruct(decoder_raw, test.raw[attacked])
+    judges: list[JudgeScorer] = []
+    if chip is not None:  # type I: the system under attack, dlib itself
+        judges.append(JudgeScorer("type_i", lambda c: scorer_embeddings(chip, c), test.raw))  # type: ignore[arg-type]
+    if scorer is not None and test.scorer is not None:  # type II: an independent model
+        judges.append(JudgeScorer("type_ii", lambda c: scorer_embeddings(scorer, c), test.scorer))
+    judge = ReconstructionJudge(
+        test.crops, test.folder.identity, attacked, other, judges, rng, config.max_impostors
+    )
+    raw_recon = reconstruct(decoder_raw, test.raw[attacked])  # type: ignore[arg-type]
     attack_on_raw = judge(raw_recon)
     mean_face = np.repeat(train.crops.mean(0, keepdims=True), len(attacked), 0)
     reference = {
         "mean_face_ssim": float(ssim(test.crops[attacked], mean_face).mean()),
         "mean_face_psnr": float(psnr(test.crops[attacked], mean_face).mean()),
+    }
+    # dlib's own thresholds on real test pairs: where a template-inversion attack's estimate
+    # of the raw embedding must land to be accepted (type I for the map attacks).
+    system_thresholds = {
+        far_key(far): attacks.scorer_threshold(
+            test.raw, test.folder.identity, far, rng, config.max_impostors
+        )[0]
+        for far in FARS
     }
     stages.done("reconstruction from raw")
 
@@ -171,9 +250,44 @@ def _run(config: EvalConfig) -> dict[str, object]:
         "from raw embedding": raw_recon[shown],
     }
     pairs_to_try = _key_recovery_sizes(dim, len(train.raw))
-    plans = [("none", baseline, baseline)]
-    if config.scheme != "none":
-        plans.append((config.scheme, scheme, second))
+    probes, _ = attacks.leak_probes(test.folder.identity)
+    probe_other = other_photo(test.folder.identity, probes)
+    report: dict[str, object] = {
+        "command": config.command,
+        "schemes": labels,
+        "scheme_specs": [
+            {"label": s.label, "name": s.name, "options": s.options} for s in config.schemes
+        ],
+        "key": "ephemeral (generated for this run)" if ephemeral else f"key id {key.key_id}",
+        "extractor": extractor.description,
+        "scorer": scorer.description if scorer is not None else None,
+        "quick": config.quick,
+        "data": {
+            "train_folder": str(config.train_images),
+            "test_folder": str(config.test_images),
+            "train_images": len(train.raw),
+            "train_identities": len(np.unique(train.folder.identity)),
+            "test_images": len(test.raw),
+            "test_identities": len(np.unique(test.folder.identity)),
+            "test_detected": float(test.detected.mean()),
+            "pairs": pairs_source,
+        },
+        "decoder": {
+            "architecture": "NbNet-style: FC to 4x4, stride-2 transposed convolutions, "
+            + config.recipe.description,
+            "recipe": config.recipe.__dict__,
+            **{k: v for k, v in config.decoder.__dict__.items()},
+        },
+        "far": FAR,
+        "fars": list(FARS),
+        "system_thresholds": system_thresholds,
+        "reconstruction_on_raw": attack_on_raw,
+        "reconstruction_reference": reference,
+        "judges_on_real_photos": judge.real_photos,
+        "rows": rows,
+        "seconds": stages.seconds,
+    }
+    config.out.mkdir(parents=True, exist_ok=True)
     for label, protector, protector2 in plans:
         row: dict[str, object] = {
             "metadata": protector.metadata.as_dict(),
@@ -191,22 +305,19 @@ def _run(config: EvalConfig) -> dict[str, object]:
             rng=rng,
         )
         stages.done(f"{label}: utility")
-        naive = reconstruct(decoder_raw, t_test[attacked]) if t_test.shape[1] == dim else None
+        naive = (
+            reconstruct(decoder_raw, t_test[attacked]) if t_test.shape[1] == dim else None  # type: ignore[arg-type]
+        )
         if protector.protects:
-            decoder_adaptive = train_decoder(
-                t_train,
-                train.crops,
-                config.decoder,
-                desc=f"adaptive decoder ({label})",
-                progress=config.progress,
-                **identity,  # type: ignore[arg-type]
-            )
-            adaptive = reconstruct(decoder_adaptive, t_test[attacked])
+            decoder_adaptive = decoder_for(protector.protect, f"adaptive decoder ({label})")
+            adaptive = reconstruct(decoder_adaptive, t_test[attacked])  # type: ignore[arg-type]
         else:  # templates are the raw embeddings: the adaptive attacker is the naive one
             adaptive = raw_recon
-        row["reconstruction"] = {
-            "naive": judge(naive) if naive is not None else None,
-            "adaptive": judge(adaptive),
+        row["reconstruction"] = {  # the baseline's are the raw row: not judged again
+            "naive": (judge(naive) if protector.protects else attack_on_raw)
+            if naive is not None
+            else None,
+            "adaptive": judge(adaptive) if protector.protects else attack_on_raw,
         }
         if protector.protects:  # the baseline's rows would repeat the raw row
             # The same eight people as the "original photo" row.
@@ -215,19 +326,26 @@ def _run(config: EvalConfig) -> dict[str, object]:
             )
             figures[f"{label} adaptive"] = adaptive[shown]
         stages.done(f"{label}: reconstruction attacks")
-        probes, _ = attacks.leak_probes(test.folder.identity)
         linear = fit_linear_map(t_train, train.raw)
         mlp = train_mlp_map(
             t_train, train.raw, epochs=config.mlp_epochs, seed=config.seed, progress=config.progress
         )
+        estimates = {
+            "naive": t_test[probes],
+            "linear_map": apply_linear_map(linear, t_test[probes]),
+            "mlp_map": apply_mlp_map(mlp, t_test[probes]),
+        }
         row["identification"] = {
-            "naive": attacks.identification_rate(t_test[probes], test.raw, test.folder.identity),
-            "linear_map": attacks.identification_rate(
-                apply_linear_map(linear, t_test[probes]), test.raw, test.folder.identity
-            ),
-            "mlp_map": attacks.identification_rate(
-                apply_mlp_map(mlp, t_test[probes]), test.raw, test.folder.identity
-            ),
+            **{
+                name: attacks.identification_rate(est, test.raw, test.folder.identity)
+                for name, est in estimates.items()
+            },
+            # Type-I success rate of the estimates: accepted by dlib's threshold against
+            # another photo of the person.
+            "verification": {
+                name: attacks.verification_success(est, test.raw[probe_other], system_thresholds)
+                for name, est in estimates.items()
+            },
             "probes": len(probes),
             "identities": len(np.unique(test.folder.identity)),
         }
@@ -248,43 +366,22 @@ def _run(config: EvalConfig) -> dict[str, object]:
         }
         stages.done(f"{label}: unlinkability and key recovery")
         rows[label] = row
-
-    report: dict[str, object] = {
-        "scheme": config.scheme,
-        "scheme_options": config.scheme_options,
-        "key": "ephemeral (generated for this run)" if ephemeral else f"key id {key.key_id}",
-        "extractor": extractor.description,
-        "scorer": scorer.description if scorer is not None else None,
-        "quick": config.quick,
-        "data": {
-            "train_folder": str(config.train_images),
-            "test_folder": str(config.test_images),
-            "train_images": len(train.raw),
-            "train_identities": len(np.unique(train.folder.identity)),
-            "test_images": len(test.raw),
-            "test_identities": len(np.unique(test.folder.identity)),
-            "test_detected": float(test.detected.mean()),
-            "pairs": pairs_source,
-        },
-        "decoder": {
-            "architecture": "NbNet-style: FC to 4x4, stride-2 transposed convolutions, L1 loss"
-            + (f" + {config.decoder_identity_weight:g} x identity loss (dlib's ResNet in torch)"
-               if config.decoder_identity_weight > 0 else ""),
-            **{k: v for k, v in config.decoder.__dict__.items()},
-        },
-        "far": FAR,
-        "reconstruction_on_raw": attack_on_raw,
-        "reconstruction_reference": reference,
-        "scorer_on_real_photos": judge.real_photos,
-        "rows": rows,
-        "seconds": stages.seconds,
-    }
-    config.out.mkdir(parents=True, exist_ok=True)
-    write_report(report, figures, config.out)
+        # A partial report after every row: a long run that is stopped still leaves one.
+        report["pending"] = [lb for lb, _, _ in plans if lb not in rows]
+        _write(report, figures, config.out)
     stages.done("report")
-    report["seconds"] = stages.seconds
-    (config.out / "report.json").write_text(json.dumps(report, indent=2, default=_jsonable))
+    _write(report, figures, config.out)
     return report
+
+
+def _write(report: dict[str, object], figures: dict[str, np.ndarray], out: Path) -> None:
+    """report.json first: the markdown and figures can be rendered again from it
+    (`report.render_from_json`), the reconstructions figure only from this run."""
+    (out / "report.json").write_text(json.dumps(report, indent=2, default=_jsonable))
+    try:
+        write_report(json.loads((out / "report.json").read_text()), figures, out)
+    except Exception as error:  # the numbers are saved; a figure must not lose them
+        logger.warning("report.md/figures not written (%s); report.json is complete", error)
 
 
 def _jsonable(value: object) -> object:
@@ -298,49 +395,3 @@ def _jsonable(value: object) -> object:
 def _key_recovery_sizes(dim: int, available: int) -> list[int]:
     sizes = sorted({max(2, int(dim * f)) for f in (0.125, 0.25, 0.5, 0.75, 1, 1.5, 2, 4, 8)})
     return [n for n in sizes if n <= available]
-
-
-class _Judge:
-    """Scores reconstructions: accepted as the right person by the independent scorer (against
-    another real photo of that person) at its FAR threshold on real photos; SSIM and PSNR
-    against the attacked photo's aligned crop."""
-
-    def __init__(
-        self,
-        scorer: object | None,
-        test: FaceSet,
-        attacked: np.ndarray,
-        other: np.ndarray,
-        rng: np.random.Generator,
-        max_impostors: int,
-    ) -> None:
-        self.scorer, self.test, self.attacked, self.other = scorer, test, attacked, other
-        self.real_photos: dict[str, float] | None = None
-        if scorer is not None and test.scorer is not None:
-            self.threshold, tar = attacks.scorer_threshold(
-                test.scorer, test.folder.identity, FAR, rng, max_impostors
-            )
-            # Impostor references for the reconstructions' own false-accept rate.
-            ids = test.folder.identity
-            self.impostor = np.array(
-                [rng.choice(np.flatnonzero(ids != ids[a])) for a in attacked], np.int64
-            )
-            self.real_photos = {"threshold": self.threshold, "tar_at_far": tar}
-
-    def __call__(self, images: np.ndarray) -> dict[str, float]:
-        originals = self.test.crops[self.attacked]
-        out: dict[str, float] = {
-            "images": len(images),
-            "ssim": float(ssim(originals, images).mean()),
-            "psnr": float(psnr(originals, images).mean()),
-        }
-        if self.real_photos is not None and self.test.scorer is not None:
-            emb = l2_normalize(scorer_embeddings(self.scorer, images))  # type: ignore[arg-type]
-            ref = self.test.scorer
-            other = np.sum(emb * l2_normalize(ref[self.other]), axis=1)
-            same = np.sum(emb * l2_normalize(ref[self.attacked]), axis=1)
-            wrong = np.sum(emb * l2_normalize(ref[self.impostor]), axis=1)
-            out["accepted_other_photo"] = float((other > self.threshold).mean())
-            out["accepted_same_photo"] = float((same > self.threshold).mean())
-            out["false_accept"] = float((wrong > self.threshold).mean())
-        return out

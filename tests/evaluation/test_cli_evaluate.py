@@ -26,7 +26,7 @@ def quick_report(
     out = tmp / "report"
     code = main(
         [
-            "evaluate", "--scheme", "xnn", "--key", str(tmp / "k.key"),
+            "evaluate", "--scheme", "xnn", "--scheme", "xnn-d", "--key", str(tmp / "k.key"),
             "--train-images", str(small_split["train"]), "--test-images", str(small_split["test"]),
             "--scorer", str(scorer_model), "--embeddings-cache", str(face_data / "lfw-dev-dlib128.npz"),
             "--cache-dir", str(tmp / "cache"), "--out", str(out), "--quick", "--no-progress",
@@ -42,15 +42,53 @@ def test_report_files_and_rows(quick_report: dict) -> None:
         "report.md",
         "roc.png",
         "reconstructions.png",
+        "attack_rates.png",
         "unlinkability.png",
         "key_recovery.png",
     ):
         assert (out / name).stat().st_size > 0
-    assert set(report["rows"]) == {"none", "xnn"}
+    assert list(report["rows"]) == ["none", "xnn", "xnn-d"]  # one row per --scheme, in order
+    assert report["pending"] == []
     assert report["scorer"]["name"] == "onnx" and "mobileface" in report["scorer"]["version"]
     md = (out / "report.md").read_text()
-    for section in ("Utility", "Reconstruction", "Identification", "Unlinkability", "Key recovery"):
+    assert "Partial report" not in md
+    for section in (
+        "Summary",
+        "Utility",
+        "Threat: reconstruction, type I",
+        "Threat: reconstruction, type II",
+        "Threat: template inversion",
+        "Threat: linkability",
+        "Threat: key recovery",
+    ):
         assert f"## {section}" in md
+    assert md.count("| `xnn-d` |") >= 4  # a row in every per-scheme table
+
+
+def test_every_attack_is_rated_by_both_judges_at_both_operating_points(
+    quick_report: dict,
+) -> None:
+    """ISO/IEC 30136 terms: success attack rates at FMR 1e-3 and 1e-2, type I (dlib) and
+    type II (the scorer), rates between 0 and 1; a lower FMR never has a lower threshold."""
+    report = quick_report["json"]
+    judged = [report["reconstruction_on_raw"]] + [
+        r for row in report["rows"].values() for r in row["reconstruction"].values()
+    ]
+    for r in judged:
+        for judge in ("type_i", "type_ii"):
+            assert set(r[judge]) == {"1e-3", "1e-2"}
+            for figures in r[judge].values():
+                assert set(figures) == {"accepted_other_photo", "accepted_same_photo", "false_accept"}
+                assert all(0.0 <= v <= 1.0 for v in figures.values())
+    for judge in ("type_i", "type_ii"):
+        points = report["judges_on_real_photos"][judge]
+        assert points["1e-3"]["threshold"] >= points["1e-2"]["threshold"]
+    # type I's references are dlib's own embeddings: its thresholds are the inversion table's.
+    assert report["system_thresholds"]["1e-3"] == pytest.approx(
+        report["judges_on_real_photos"]["type_i"]["1e-3"]["threshold"]
+    )
+    none = report["rows"]["none"]["identification"]["verification"]["naive"]
+    assert none["1e-2"] >= none["1e-3"] > 0.5  # raw templates pass dlib against another photo
 
 
 def test_quick_numbers_behave_as_the_schemes_promise(quick_report: dict) -> None:
@@ -63,6 +101,8 @@ def test_quick_numbers_behave_as_the_schemes_promise(quick_report: dict) -> None
     assert xnn["identification"]["naive"] < none["identification"]["naive"]
     assert xnn["unlinkability"]["d_sys"] < none["unlinkability"]["d_sys"]
     assert xnn["key_recovery"]["linear_residual"] < 1e-3
+    naive_sar = xnn["identification"]["verification"]["naive"]["1e-3"]
+    assert naive_sar < none["identification"]["verification"]["naive"]["1e-3"]
     assert none["reconstruction"]["naive"]["ssim"] == pytest.approx(
         quick_report["json"]["reconstruction_on_raw"]["ssim"]
     )
@@ -98,41 +138,84 @@ def test_overlapping_people_are_refused(
     assert np.all(list_images(small_split["test"]).identity)  # folder untouched
 
 
-def test_decoder_identity_weight_reaches_both_decoders(
-    quick_report: dict, small_split: dict[str, Path], face_data: Path, scorer_model: Path,
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    """`--decoder-identity-weight` trains the raw and the adaptive decoders with the identity
-    loss against the train photos' raw embeddings (what the attacker can compute); 0 keeps the
-    L1-only decoder of the committed reports (the module's quick report: no identity options)."""
-    from advplugin.evaluation import harness
+def _spy_run(
+    monkeypatch: pytest.MonkeyPatch, small_split: dict[str, Path], face_data: Path,
+    scorer_model: Path, out: Path, cache: Path, extra: list[str],
+) -> tuple[list[dict[str, object]], dict[str, object]]:
+    """A quick run whose decoder training calls are recorded (and trained for one epoch)."""
+    from advplugin.evaluation import reconstruction
 
     calls: list[dict[str, object]] = []
-    real = harness.train_decoder
+    real = reconstruction.train_decoder
 
     def spy(templates, crops, config, **kw):  # type: ignore[no-untyped-def]
-        calls.append({"n": len(templates), **kw})
-        return real(templates, crops, config, **{k: v for k, v in kw.items() if k in ("desc", "progress")})
+        calls.append({"templates": templates, **kw})
+        return real(templates, crops, config, desc=kw["desc"], progress=False)
 
-    monkeypatch.setattr(harness, "train_decoder", spy)
-    tmp = quick_report["out"].parent
+    monkeypatch.setattr(reconstruction, "train_decoder", spy)
     code = main(
         [
-            "evaluate", "--scheme", "xnn", "--key", str(tmp / "k.key"),
+            "evaluate", "--scheme", "xnn",
             "--train-images", str(small_split["train"]), "--test-images", str(small_split["test"]),
             "--scorer", str(scorer_model), "--embeddings-cache", str(face_data / "lfw-dev-dlib128.npz"),
-            "--cache-dir", str(tmp / "cache"), "--out", str(tmp / "identity"), "--quick", "--no-progress",
-            "--decoder-identity-weight", "0.03",
+            "--cache-dir", str(cache), "--out", str(out), "--quick", "--no-progress", *extra,
         ]
     )  # fmt: skip
     assert code == 0
+    return calls, json.loads((out / "report.json").read_text())
+
+
+def test_default_attacker_keeps_identity_flips_and_stops_early(
+    quick_report: dict, small_split: dict[str, Path], face_data: Path, scorer_model: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Issue 15's attacker by default: both decoders (raw and adaptive) train with the identity
+    loss aimed at the train photos' raw embeddings, on mirrored photos whose templates are
+    re-embedded (protected for the adaptive one), and validate on held-out train people."""
+    tmp = quick_report["out"].parent
+    calls, report = _spy_run(
+        monkeypatch, small_split, face_data, scorer_model, tmp / "spy", tmp / "cache", []
+    )
     assert [c["desc"] for c in calls] == ["decoder on raw", "adaptive decoder (xnn)"]
+    raw, adaptive = calls
     for c in calls:
-        assert c["identity_weight"] == 0.03
-        targets = np.asarray(c["identity_targets"])
-        assert targets.shape == (c["n"], 128)
-    # Both decoders aim at the raw embeddings of the train photos, not at the protected templates.
-    assert np.array_equal(calls[0]["identity_targets"], calls[1]["identity_targets"])
-    report = json.loads((tmp / "identity" / "report.json").read_text())
-    assert "identity loss" in report["decoder"]["architecture"]
-    assert "identity loss" not in quick_report["json"]["decoder"]["architecture"]
+        assert c["identity_weight"] == pytest.approx(0.03)
+        assert np.asarray(c["identity_targets"]).shape == np.asarray(c["templates"]).shape
+        assert np.asarray(c["flipped_templates"]).shape == np.asarray(c["templates"]).shape
+    # The raw decoder's templates are its identity targets; the adaptive one's are not, but
+    # both aim at the same raw embeddings (of the photo and of its mirror image).
+    assert np.array_equal(raw["templates"], raw["identity_targets"])
+    assert not np.allclose(adaptive["templates"], adaptive["identity_targets"])
+    assert np.array_equal(raw["identity_targets"], adaptive["identity_targets"])
+    assert np.array_equal(raw["flipped_targets"], adaptive["flipped_targets"])
+    assert np.array_equal(raw["flipped_templates"], raw["flipped_targets"])
+    # The mirror image is another photo: its embedding is near the photo's, not equal to it.
+    cos = np.sum(
+        _unit(raw["flipped_targets"]) * _unit(raw["identity_targets"]), axis=1  # type: ignore[arg-type]
+    )
+    assert 0.8 < cos.mean() < 0.9999
+    architecture = report["decoder"]["architecture"]
+    assert "identity loss" in architecture and "flip" in architecture
+
+
+def test_identity_weight_zero_is_the_earlier_l1_decoder(
+    quick_report: dict, small_split: dict[str, Path], face_data: Path, scorer_model: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """`--decoder-identity-weight 0` reproduces the earlier reports' attacker: L1 loss on every
+    train photo, no mirrored photos, no validation split."""
+    tmp = quick_report["out"].parent
+    calls, report = _spy_run(
+        monkeypatch, small_split, face_data, scorer_model, tmp / "l1", tmp / "cache",
+        ["--decoder-identity-weight", "0"],
+    )  # fmt: skip
+    n_train = report["data"]["train_images"]
+    for c in calls:
+        assert len(c["templates"]) == n_train  # type: ignore[arg-type]
+        assert not {"identity_weight", "flipped_templates", "validation"} & set(c)
+    assert "identity loss" not in report["decoder"]["architecture"]
+
+
+def _unit(x: object) -> np.ndarray:
+    a = np.asarray(x, np.float64)
+    return a / np.linalg.norm(a, axis=1, keepdims=True)
