@@ -3,11 +3,14 @@ with exactly the source's rows, no duplicate, and a passing verify."""
 
 from __future__ import annotations
 
+import contextlib
 import signal
+import sqlite3
 import subprocess
 import sys
 import time
 from collections import Counter
+from collections.abc import Iterator
 
 import pytest
 import sqlalchemy as sa
@@ -28,15 +31,35 @@ def _committed(engine: sa.Engine) -> tuple[int, int, int]:
     return int(job), int(items), int(templates)
 
 
+@contextlib.contextmanager
+def _source_blocked(src_url: str) -> Iterator[None]:
+    """Hold the migration's source reads back (an EXCLUSIVE lock on the SQLite source, whose
+    rollback journal lets a waiting writer in ahead of new readers): a migration of the whole
+    source takes well under a second on a quiet machine, faster than a poll between two
+    chunks, so the signal is sent while it waits for its next chunk and lands mid-run
+    whatever the machine's speed. (A lock on the gallery would not do: SQLite's WAL lets the
+    migration's back-to-back write transactions starve a waiting writer.)"""
+    conn = sqlite3.connect(sa.make_url(src_url).database, isolation_level=None, timeout=60)
+    try:
+        conn.execute("BEGIN EXCLUSIVE")
+        yield
+        conn.execute("ROLLBACK")
+    finally:
+        conn.close()
+
+
 def _run_until(
-    cmd: list[str], engine: sa.Engine, rows: int, sig: int
+    cmd: list[str], engine: sa.Engine, src_url: str, rows: int, sig: int
 ) -> subprocess.CompletedProcess:
-    """Start the migration and send `sig` once at least `rows` rows are committed."""
+    """Start the migration and send `sig` once at least `rows` rows are committed, while
+    its further reads of the source are held back."""
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 180
     while proc.poll() is None and time.monotonic() < deadline:
         if _committed(engine)[0] >= rows:
-            proc.send_signal(sig)
+            with _source_blocked(src_url):
+                proc.send_signal(sig)
+                time.sleep(0.5)  # the signal is delivered; Python runs its handler once the wait ends
             break
         time.sleep(0.02)
     out, err = proc.communicate(timeout=120)
@@ -61,7 +84,7 @@ def test_interrupt_and_sigkill_then_rerun_gives_exactly_the_source(
     engine = sa.create_engine(gallery_url)
     try:
         # Ctrl-C: a clean stop that says how far it got.
-        first = _run_until(cmd, engine, 1000, signal.SIGINT)
+        first = _run_until(cmd, engine, src_url, 1000, signal.SIGINT)
         assert first.returncode == 130, first.stderr
         assert "rows are committed; re-run the same command to continue" in first.stderr
         after_int = _committed(engine)
@@ -69,7 +92,7 @@ def test_interrupt_and_sigkill_then_rerun_gives_exactly_the_source(
         assert 0 < after_int[0] < n and after_int[0] % CHUNK == 0
 
         # SIGKILL: no chance to clean up; whatever chunk was open must vanish entirely.
-        second = _run_until(cmd, engine, after_int[0] + 1000, signal.SIGKILL)
+        second = _run_until(cmd, engine, src_url, after_int[0] + 1000, signal.SIGKILL)
         assert second.returncode == -signal.SIGKILL
         assert f"{after_int[0]} rows in" in second.stdout  # it resumed, not restarted
         after_kill = _committed(engine)
