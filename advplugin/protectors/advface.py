@@ -164,6 +164,8 @@ class AdvFaceProtector(TrainedProtector):
     config_class = AdvFaceConfig
     config: AdvFaceConfig
     weights = WEIGHTS
+    version_option = "version"
+    versions = VERSIONS
     trainer = "advplugin train advface"
 
     def __init__(self, *, dim: int, key: Key | None, config: AdvFaceConfig | None = None) -> None:
@@ -177,31 +179,6 @@ class AdvFaceProtector(TrainedProtector):
         if self.config.refine_steps:
             # Per-template steps ignore the pairwise structure the generator keeps.
             self.accuracy_tolerance = 0.02  # type: ignore[misc]
-
-
-    @classmethod
-    def weights_path_for(cls, dim: int, config: AdvFaceConfig) -> Path:
-        """`weights_path` for the default version (the class's `weights`) or a given file;
-        another version's shipped file otherwise (SHA-256 verified the same way)."""
-        if config.weights is not None or config.version == DEFAULT_VERSION:
-            return cls.weights_path(dim, config.weights)
-        files = VERSIONS[config.version]
-        if dim not in files:
-            raise ValueError(f"advface version {config.version} has no weights for dimension {dim}")
-        return files[dim].verified_path()
-
-    @classmethod
-    def digest_options(cls, config: AdvFaceConfig) -> dict[str, object]:
-        """Neither the path nor the version number: the weights' SHA-256 identifies both, so
-        version 1's templates keep the config digest they were stored with."""
-        return {k: v for k, v in super().digest_options(config).items() if k != "version"}
-
-    @classmethod
-    def weights_sha256(cls, dim: int, config: AdvFaceConfig) -> str | None:
-        if config.weights is None and config.version != DEFAULT_VERSION:
-            w = VERSIONS[config.version].get(dim)
-            return w.sha256 if w is not None else None
-        return super().weights_sha256(dim, config)
 
     @property
     def weights_version(self) -> int:

@@ -317,14 +317,46 @@ class TrainedProtector(Protector):
             )
         return cls.weights[dim].verified_path()
 
+    #: Schemes that ship several trained versions: the config option naming the version
+    #: (e.g. "release"), and each version's files; `weights` is the default version's.
+    version_option: ClassVar[str | None] = None
+    versions: ClassVar[Mapping[int, Mapping[int, Any]]] = {}
+
+    @classmethod
+    def _version(cls, config: Any) -> int | None:
+        """The non-default version `config` asks for (None: the default, or a given file)."""
+        if cls.version_option is None or getattr(config, "weights", None) is not None:
+            return None
+        version = getattr(config, cls.version_option)
+        return None if cls.versions.get(version) is cls.weights else version
+
+    @classmethod
+    def weights_path_for(cls, dim: int, config: Any) -> Path:
+        """`weights_path` for the default version or a given file; another version's shipped
+        file otherwise (SHA-256 verified the same way)."""
+        version = cls._version(config)
+        if version is None:
+            return cls.weights_path(dim, getattr(config, "weights", None))
+        files = cls.versions[version]
+        if dim not in files:
+            raise ValueError(f"{cls.scheme} {cls.version_option} {version} has no weights for dimension {dim}")
+        return files[dim].verified_path()
+
     @classmethod
     def digest_options(cls, config: Any) -> dict[str, object]:
-        return {k: v for k, v in super().digest_options(config).items() if k != "weights"}
+        """Neither the path nor the version number: the weights' SHA-256 identifies both, so
+        the first version's templates keep the config digest they were stored with."""
+        drop = {"weights", cls.version_option}
+        return {k: v for k, v in super().digest_options(config).items() if k not in drop}
 
     @classmethod
     def weights_sha256(cls, dim: int, config: Any) -> str | None:
         if getattr(config, "weights", None) is not None:
             return file_sha256(Path(config.weights))
+        version = cls._version(config)
+        if version is not None:
+            w = cls.versions[version].get(dim)
+            return w.sha256 if w is not None else None
         return super().weights_sha256(dim, config)
 
 

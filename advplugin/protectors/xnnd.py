@@ -146,6 +146,8 @@ class XNNDProtector(TrainedProtector):
     config_class = XNNDConfig
     config: XNNDConfig
     weights = WEIGHTS
+    version_option = "release"
+    versions = RELEASES
     trainer = "advplugin train xnn-d --embeddings RAW.npz"
 
     def __init__(self, *, dim: int, key: Key | None, config: XNNDConfig | None = None) -> None:
@@ -165,30 +167,6 @@ class XNNDProtector(TrainedProtector):
                 f"xnn-d has no release {config.release!r}; releases: {sorted(RELEASES)}"
             )
         return config
-
-    @classmethod
-    def weights_path_for(cls, dim: int, config: XNNDConfig) -> Path:
-        """`weights_path` for the latest release (the class's `weights`) or a given file;
-        an earlier release's shipped file otherwise (SHA-256 verified the same way)."""
-        if config.weights is not None or config.release == LATEST_RELEASE:
-            return cls.weights_path(dim, config.weights)
-        files = RELEASES[config.release]
-        if dim not in files:
-            raise ValueError(f"xnn-d release {config.release} has no weights for dimension {dim}")
-        return files[dim].verified_path()
-
-    @classmethod
-    def digest_options(cls, config: XNNDConfig) -> dict[str, object]:
-        """Neither the path nor the release number: the weights' SHA-256 identifies both, so
-        release 1's templates keep the config digest they were stored with."""
-        return {k: v for k, v in super().digest_options(config).items() if k != "release"}
-
-    @classmethod
-    def weights_sha256(cls, dim: int, config: XNNDConfig) -> str | None:
-        if config.weights is None and config.release != LATEST_RELEASE:
-            w = RELEASES[config.release].get(dim)
-            return w.sha256 if w is not None else None
-        return super().weights_sha256(dim, config)
 
     @cached_property
     def _keyed(self) -> XNNProtector:

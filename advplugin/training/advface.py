@@ -284,6 +284,15 @@ def main(argv: list[str] | None = None) -> int:
         "seconds_decoder": round(t_decoder, 1),
         "seconds_total": round(time.perf_counter() - started, 1),
     }
+    save_weights(args.out, generator, max_angle, decoder, record)
+    return 0
+
+
+def save_weights(
+    out: Path, generator: NoiseGenerator, max_angle: float, decoder: Decoder, record: dict[str, object]
+) -> None:
+    """The weights file both versions ship (`protectors.advface.load_weights` reads it):
+    the generator's layers, the shadow decoder under `dec/`, the training record as JSON."""
     arrays: dict[str, np.ndarray] = {
         "n_layers": np.int64(len(generator.layers)),
         "max_angle": np.float64(max_angle),
@@ -293,10 +302,9 @@ def main(argv: list[str] | None = None) -> int:
         arrays[f"g{i}_w"], arrays[f"g{i}_b"] = w.astype(np.float32), b.astype(np.float32)
     for k, v in decoder.state_dict().items():
         arrays[f"dec/{k}"] = v.numpy()
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    np.savez_compressed(args.out, **arrays)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    np.savez_compressed(out, **arrays)
     print(json.dumps(record, indent=2))
-    return 0
 
 
 if __name__ == "__main__":

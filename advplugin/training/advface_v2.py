@@ -55,6 +55,7 @@ from advplugin.training.advface import (
     heldout_accuracy,
     load_training_data,
     random_noise_at,
+    save_weights,
     to_numpy_generator,
 )
 
@@ -335,18 +336,7 @@ def main(argv: list[str] | None = None) -> int:
         v1, _, _ = load_weights(args.v1_weights)
         record["v1_same_measures"] = measured(v1)
     record["seconds_total"] = round(time.perf_counter() - started, 1)
-    arrays: dict[str, np.ndarray] = {
-        "n_layers": np.int64(len(generator.layers)),
-        "max_angle": np.float64(max_angle),
-        "record": np.array(json.dumps(record)),
-    }
-    for i, (w, b) in enumerate(generator.layers):
-        arrays[f"g{i}_w"], arrays[f"g{i}_b"] = w.astype(np.float32), b.astype(np.float32)
-    for name, value in shadow.state_dict().items():
-        arrays[f"dec/{name}"] = value.numpy()
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    np.savez_compressed(args.out, **arrays)
-    print(json.dumps(record, indent=2))
+    save_weights(args.out, generator, max_angle, shadow, record)
     return 0
 
 

@@ -53,7 +53,13 @@ def _run_until(
 ) -> subprocess.CompletedProcess:
     """Start the migration and send `sig` once at least `rows` rows are committed, while
     its further reads of the source are held back."""
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    # SIGINT at its default in the child: a shell's background job (`pytest ... &`) runs
+    # with it ignored, and Python then keeps ignoring Ctrl-C instead of raising
+    # KeyboardInterrupt.
+    proc = subprocess.Popen(
+        cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )  # fmt: skip
     deadline = time.monotonic() + 180
     while proc.poll() is None and time.monotonic() < deadline:
         if _committed(engine)[0] >= rows:
