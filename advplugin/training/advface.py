@@ -29,6 +29,7 @@ import argparse
 import json
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -105,6 +106,33 @@ def _unit(x: np.ndarray) -> np.ndarray:
     return x / np.linalg.norm(x, axis=1, keepdims=True)
 
 
+def new_generator(
+    dim: int, hidden: int, steps: int, seed: int, min_cosine: float
+) -> tuple[nn.Sequential, torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler, float, np.random.Generator]:
+    """A fresh generator with its optimiser and schedule (both versions train it the same
+    way), the angle budget, and the seeded generator of batch draws."""
+    torch.manual_seed(seed)
+    model = generator_net(dim, hidden)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
+    return model, opt, sched, float(np.arccos(min_cosine)), np.random.default_rng(seed)
+
+
+def batch_sampler(identity: np.ndarray, batch: int, rng: np.random.Generator) -> Callable[[], np.ndarray]:
+    """Indices of one training batch: `batch // 4` people with two photos each (so genuine
+    pairs are always in the batch for the pairwise-cosine term), the rest random photos."""
+    _, inverse, counts = np.unique(identity, return_inverse=True, return_counts=True)
+    multi = [np.flatnonzero(inverse == k) for k in np.flatnonzero(counts >= 2)]
+    n = len(identity)
+
+    def sample() -> np.ndarray:
+        people = rng.choice(len(multi), batch // 4, replace=False)
+        pairs = np.concatenate([rng.choice(multi[p], 2, replace=False) for p in people])
+        return np.concatenate([pairs, rng.choice(n, batch - len(pairs), replace=False)])
+
+    return sample
+
+
 def train_generator(
     train_u: np.ndarray,
     identity: np.ndarray,
@@ -118,21 +146,11 @@ def train_generator(
     seed: int,
     log_every: int = 100,
 ) -> tuple[nn.Sequential, float]:
-    torch.manual_seed(seed)
-    rng = np.random.default_rng(seed)
-    max_angle = float(np.arccos(min_cosine))
-    dim = train_u.shape[1]
-    model = generator_net(dim, hidden)
-    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
+    model, opt, sched, max_angle, rng = new_generator(train_u.shape[1], hidden, steps, seed, min_cosine)
     u_all = torch.from_numpy(train_u.astype(np.float32))
-    _, inverse, counts = np.unique(identity, return_inverse=True, return_counts=True)
-    multi = [np.flatnonzero(inverse == k) for k in np.flatnonzero(counts >= 2)]
+    sample = batch_sampler(identity, batch, rng)
     for step in range(steps):
-        people = rng.choice(len(multi), batch // 4, replace=False)
-        pairs = np.concatenate([rng.choice(multi[p], 2, replace=False) for p in people])
-        idx = np.concatenate([pairs, rng.choice(len(train_u), batch - len(pairs), replace=False)])
-        u = u_all[idx]
+        u = u_all[sample()]
         with torch.no_grad():
             clean = decode(decoder, u)
         t = torch_noisy(model, u, max_angle)
@@ -185,6 +203,15 @@ def heldout_accuracy(
     return float(accuracy), len(protocol.left)
 
 
+def add_data_options(p: argparse.ArgumentParser) -> None:
+    """The options both versions' trainers share: data, output, cache, split, budget."""
+    p.add_argument("--data", type=Path, default=Path("/work/shared/data"), help="LFW folder")
+    p.add_argument("--out", type=Path, required=True, help="weights .npz to write")
+    p.add_argument("--cache-dir", type=Path, default=default_cache_dir(), help="landmark cache")
+    p.add_argument("--test-fraction", type=float, default=0.5, help="the evaluation's split")
+    p.add_argument("--min-cosine", type=float, default=0.9, help="drift budget cos(x, x+g(x))")
+
+
 def main(argv: list[str] | None = None) -> int:
     # `--version 2` (also through `advplugin train advface`) hands over to v2's trainer.
     version = argparse.ArgumentParser(add_help=False)
@@ -200,11 +227,7 @@ def main(argv: list[str] | None = None) -> int:
         help="1: this trainer; 2: the complete loop and the adaptive game (advface_v2, "
         "which takes its own options)",
     )  # fmt: skip
-    p.add_argument("--data", type=Path, default=Path("/work/shared/data"), help="LFW folder")
-    p.add_argument("--out", type=Path, required=True, help="weights .npz to write")
-    p.add_argument("--cache-dir", type=Path, default=default_cache_dir(), help="landmark cache")
-    p.add_argument("--test-fraction", type=float, default=0.5, help="the evaluation's split")
-    p.add_argument("--min-cosine", type=float, default=0.9, help="drift budget cos(x, x+g(x))")
+    add_data_options(p)
     p.add_argument("--steps", type=int, default=200, help="generator steps")
     p.add_argument("--hidden", type=int, default=256)
     p.add_argument("--batch", type=int, default=128)
@@ -266,12 +289,7 @@ def main(argv: list[str] | None = None) -> int:
         "lam_sim": args.lam_sim,
         "seed": args.seed,
         "command": "python -m advplugin.training.advface " + " ".join(argv or sys.argv[1:]),
-        "split": f"train side of evaluate-split (identity hash, test fraction {args.test_fraction})",
-        "train_images": len(train_u),
-        "train_identities": len(np.unique(data["train_identity"])),
-        "heldout_images": len(test_u),
-        "heldout_pairs": n_pairs,
-        "heldout_accuracy_raw": acc_raw,
+        **data_record(args.test_fraction, data, train_u, test_u, n_pairs, acc_raw),
         "heldout_accuracy_noisy": acc_noisy,
         "heldout_cosine_mean": float(cos.mean()),
         "heldout_cosine_min": float(cos.min()),
@@ -286,6 +304,21 @@ def main(argv: list[str] | None = None) -> int:
     }
     save_weights(args.out, generator, max_angle, decoder, record)
     return 0
+
+
+def data_record(
+    test_fraction: float, data: dict[str, np.ndarray], train_u: np.ndarray, test_u: np.ndarray,
+    n_pairs: int, acc_raw: float,
+) -> dict[str, object]:
+    """What both versions' training records say about their data and held-out baseline."""
+    return {
+        "split": f"train side of evaluate-split (identity hash, test fraction {test_fraction})",
+        "train_images": len(train_u),
+        "train_identities": len(np.unique(data["train_identity"])),
+        "heldout_images": len(test_u),
+        "heldout_pairs": n_pairs,
+        "heldout_accuracy_raw": acc_raw,
+    }
 
 
 def save_weights(

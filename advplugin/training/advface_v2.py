@@ -42,7 +42,6 @@ import torch
 import torch.nn.functional as F
 
 from advplugin.evaluation.decoder import IdentityLoss, dlib_identity_loss, train_decoder
-from advplugin.evaluation.paths import default_cache_dir
 from advplugin.nets.advface import decode, torch_noisy
 from advplugin.nets.decoder import Decoder, DecoderConfig
 from advplugin.protectors.advface import NoiseGenerator, load_weights
@@ -50,10 +49,13 @@ from advplugin.training.advface import (
     HELDOUT_DISRUPTION,
     SHADOW,
     _unit,
+    add_data_options,
+    batch_sampler,
+    data_record,
     disruption,
-    generator_net,
     heldout_accuracy,
     load_training_data,
+    new_generator,
     random_noise_at,
     save_weights,
     to_numpy_generator,
@@ -121,28 +123,19 @@ def train_game(
     """Generator steps on the complete loop (naive D0 and, if `adaptive`, Da), each followed
     by one step of Da on the current generator's templates. Returns the generator, its
     angle budget, the final Da and a log of the losses."""
-    torch.manual_seed(seed)
-    rng = np.random.default_rng(seed)
-    max_angle = float(np.arccos(min_cosine))
-    dim = train_u.shape[1]
-    model = generator_net(dim, hidden)
-    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
+    model, opt, sched, max_angle, rng = new_generator(train_u.shape[1], hidden, steps, seed, min_cosine)
     attacker = copy.deepcopy(shadow)
     for prm in attacker.parameters():
         prm.requires_grad_(True)
     attacker_opt = _decoder_optimizer(attacker, decoder_config)
     u_all = torch.from_numpy(train_u.astype(np.float32))
     y_all = torch.from_numpy(np.ascontiguousarray(crops.transpose(0, 3, 1, 2)))  # uint8
-    _, inverse, counts = np.unique(identity, return_inverse=True, return_counts=True)
-    multi = [np.flatnonzero(inverse == k) for k in np.flatnonzero(counts >= 2)]
+    sample = batch_sampler(identity, batch, rng)
     log: list[dict[str, float]] = []
     for step in range(steps):
         # Generator step: v1's batch (genuine pairs always present) for the cosine loss, the
         # loop on a random part of it (dlib's ResNet is the slow part).
-        people = rng.choice(len(multi), batch // 4, replace=False)
-        pairs = np.concatenate([rng.choice(multi[p], 2, replace=False) for p in people])
-        idx = np.concatenate([pairs, rng.choice(len(train_u), batch - len(pairs), replace=False)])
+        idx = sample()
         u = u_all[idx]
         t = torch_noisy(model, u, max_angle)
         sim = pairwise_cosine_change(u, t)
@@ -216,11 +209,7 @@ def loop_figures(
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--data", type=Path, default=Path("/work/shared/data"), help="LFW folder")
-    p.add_argument("--out", type=Path, required=True, help="weights .npz to write")
-    p.add_argument("--cache-dir", type=Path, default=default_cache_dir(), help="landmark cache")
-    p.add_argument("--test-fraction", type=float, default=0.5, help="the evaluation's split")
-    p.add_argument("--min-cosine", type=float, default=0.9, help="drift budget cos(x, x+g(x))")
+    add_data_options(p)
     p.add_argument("--steps", type=int, default=120, help="generator steps (each + 1 Da step)")
     p.add_argument("--hidden", type=int, default=256)
     p.add_argument("--batch", type=int, default=128, help="generator batch (cosine loss)")
@@ -316,12 +305,7 @@ def main(argv: list[str] | None = None) -> int:
         "seed": args.seed,
         "threads": args.threads,
         "command": "python -m advplugin.training.advface_v2 " + " ".join(argv or sys.argv[1:]),
-        "split": f"train side of evaluate-split (identity hash, test fraction {args.test_fraction})",
-        "train_images": len(train_u),
-        "train_identities": len(np.unique(data["train_identity"])),
-        "heldout_images": len(test_u),
-        "heldout_pairs": n_pairs,
-        "heldout_accuracy_raw": acc_raw,
+        **data_record(args.test_fraction, data, train_u, test_u, n_pairs, acc_raw),
         "heldout_disruption_images": min(k, len(test_u)),
         "heldout_loop_images": min(m, len(test_u)),
         "loop_clean_identity_kept": clean["identity_kept"],
