@@ -18,11 +18,12 @@ import hashlib
 import json
 import os
 import queue
+import signal
 import sys
 import threading
 import time
 import zlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -300,6 +301,38 @@ def prefetch(chunks: Iterator[T], depth: int = 1) -> Iterator[T]:
 
 
 @contextmanager
+def _stop_between_chunks() -> Iterator[Callable[[], None]]:
+    """Ctrl-C stops the run at the next chunk boundary (the returned check raises the
+    KeyboardInterrupt there); a second Ctrl-C stops it at once. Why: a KeyboardInterrupt
+    raised inside the database driver's call (a PostgreSQL COPY) left the connection in the
+    middle of a command, its rollback failed, and the run ended with a driver traceback
+    instead of the clean "N rows are committed" stop (nothing was ever half-written: the
+    chunk's transaction had not committed). Only in the main thread with Python's own
+    handler installed; otherwise the check does nothing and signals behave as they did."""
+    if threading.current_thread() is not threading.main_thread() or (
+        signal.getsignal(signal.SIGINT) is not signal.default_int_handler
+    ):
+        yield lambda: None
+        return
+    pending = threading.Event()
+
+    def on_sigint(signum: int, frame: object) -> None:
+        if pending.is_set():
+            raise KeyboardInterrupt
+        pending.set()
+
+    def check() -> None:
+        if pending.is_set():
+            raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGINT, on_sigint)
+    try:
+        yield check
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+@contextmanager
 def _progress(total: int, initial: int, what: str, enabled: bool) -> Iterator[object]:
     """A tqdm bar on stderr: count, rate and ETA."""
     from tqdm import tqdm
@@ -363,7 +396,7 @@ def migrate(
     protect = ParallelProtect(protector, workers)
     total = source.count()
     try:
-        with _progress(total, job.rows, "migrate", progress) as bar:
+        with _progress(total, job.rows, "migrate", progress) as bar, _stop_between_chunks() as stop_if_asked:
             for chunk, templates in prefetch(_protected(source.chunks(chunk_size, cursor), protect)):
                 if chunk.bad:
                     shown = "; ".join(f"id {i}: {why}" for i, why in chunk.bad[:MAX_EXAMPLES])
@@ -400,6 +433,7 @@ def migrate(
                     )
                 written += len(ids)
                 bar.update(len(ids))  # type: ignore[attr-defined]
+                stop_if_asked()
     finally:
         protect.close()
     final = load_job(gallery, name)

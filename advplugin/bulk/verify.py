@@ -222,15 +222,19 @@ def _job_rows(gallery: Gallery, job_id: int, probe_ids: list[str] | None) -> _Jo
     hashes: list[np.ndarray] = []
     templates: list[np.ndarray] = []
     rows = 0
+
+    def add(sids: list[str], tids: Sequence[int]) -> None:
+        nonlocal rows
+        rows += len(sids)
+        hashes.append(np.fromiter(map(hash, sids), np.int64, len(sids)))
+        own.update({s: int(t) for s, t in zip(sids, tids, strict=True) if wanted is None or s in wanted})
+
     with gallery.engine.connect() as conn:
         items = conn.execute(
             select(MigrationItem.source_id, MigrationItem.template_id).where(MigrationItem.job_id == job_id)
         )
         for part in items.partitions(10_000):
-            sids = [s for s, _ in part]
-            rows += len(sids)
-            hashes.append(np.fromiter(map(hash, sids), np.int64, len(sids)))
-            own.update({s: int(t) for s, t in part if wanted is None or s in wanted})
+            add([s for s, _ in part], [t for _, t in part])
         present = select(Template.id).join(MigrationItem, MigrationItem.template_id == Template.id).where(
             MigrationItem.job_id == job_id
         )
@@ -242,9 +246,7 @@ def _job_rows(gallery: Gallery, job_id: int, probe_ids: list[str] | None) -> _Jo
         )
         for first, last, blob in chunks:
             sids = unpack_source_ids(blob)
-            rows += len(sids)
-            hashes.append(np.fromiter(map(hash, sids), np.int64, len(sids)))
-            own.update({s: int(first) + p for p, s in enumerate(sids) if wanted is None or s in wanted})
+            add(sids, range(int(first), int(first) + len(sids)))
             q = select(Template.id).where(Template.id.between(int(first), int(last)))
             templates.append(np.fromiter((int(t) for t in conn.scalars(q)), np.int64))
     distinct = len(np.unique(np.concatenate(hashes))) if hashes else 0

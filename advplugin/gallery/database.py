@@ -22,7 +22,7 @@ from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Self
+from typing import Any, Self
 
 import numpy as np
 from sqlalchemy import (
@@ -155,6 +155,15 @@ _COPY_TRAILER = b"\xff\xff"
 _NULL = b"\xff\xff\xff\xff"
 
 
+@contextmanager
+def _copy_in(conn: Connection, table: str, names: Sequence[str]) -> Iterator[Any]:
+    """A binary `COPY table (names) FROM STDIN` on `conn`'s driver connection, in its
+    transaction (psycopg's `Copy`)."""
+    raw = conn.connection.driver_connection
+    with raw.cursor() as cur, cur.copy(f"COPY {table} ({', '.join(names)}) FROM STDIN (FORMAT BINARY)") as cp:  # type: ignore[union-attr]
+        yield cp
+
+
 def pg_int4(v: int) -> bytes:
     return struct.pack(">i", v)
 
@@ -204,9 +213,7 @@ def pg_copy(conn: Connection, table: str, columns: Sequence[tuple[str, np.ndarra
     rows = np.empty(n, np.dtype(fields))
     for name, value in values.items():
         rows[name] = value
-    names = ", ".join(c for c, _ in columns)
-    raw = conn.connection.driver_connection
-    with raw.cursor() as cur, cur.copy(f"COPY {table} ({names}) FROM STDIN (FORMAT BINARY)") as cp:  # type: ignore[union-attr]
+    with _copy_in(conn, table, [c for c, _ in columns]) as cp:
         cp.write(_COPY_SIGNATURE)
         cp.write(memoryview(rows).cast("B"))
         cp.write(_COPY_TRAILER)
@@ -216,9 +223,7 @@ def pg_copy_rows(conn: Connection, table: str, columns: Sequence[tuple[str, str]
     """COPY rows of Python values into `table` (binary; `columns`: (name, PostgreSQL type)):
     for rows of variable-length values (names), where the driver's C row writer is several
     times cheaper than array parameters, which it escapes value by value."""
-    names = ", ".join(c for c, _ in columns)
-    raw = conn.connection.driver_connection
-    with raw.cursor() as cur, cur.copy(f"COPY {table} ({names}) FROM STDIN (FORMAT BINARY)") as cp:  # type: ignore[union-attr]
+    with _copy_in(conn, table, [c for c, _ in columns]) as cp:
         cp.set_types([t for _, t in columns])
         for row in rows:
             cp.write_row(row)

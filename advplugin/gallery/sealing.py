@@ -138,18 +138,6 @@ def template_ad(
     )
 
 
-def template_ads(
-    collection_id: int, template_ids: Sequence[int], scheme: str, scheme_version: int,
-    config_digest: str, key_id: str | None, dim: int,
-) -> list[bytes]:
-    """`template_ad` of many rows of one provenance (a bulk write): the same bytes, with the
-    shared parts looked up once rather than once per row."""
-    head = _template_ad_head(collection_id)
-    tail = _template_ad_tail(scheme, scheme_version, config_digest, key_id, dim)
-    pack = _SERIAL.pack
-    return [head + pack(len(t)) + t + tail for t in (str(int(i)).encode() for i in template_ids)]
-
-
 @functools.lru_cache(maxsize=4096)
 def _subject_ad_head(collection_id: int) -> bytes:
     return associated_data("subject-key/v1", collection_id)

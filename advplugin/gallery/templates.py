@@ -62,7 +62,6 @@ from advplugin.gallery.sealing import (
     TamperedError,
     sealed_size,
     template_ad,
-    template_ads,
 )
 from advplugin.gallery.sealkeys import MASTER_KEY_HINT, GalleryKeys
 from advplugin.protectors.base import ProtectorMetadata, validate_embeddings
@@ -102,15 +101,15 @@ _SQLITE_INSERT_TEMPLATES = (
     ":created_at, :updated_at FROM json_each(:subject_ids) AS j ORDER BY j.key"
 )
 
-# One unique-index probe per name, whatever the planner's statistics say: with `name IN
-# (...)` a bulk load that outran autovacuum's ANALYZE got a plan that filtered every subject
-# of the collection against the whole list, a cost that grew with the table (O(N^2) overall).
 _SQLITE_INSERT_SUBJECTS = (
     "INSERT INTO subjects (id, collection_id, name, sealed_key, created_at) "
     "SELECT :first + j.key, :cid, j.value, "
     "CASE WHEN :width > 0 THEN substr(:keys, j.key * :width + 1, :width) END, :created_at "
     "FROM json_each(:names) AS j ORDER BY j.key"
 )
+# One unique-index probe per name, whatever the planner's statistics say: with `name IN
+# (...)` a bulk load that outran autovacuum's ANALYZE got a plan that filtered every subject
+# of the collection against the whole list, a cost that grew with the table (O(N^2) overall).
 # The names travel as ONE JSON text (psycopg escapes a text array element by element,
 # which cost more than the lookup).
 _PG_FIND_SUBJECTS = text(
@@ -260,14 +259,10 @@ class TemplateRepository(ChangeLog, GalleryKeys):
         lookup = list({(cid, name, s.key) for name, s in subjects if s.cipher is None})
         by_item = sealer.subject_ciphers(lookup, cache=len(lookup) <= _IN_CHUNK) if lookup else {}  # type: ignore[arg-type]
         ciphers = [s.cipher if s.cipher is not None else by_item[cid, name, s.key] for name, s in subjects]  # type: ignore[index]
-        provenance = (scheme, scheme_version, config_digest, key_id)
-        if all(len(set(p)) == 1 for p in provenance):  # one provenance (a bulk write): shared parts once
-            ads = template_ads(cid, ids, *(p[0] for p in provenance), dim)  # type: ignore[arg-type]
-        else:
-            ads = [
-                template_ad(cid, t, s, v, d, k, dim)
-                for t, s, v, d, k in zip(ids, scheme, scheme_version, config_digest, key_id, strict=True)
-            ]
+        ads = [
+            template_ad(cid, t, s, v, d, k, dim)
+            for t, s, v, d, k in zip(ids, scheme, scheme_version, config_digest, key_id, strict=True)
+        ]
         return sealer.seal_vectors(ciphers, ads, vectors)
 
     def _decode(self, rows: Sequence) -> list[np.ndarray]:  # type: ignore[type-arg]

@@ -131,7 +131,7 @@ def pad_results(scores: np.ndarray, ids: np.ndarray, k: int) -> tuple[np.ndarray
     if ids.shape[1] == k and ids.dtype == np.int64 and scores.dtype == np.float32 and ids.min() >= 0:
         return scores, ids  # the common full answer, as is: one check per request
     missing = ids < 0
-    if missing.any():  # the common full answer is returned as is (per-request cost)
+    if missing.any():
         scores = np.where(missing, -np.inf, scores)
     scores = scores.astype(np.float32, copy=False)
     ids = ids.astype(np.int64, copy=False)
