@@ -25,7 +25,7 @@ import time
 import zlib
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from typing import TypeVar
 
@@ -250,7 +250,7 @@ class ParallelProtect:
         self._blas.restore_original_limits()
 
 
-def _protected(chunks: Iterator[Chunk], protect: ParallelProtect) -> Iterator[tuple[Chunk, np.ndarray | None]]:
+def protected_chunks(chunks: Iterator[Chunk], protect: ParallelProtect) -> Iterator[tuple[Chunk, np.ndarray | None]]:
     """Each chunk with its protected templates (None: empty, or invalid rows), its raw
     vectors dropped as soon as they are protected. Run inside `prefetch`, so the next chunk
     is read and protected while this one is sealed and written."""
@@ -397,7 +397,7 @@ def migrate(
     total = source.count()
     try:
         with _progress(total, job.rows, "migrate", progress) as bar, _stop_between_chunks() as stop_if_asked:
-            for chunk, templates in prefetch(_protected(source.chunks(chunk_size, cursor), protect)):
+            for chunk, templates in prefetch(protected_chunks(source.chunks(chunk_size, cursor), protect)):
                 if chunk.bad:
                     shown = "; ".join(f"id {i}: {why}" for i, why in chunk.bad[:MAX_EXAMPLES])
                     raise ValueError(
@@ -406,8 +406,11 @@ def migrate(
                     )
                 chunks += 1
                 # One transaction: the chunk's templates (and their change-log rows), its
-                # item rows and the advanced cursor commit together or not at all.
-                with gallery.transaction() as tx:
+                # item rows and the advanced cursor commit together or not at all. Not
+                # flushed to disk at its commit (durable=False): a chunk lost to a crash of
+                # the machine is lost with its checkpoint, so a re-run redoes it; the run's
+                # last commit below is durable and makes every chunk before it durable too.
+                with gallery.transaction(durable=False) as tx:
                     conn = tx.connection
                     ids: list[int] = []
                     if templates is not None:
@@ -434,12 +437,17 @@ def migrate(
                 written += len(ids)
                 bar.update(len(ids))  # type: ignore[attr-defined]
                 stop_if_asked()
+    except BaseException:
+        if written:  # what the run reports as committed must survive a crash of the machine
+            with suppress(Exception):  # never hide why the run stopped
+                set_job_state(gallery, job.id, "running")
+        raise
     finally:
         protect.close()
     final = load_job(gallery, name)
     assert final is not None
     if final.state == "running":
-        set_job_state(gallery, final.id, "done")
+        set_job_state(gallery, final.id, "done")  # durable: flushes the chunks' commits too
     return MigrationResult(
         job_id=final.id,
         rows=final.rows,

@@ -141,6 +141,11 @@ class Matcher:
         """`_best` with k = 1 on ranked rows, vectorised over the batch (rows are sorted, so
         the first candidate that has a subject and passes the threshold is the answer)."""
         if len(ids) == 1:  # one probe, the usual request: a walk that stops at the first hit
+            # The first candidate almost always answers: read it alone (after a scan of the
+            # whole index every numpy call runs on cold caches: converting the rows cost more).
+            code, sim = codes.item(0), scores.item(0)
+            if code >= 0 and math.isfinite(sim) and (threshold is None or sim >= threshold):
+                return [[Match(self.index.subject_name(code), sim, ids.item(0))]]
             for j, (code, sim) in enumerate(zip(codes[0].tolist(), scores[0].tolist(), strict=True)):
                 if threshold is not None and sim < threshold:
                     break  # ranked: every later candidate scores lower still

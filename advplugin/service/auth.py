@@ -32,6 +32,13 @@ class Caller(NamedTuple):
     scope: str
 
 
+class Stale:
+    """`ApiKeyAuth.cached_caller`'s answer when only a re-read of the key store can tell."""
+
+
+STALE = Stale()
+
+
 class ApiKeyAuth:
     def __init__(self, store: ApiKeyStore) -> None:
         self.store = store
@@ -40,17 +47,26 @@ class ApiKeyAuth:
         self._lock = threading.Lock()
 
     def caller(self, api_key: str | None) -> Caller | None:
-        """Collection, key id and scope of a valid API key, else None."""
+        """Collection, key id and scope of a valid API key, else None (may read the store)."""
+        found = self.cached_caller(api_key)
+        if isinstance(found, Stale):
+            self._reload()
+            found = self._match(hash_api_key(api_key or "").encode())
+        return found
+
+    def cached_caller(self, api_key: str | None) -> Caller | Stale | None:
+        """`caller` from the hashes in memory, never SQL: `STALE` when the answer needs the
+        store re-read (every `_RELOAD_EVERY` s, so a revocation takes effect; or an unknown key
+        once `_RELOAD_MISS_AFTER` s have passed, so a new key works at once). Why: the service
+        asks on the event loop, where a database read must not run."""
         if not api_key or len(api_key) > MAX_API_KEY_LENGTH:
             return None
-        digest = hash_api_key(api_key).encode()
         age = time.monotonic() - self._loaded
         if age > _RELOAD_EVERY:
-            self._reload()
-        found = self._match(digest)
+            return STALE
+        found = self._match(hash_api_key(api_key).encode())
         if found is None and age > _RELOAD_MISS_AFTER:  # a key created since the last load
-            self._reload()
-            found = self._match(digest)
+            return STALE
         return found
 
     def _reload(self) -> None:

@@ -8,29 +8,36 @@ however many of these a route uses."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import Annotated
+from collections.abc import Callable, Coroutine
+from typing import Annotated, Any
 
 from fastapi import Depends, Header, Request
+from starlette.concurrency import run_in_threadpool
 
 from advplugin.gallery.apikeys import scope_allows
-from advplugin.service.auth import Caller
+from advplugin.service.auth import Caller, Stale
 from advplugin.service.errors import ServiceError
 from advplugin.service.state import ServiceState
 
 
-def get_state(request: Request) -> ServiceState:
+# The dependencies are `async def` although they never await anything slow: FastAPI runs a
+# plain `def` dependency in its thread pool, one hop per dependency per request (~0.2-0.5 ms
+# each on a busy 2-core machine: a third of an image request's overhead over bare
+# extraction, benchmarks/http_load.py). Only a re-read of the API-key store goes to a thread.
+async def get_state(request: Request) -> ServiceState:
     return request.app.state.service
 
 
 State = Annotated[ServiceState, Depends(get_state)]
 
 
-def get_caller(
+async def get_caller(
     state: State,
     x_api_key: Annotated[str | None, Header(description="API key of a collection")] = None,
 ) -> Caller:
-    caller = state.auth.caller(x_api_key)
+    caller = state.auth.cached_caller(x_api_key)
+    if isinstance(caller, Stale):  # SQL: not on the event loop
+        caller = await run_in_threadpool(state.auth.caller, x_api_key)
     if caller is None:
         # Same answer for a missing and a wrong key; the key is never echoed.
         raise ServiceError(401, "unauthorized", "missing or invalid x-api-key header")
@@ -40,15 +47,15 @@ def get_caller(
 IdentifyCaller = Annotated[Caller, Depends(get_caller)]
 
 
-def get_collection(caller: IdentifyCaller) -> str:
+async def get_collection(caller: IdentifyCaller) -> str:
     return caller.collection
 
 
 CollectionName = Annotated[str, Depends(get_collection)]
 
 
-def _require(needed: str) -> Callable[[Caller], Caller]:
-    def check(caller: IdentifyCaller) -> Caller:
+def _require(needed: str) -> Callable[[Caller], Coroutine[Any, Any, Caller]]:
+    async def check(caller: IdentifyCaller) -> Caller:
         if not scope_allows(caller.scope, needed):
             # Names the scope needed, never the key (nor its id: the caller knows its key).
             raise ServiceError(403, "forbidden", f"this API key's scope does not allow this: needs scope {needed!r}")
