@@ -25,7 +25,7 @@ import time
 import zlib
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager, suppress
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import TypeVar
 
@@ -406,11 +406,12 @@ def migrate(
                     )
                 chunks += 1
                 # One transaction: the chunk's templates (and their change-log rows), its
-                # item rows and the advanced cursor commit together or not at all. Not
-                # flushed to disk at its commit (durable=False): a chunk lost to a crash of
-                # the machine is lost with its checkpoint, so a re-run redoes it; the run's
-                # last commit below is durable and makes every chunk before it durable too.
-                with gallery.transaction(durable=False) as tx:
+                # item rows and the advanced cursor commit together or not at all. Durable,
+                # like every gallery commit: a commit that returned before reaching the disk
+                # (PostgreSQL synchronous_commit=off, SQLite synchronous=NORMAL) would be
+                # seen by other processes' index followers and could then be undone by a
+                # crash, its change sequence numbers and template ids reused for other rows.
+                with gallery.transaction() as tx:
                     conn = tx.connection
                     ids: list[int] = []
                     if templates is not None:
@@ -437,17 +438,12 @@ def migrate(
                 written += len(ids)
                 bar.update(len(ids))  # type: ignore[attr-defined]
                 stop_if_asked()
-    except BaseException:
-        if written:  # what the run reports as committed must survive a crash of the machine
-            with suppress(Exception):  # never hide why the run stopped
-                set_job_state(gallery, job.id, "running")
-        raise
     finally:
         protect.close()
     final = load_job(gallery, name)
     assert final is not None
     if final.state == "running":
-        set_job_state(gallery, final.id, "done")  # durable: flushes the chunks' commits too
+        set_job_state(gallery, final.id, "done")
     return MigrationResult(
         job_id=final.id,
         rows=final.rows,

@@ -114,7 +114,6 @@ def make_engine(url: str) -> Engine:
             cur.execute("PRAGMA journal_mode=WAL")
             # FULL: an acknowledged enrolment survives a crash of the process *and* the OS.
             cur.execute("PRAGMA synchronous=FULL")
-            _record.info["synchronous"] = "FULL"
             # Deleted content is overwritten with zeros, not left in free pages: with a
             # checkpoint after a delete (`Database.checkpoint`), a deleted template's bytes
             # leave the files. Many builds default to off; the gallery never relies on that.
@@ -123,14 +122,8 @@ def make_engine(url: str) -> Engine:
 
         @event.listens_for(engine, "begin")
         def _sqlite_begin(conn: Connection) -> None:
-            options = conn.get_execution_options()
-            # FULL unless this transaction is one that can be redone (`transaction(durable=
-            # False)`); set before BEGIN, and only when it changes (one statement per switch).
-            sync = "FULL" if options.get("gallery_durable", True) else "NORMAL"
-            if conn.info.get("synchronous") != sync:
-                conn.exec_driver_sql(f"PRAGMA synchronous={sync}")
-                conn.info["synchronous"] = sync
-            conn.exec_driver_sql("BEGIN IMMEDIATE" if options.get("gallery_write", False) else "BEGIN")
+            immediate = conn.get_execution_options().get("gallery_write", False)
+            conn.exec_driver_sql("BEGIN IMMEDIATE" if immediate else "BEGIN")
 
         return engine
     return create_engine(url, pool_pre_ping=True, hide_parameters=True)
@@ -284,25 +277,18 @@ class Database:
 
     # -- transactions ----------------------------------------------------------------------
     @contextmanager
-    def transaction(self, *, durable: bool = True) -> Iterator[Self]:
+    def transaction(self) -> Iterator[Self]:
         """ONE serialised write transaction around several calls and the caller's own
         statements: yields a view of this object (a shallow copy) whose methods
         (`add_templates`, ...) all run in that one connection, and whose `connection` takes
         the caller's SQL. Everything commits together or not at all. Why: a batch migration
         must commit a chunk's templates, their change-log rows and its own checkpoint
         atomically, or a crash could duplicate or lose a chunk. Inside a transaction,
-        `transaction()` joins it.
-
-        `durable=False` is for work that is redone when lost: a migration or re-keying chunk,
-        whose checkpoint commits with it. Its commit returns before the log reaches the disk
-        (PostgreSQL `synchronous_commit = off` for this transaction; SQLite `synchronous=
-        NORMAL` in WAL mode), so a crash of the machine can undo the last such commits, in
-        order and with their checkpoints, never half of one; a crash of the process alone
-        loses nothing. Acknowledged enrolments and deletes keep the default."""
+        `transaction()` joins it."""
         if self._conn is not None:
             yield self
             return
-        with self._write(durable=durable) as conn:
+        with self._write() as conn:
             view = copy.copy(self)
             view._conn = conn
             yield view
@@ -315,19 +301,17 @@ class Database:
         return self._conn
 
     @contextmanager
-    def _write(self, *, durable: bool = True) -> Iterator[Connection]:
+    def _write(self) -> Iterator[Connection]:
         """One serialised write transaction (see the module docstring for why); inside a
         `transaction()` view, that transaction."""
         if self._conn is not None:
             yield self._conn
             return
         with self.engine.connect() as conn:
-            conn = conn.execution_options(gallery_write=True, gallery_durable=durable)
+            conn = conn.execution_options(gallery_write=True)
             with conn.begin():
                 if self.dialect == "postgresql":
                     conn.exec_driver_sql(f"SELECT pg_advisory_xact_lock({_PG_WRITE_LOCK})")
-                    if not durable:
-                        conn.exec_driver_sql("SET LOCAL synchronous_commit = off")
                 yield conn
 
     @contextmanager

@@ -131,32 +131,6 @@ def test_transaction_commits_together_or_not_at_all(gallery: Gallery, protector)
         gallery.connection  # noqa: B018
 
 
-def _sync_setting(conn) -> str:  # type: ignore[no-untyped-def]
-    if conn.dialect.name == "postgresql":
-        return str(conn.exec_driver_sql("SHOW synchronous_commit").scalar())
-    return {0: "off", 1: "normal", 2: "full", 3: "extra"}[conn.exec_driver_sql("PRAGMA synchronous").scalar()]
-
-
-def test_a_redoable_transaction_skips_only_its_own_flush(gallery: Gallery, protector) -> None:
-    """`transaction(durable=False)` (a migration chunk) commits without waiting for the disk;
-    every other transaction on the same pooled connections, before and after, stays durable."""
-    kw = {"protection": protector.metadata, "extractor_name": "dlib", "extractor_version": "v1"}
-    durable = "on" if gallery.dialect == "postgresql" else "full"
-    with gallery.transaction() as tx:
-        assert _sync_setting(tx.connection) == durable
-    with gallery.transaction(durable=False) as tx:
-        assert _sync_setting(tx.connection) == ("off" if gallery.dialect == "postgresql" else "normal")
-        ids = tx.add_templates(["ann", "bob"], _templates(protector, 2), **kw)
-        with tx.transaction() as inner:  # joins it, and its setting
-            assert _sync_setting(inner.connection) == _sync_setting(tx.connection)
-    assert gallery.count_templates() == 2 and sorted(c.template_id for c in gallery.changes_since(0)) == ids
-    for _ in range(3):  # whichever pooled connection comes next
-        with gallery.transaction() as tx:
-            assert _sync_setting(tx.connection) == durable
-        with gallery.engine.connect() as conn:
-            assert _sync_setting(conn) == durable
-
-
 def test_bulk_insert_ids_metadata_and_concurrent_writers(gallery: Gallery, protector) -> None:
     """The bulk path allocates ids itself: they must stay unique under concurrent writers,
     never be reused after the highest one is deleted, and carry every column."""
