@@ -11,6 +11,7 @@ Preprocessing is configurable because models differ: `mean`/`std` per channel (a
 from __future__ import annotations
 
 import hashlib
+import logging
 from functools import cache
 from pathlib import Path
 from typing import Any, Literal
@@ -21,13 +22,35 @@ from advplugin.adapters.align import align_face, arcface_points_from_dlib68
 from advplugin.adapters.base import Detections, Extractor, register_extractor
 from advplugin.adapters.dlib_adapter import model_dir
 
+log = logging.getLogger("advplugin.adapters")
+
 
 def onnx_providers() -> list[str]:
     """CUDA when onnxruntime-gpu is installed, the CPU otherwise (same results)."""
     import onnxruntime as ort
 
     available = ort.get_available_providers()
+    if "CUDAExecutionProvider" in available:
+        _preload_cuda_libraries()
     return [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in available]
+
+
+@cache
+def _preload_cuda_libraries() -> None:
+    """onnxruntime-gpu loads its CUDA provider when a session starts, and the provider needs
+    CUDA and cuDNN libraries the loader can find; `preload_dlls` (onnxruntime >= 1.21) loads
+    them from the nvidia-* pip packages (onnxruntime-gpu's `cuda` and `cudnn` extras, or
+    PyTorch's) where they are installed. Best effort: without them a session falls back to
+    the CPU, as it would anyway. Once per process."""
+    import onnxruntime as ort
+
+    preload = getattr(ort, "preload_dlls", None)
+    if preload is None:
+        return
+    try:
+        preload()
+    except Exception as e:  # a missing library: onnxruntime says so and uses the CPU
+        log.info("onnxruntime could not preload CUDA libraries (%s); sessions may run on the CPU", type(e).__name__)
 
 
 @cache

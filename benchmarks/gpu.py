@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import ms, table, write_results
+from common import FACE_DATA, ms, table, write_results
 
 from advplugin.gallery.backends import IndexConfig, create_index_backend
 from advplugin.gallery.backends.faiss_backends import gpu_count
@@ -71,6 +71,28 @@ def torch_rows(reps: int) -> list[dict]:
              "max_abs_diff": diff, "device": torch.cuda.get_device_name(0)}]
 
 
+def onnx_rows(reps: int) -> list[dict]:
+    """An ArcFace-style ONNX model (the project's shared mobileface.onnx) on onnxruntime's CUDA
+    provider vs its CPU provider: faces/s at batch 64, the largest output difference."""
+    import onnxruntime as ort
+
+    from advplugin.adapters.onnx_adapter import onnx_providers
+
+    model = FACE_DATA.parent / "models" / "mobileface.onnx"
+    if "CUDAExecutionProvider" not in ort.get_available_providers() or not model.is_file():
+        return []
+    cpu = ort.InferenceSession(str(model), providers=["CPUExecutionProvider"])
+    gpu = ort.InferenceSession(str(model), providers=onnx_providers())
+    inp = cpu.get_inputs()[0]
+    shape = [64] + [d if isinstance(d, int) else 112 for d in inp.shape[1:]]
+    x = np.random.default_rng(2).normal(size=shape).astype(np.float32)
+    diff = float(np.abs(cpu.run(None, {inp.name: x})[0] - gpu.run(None, {inp.name: x})[0]).max())
+    c50, _ = median_ms(lambda: cpu.run(None, {inp.name: x}), max(2, reps // 10))
+    g50, _ = median_ms(lambda: gpu.run(None, {inp.name: x}), reps)
+    return [{"model": model.name, "batch": 64, "faces_per_s_cpu": 64 / (c50 / 1000),
+             "faces_per_s_gpu": 64 / (g50 / 1000), "max_abs_diff": diff, "gpu_providers": gpu.get_providers()}]
+
+
 def main() -> int:
     found = gpu_count()
     figures: dict[str, object] = {"faiss_gpus": found}
@@ -82,7 +104,11 @@ def main() -> int:
         figures["dlib_torch"] = torch_rows(50)
     except ImportError:
         figures["dlib_torch"] = []
-    figures["gpu_seen"] = bool(found or figures["dlib_torch"])
+    try:
+        figures["onnx"] = onnx_rows(50)
+    except ImportError:
+        figures["onnx"] = []
+    figures["gpu_seen"] = bool(found or figures["dlib_torch"] or figures["onnx"])
     print(f"GPU seen: {figures['gpu_seen']} (faiss GPUs: {found})")
     write_results("gpu", figures, command="python benchmarks/gpu.py")
     return 0

@@ -126,8 +126,12 @@ def test_onnx_model_on_cuda_equals_the_cpu() -> None:
     model = FACE_DATA.parent / "models" / "mobileface.onnx"
     if not model.is_file():
         pytest.skip(f"no ONNX model at {model}")
+    from advplugin.adapters.onnx_adapter import onnx_providers
+
     cpu = ort.InferenceSession(str(model), providers=["CPUExecutionProvider"])
-    gpu = ort.InferenceSession(str(model), providers=["CUDAExecutionProvider", "CPUExecutionProvider"])
+    gpu = ort.InferenceSession(str(model), providers=onnx_providers())  # as the adapter opens it
+    # Really on the GPU: a CUDA provider that fails to load falls back to the CPU silently.
+    assert gpu.get_providers()[0] == "CUDAExecutionProvider", gpu.get_providers()
     inp = cpu.get_inputs()[0]
     shape = [d if isinstance(d, int) else 4 for d in inp.shape]
     x = np.random.default_rng(1).normal(size=shape).astype(np.float32)
