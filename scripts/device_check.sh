@@ -7,7 +7,10 @@
 # - an offline machine that already holds torch and numpy (this workplace's device machines):
 #   the project's other needs travel as wheels in .whl/ (pip download for that machine's Python)
 #   and dlib's ResNet weights in .gpudata/ (the file face-recognition-models ships, placed
-#   where the adapter looks for it); both are installed under /tmp/site.
+#   where the adapter looks for it); both are installed under /tmp/site. WHL names another
+#   wheel folder: a wheel larger than one call may carry (onnxruntime-gpu, 255 MB) was sent
+#   in parts over several calls to the same warm machine and joined into it there.
+#   ADVPLUGIN_FACE_DATA=$PWD/.gpudata/data makes the tests find .gpudata/models/*.onnx.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-benchmarks/results}
