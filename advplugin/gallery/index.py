@@ -193,6 +193,21 @@ class TemplateIndex:
             scores, ids = self._backend.search(q, k)
             return scores, ids, self._codes_locked(ids)
 
+    def search_best_subject(self, probe: np.ndarray, k: int) -> tuple[float, int, int]:
+        """`search_subjects` for ONE probe, reduced to its best candidate: (score, template
+        id, subject code, -1 where none), under the same lock. The other candidates' codes are
+        not gathered: right after a scan of the whole index every array operation runs on cold
+        caches (docs/performance.md), and the usual identification needs only the best."""
+        q = l2_normalize(np.ascontiguousarray(probe, np.float32))
+        with self._lock:
+            self.sync()
+            scores, ids = self._backend.search(q, k)
+            tid = ids.item(0)
+            code = self._subjects.code(tid)
+            if code < 0 and tid >= 0 and not self._subjects_complete:  # named from SQL
+                code = self._codes_locked(ids[:1, :1]).item(0)
+            return scores.item(0), tid, code
+
     def subjects(self, ids: np.ndarray) -> np.ndarray:
         """Subject codes of template ids (any shape; -1 for ids that do not exist)."""
         with self._lock:

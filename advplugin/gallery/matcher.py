@@ -127,8 +127,15 @@ class Matcher:
         subject map and, when the scheme's score is the index's own cosine (`matches_index`),
         the index's scores are final: no SQL and no vector read per identification."""
         n_cand = max(self.candidates, 5 * k)
-        scores, ids, codes = self.index.search_subjects(probes, n_cand)
         ranked = getattr(score, "matches_index", False)  # the index's order is final
+        if ranked and k == 1 and len(probes) == 1:  # the usual request: its best candidate
+            sim, tid, code = self.index.search_best_subject(probes, n_cand)
+            if threshold is not None and sim < threshold:
+                return [[]]  # ranked: every other candidate scores lower still
+            if code >= 0 and math.isfinite(sim):
+                return [[Match(self.index.subject_name(code), sim, tid)]]
+            # The best has no subject (deleted since it was found): walk the others below.
+        scores, ids, codes = self.index.search_subjects(probes, n_cand)
         if not ranked:
             scores = self._rescore(probes, ids, score)
         elif k == 1:  # the usual question: the first usable candidate of each row, all rows at once
@@ -140,12 +147,7 @@ class Matcher:
     ) -> list[list[Match]]:
         """`_best` with k = 1 on ranked rows, vectorised over the batch (rows are sorted, so
         the first candidate that has a subject and passes the threshold is the answer)."""
-        if len(ids) == 1:  # one probe, the usual request: a walk that stops at the first hit
-            # The first candidate almost always answers: read it alone (after a scan of the
-            # whole index every numpy call runs on cold caches: converting the rows cost more).
-            code, sim = codes.item(0), scores.item(0)
-            if code >= 0 and math.isfinite(sim) and (threshold is None or sim >= threshold):
-                return [[Match(self.index.subject_name(code), sim, ids.item(0))]]
+        if len(ids) == 1:  # one probe: a walk that stops at the first hit
             for j, (code, sim) in enumerate(zip(codes[0].tolist(), scores[0].tolist(), strict=True)):
                 if threshold is not None and sim < threshold:
                     break  # ranked: every later candidate scores lower still

@@ -72,5 +72,9 @@ class SubjectMap:
         out[known] = self._codes[ids[known]]
         return out
 
+    def code(self, template_id: int) -> int:
+        """One id's code (-1 unknown): a scalar read, no array made."""
+        return self._codes.item(template_id) if 0 <= template_id < len(self._codes) else _ABSENT
+
     def name(self, code: int) -> str:
         return self._names[code]

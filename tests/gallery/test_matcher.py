@@ -153,6 +153,30 @@ def test_top1_of_a_batch_equals_the_first_of_the_ranked_walk(gallery: Gallery, t
     assert matcher.identify(probes, k=1, threshold=2.0) == [[]] * len(probes)
 
 
+def test_one_probe_takes_its_best_candidate_or_walks_on_like_the_batch(gallery: Gallery, two_keys, tmp_path) -> None:
+    """The one-probe path reads only the best candidate's subject: when that one has none
+    (its subject deleted between the search and the naming) it walks on as the batch path
+    does, and after a snapshot load (an empty subject map) it names the best from SQL."""
+    raw, p1, _, index = two_keys
+    matcher = Matcher(gallery, index, p1.score_fn)
+    probe = p1.protect(raw[4:5])
+    (best,) = matcher.identify(probe, k=1)[0]
+    assert best.subject == "s4"
+    index._subjects.remove([best.template_id])  # the race, frozen
+    (walked,) = matcher.identify(np.repeat(probe, 2, axis=0), k=1)[0]  # the batch path
+    assert walked.subject != "s4" and matcher.identify(probe, k=1)[0] == [walked]
+    assert matcher.identify(probe, k=1, threshold=walked.similarity + 1e-3) == [[]]
+
+    index._subjects.set([best.template_id], ["s4"])
+    index.snapshot_path = tmp_path / "snap.npz"
+    index.save()
+    loaded = TemplateIndex(
+        gallery, DIM, config=IndexConfig(use_gpu=False, sync_interval=0.0), snapshot_path=index.snapshot_path
+    )
+    assert loaded.load()
+    assert Matcher(gallery, loaded, p1.score_fn).identify(probe, k=1) == [[best]]
+
+
 def test_subject_map_names_only_what_it_holds() -> None:
     """The map's gather needs no mask: a -1 id (a short result) and an id it never saw are
     both unnamed (-1), whatever the ids it holds, before and after growing."""
