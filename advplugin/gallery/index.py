@@ -360,7 +360,15 @@ class IndexFollower:
         indexes = self._indexes
         if latest != self._seen:
             for index in indexes:
-                if index.last_seq < latest:
+                if latest < index.last_seq:
+                    # The gallery's newest change is older than what this index applied: the
+                    # database went back (restored from a backup under a running service).
+                    # The numbers after `latest` will be given to other changes, which a
+                    # replay from `last_seq` would skip: only a rebuild is right.
+                    log.warning("index %s: the change log went back (%d < %d): rebuilding",
+                                index.collection, latest, index.last_seq)
+                    index.rebuild()
+                elif index.last_seq < latest:
                     index.catch_up()
             self._seen = latest
         for index in indexes:

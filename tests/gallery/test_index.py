@@ -164,3 +164,53 @@ def test_follower_applies_another_writers_changes_without_a_search(
         other.close()
     with pytest.raises(ValueError, match="positive"):
         IndexFollower(gallery, 0.0)
+
+
+def test_follower_rebuilds_an_index_when_the_database_goes_back_to_a_backup(
+    tmp_path, master_key, erasure, protector
+) -> None:
+    """A gallery restored from a backup under a running service: its change numbers (and, on
+    SQLite, template ids) go back and are given again to new changes. A replay from the
+    index's last change would skip those; the follower sees the number go back and rebuilds,
+    so the index holds exactly what SQL holds and a reused id names its new subject."""
+    import sqlite3
+    import time
+
+    from advplugin.gallery.index import IndexFollower
+
+    def copy(src_path, dst_path) -> None:  # type: ignore[no-untyped-def]
+        src, dst = sqlite3.connect(src_path), sqlite3.connect(dst_path)
+        try:
+            src.backup(dst)
+        finally:
+            src.close()
+            dst.close()
+
+    def wait_for(ok, what: str) -> None:  # type: ignore[no-untyped-def]
+        deadline = time.monotonic() + 5
+        while not ok():
+            assert time.monotonic() < deadline, what
+            time.sleep(0.02)
+
+    db, backup = tmp_path / "g.db", tmp_path / "backup.db"
+    gallery = Gallery.open(f"sqlite:///{db}", upgrade=True, master_key=master_key, erasure=erasure)
+    index = TemplateIndex(gallery, 64, config=IndexConfig(use_gpu=False, sync_interval=0.1))
+    follower = IndexFollower(gallery, 0.1)
+    try:
+        _add(gallery, protector, ["a", "b"], 1)
+        copy(db, backup)
+        index.rebuild()
+        follower.add(index)
+        _add(gallery, protector, ["c", "d", "e"], 2)
+        wait_for(lambda: index.size == 5, "the follower did not apply the enrolments")
+
+        copy(backup, db)  # the restore, under the running follower
+        (new_id,), new_t = _add(gallery, protector, ["f"], 3)
+        assert new_id <= 5  # an id (and a change number) the index has already seen
+        wait_for(lambda: sorted(index.ids().tolist()) == sorted(_sql_ids(gallery).tolist()),
+                 "the index kept templates the restored database does not have")
+        _, ids, codes = index.search_subjects(new_t, 1)
+        assert ids[0, 0] == new_id and index.subject_name(int(codes[0, 0])) == "f"
+    finally:
+        follower.close()
+        gallery.close()
