@@ -23,7 +23,7 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -114,6 +114,21 @@ class TemplateIndex:
         """Apply every SQL change newer than `last_seq`; returns how many were applied."""
         with self._lock:
             return self._catch_up_locked()
+
+    def rebuild_if_gone_back(self, latest: Callable[[], int]) -> bool:
+        """Rebuild from SQL when the gallery's newest change (`latest()`, read under this
+        index's lock) is older than what this index applied: the database went back (restored
+        from a backup under a running service), and the numbers after it will be given to
+        other changes, which a replay from `last_seq` would skip. Read under the lock, a change
+        this process commits and applies meanwhile cannot pass for that."""
+        with self._lock:
+            newest = latest()
+            if newest >= self.last_seq:
+                return False
+            log.warning("index %s: the change log went back (%d < %d): rebuilding from SQL",
+                        self.collection, newest, self.last_seq)
+            self.rebuild()
+            return True
 
     def sync(self) -> None:
         """Catch up unless that was done less than `sync_interval` ago: the staleness bound
@@ -360,14 +375,8 @@ class IndexFollower:
         indexes = self._indexes
         if latest != self._seen:
             for index in indexes:
-                if latest < index.last_seq:
-                    # The gallery's newest change is older than what this index applied: the
-                    # database went back (restored from a backup under a running service).
-                    # The numbers after `latest` will be given to other changes, which a
-                    # replay from `last_seq` would skip: only a rebuild is right.
-                    log.warning("index %s: the change log went back (%d < %d): rebuilding",
-                                index.collection, latest, index.last_seq)
-                    index.rebuild()
+                if latest < index.last_seq:  # went back, or this process wrote since `latest`
+                    index.rebuild_if_gone_back(self._watch.latest)
                 elif index.last_seq < latest:
                     index.catch_up()
             self._seen = latest

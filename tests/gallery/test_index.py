@@ -214,3 +214,30 @@ def test_follower_rebuilds_an_index_when_the_database_goes_back_to_a_backup(
     finally:
         follower.close()
         gallery.close()
+
+
+def test_a_look_older_than_this_processs_own_write_does_not_rebuild(gallery: Gallery, protector) -> None:
+    """The follower reads the newest change, then compares it with each index: a write this
+    process commits and applies in between makes the index look ahead of the gallery. That
+    must not pass for a restored database (a rebuild of a large index for nothing)."""
+    from advplugin.gallery.index import IndexFollower
+
+    _add(gallery, protector, ["a", "b"], 1)
+    index = TemplateIndex(gallery, 64, config=IndexConfig(use_gpu=False, sync_interval=60.0))
+    index.rebuild()
+    follower = IndexFollower(gallery, 60.0)  # its thread's first look is 30 s away: looks here are ours
+    try:
+        follower.add(index)  # not looked at yet: the next look compares
+        before = follower._watch.latest()
+        _add(gallery, protector, ["c"], 2)  # this process's write...
+        index.catch_up()  # ...applied at once, as the service applies its own
+        assert index.last_seq > before
+        real, reads = follower._watch.latest, iter([before])  # ...after the look read `before`
+        follower._watch.latest = lambda: next(reads, None) or real()  # type: ignore[method-assign]
+        rebuilt: list[int] = []
+        real_rebuild = index.rebuild
+        index.rebuild = lambda: rebuilt.append(1) or real_rebuild()  # type: ignore[method-assign]
+        follower.look()
+        assert not rebuilt and index.size == 3
+    finally:
+        follower.close()
