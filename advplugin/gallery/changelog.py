@@ -131,6 +131,19 @@ class ChangeLog(Database):
         with self._read() as conn:
             return int(conn.scalar(q) or 0)
 
+    def change_stamp(self, seq: int, *, collection: str = DEFAULT_COLLECTION) -> str | None:
+        """What change `seq` was (template, operation, time), or None where there is none: an
+        index snapshot records it beside its last change number, so that a gallery restored
+        from a backup, whose numbers went back and were given again to other changes, is
+        not mistaken for the one the snapshot was made from."""
+        cid = self.collection_id(collection)
+        q = select(TemplateChange.template_id, TemplateChange.op, TemplateChange.created_at).where(
+            TemplateChange.seq == seq, TemplateChange.collection_id == cid
+        )
+        with self._read() as conn:
+            row = conn.execute(q).first()
+        return None if row is None else f"{row.template_id}:{row.op}:{row.created_at.isoformat()}"
+
     def watch_changes(self) -> ChangeWatch:
         """A cheap, repeated look at the newest change of any collection (`ChangeWatch`)."""
         return ChangeWatch(self.engine)

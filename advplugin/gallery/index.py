@@ -269,6 +269,7 @@ class TemplateIndex:
                 meta = {
                     "version": SNAPSHOT_VERSION, "backend": self._backend.name, "dim": self.dim,
                     "last_seq": self.last_seq, "fingerprint": self._fingerprint(),
+                    "last_change": self.gallery.change_stamp(self.last_seq, collection=self.collection),
                 }
                 blob = self._backend.serialize()
                 self._changes_since_snapshot = 0
@@ -310,6 +311,11 @@ class TemplateIndex:
                 and meta.get("dim") == self.dim
                 and meta.get("fingerprint") == self._fingerprint()
                 and int(meta["last_seq"]) <= self.gallery.last_change_seq(collection=self.collection)
+                # The same change at that number (snapshots from before this check have none):
+                # after a restore from a backup the numbers are given again to other changes.
+                and meta.get("last_change", "-") in (
+                    "-", self.gallery.change_stamp(int(meta["last_seq"]), collection=self.collection)
+                )
             )
             if not valid:
                 log.warning("index snapshot %s does not match this gallery; rebuilding", path)

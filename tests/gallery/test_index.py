@@ -241,3 +241,42 @@ def test_a_look_older_than_this_processs_own_write_does_not_rebuild(gallery: Gal
         assert not rebuilt and index.size == 3
     finally:
         follower.close()
+
+
+def test_a_snapshot_from_before_a_restore_is_not_taken_for_the_restored_gallery(
+    tmp_path, master_key, erasure, protector
+) -> None:
+    """A snapshot saved, then the database restored from an older backup and written to again
+    until its change numbers pass the snapshot's, with as many templates as before: number
+    and count agree, but the changes are others. The snapshot records which change its last
+    number was, so the load rebuilds instead of serving the old templates under reused ids."""
+    import sqlite3
+
+    db, backup = tmp_path / "g.db", tmp_path / "backup.db"
+    gallery = Gallery.open(f"sqlite:///{db}", upgrade=True, master_key=master_key, erasure=erasure)
+    try:
+        _add(gallery, protector, ["a", "b"], 1)
+        src, dst = sqlite3.connect(db), sqlite3.connect(backup)
+        src.backup(dst)
+        src.close()
+        dst.close()
+        _add(gallery, protector, ["c", "d", "e"], 2)
+        index = TemplateIndex(gallery, 64, config=IndexConfig(use_gpu=False), snapshot_path=tmp_path / "snap.npz")
+        index.rebuild()
+        index.save()
+        seq = index.last_seq
+
+        src, dst = sqlite3.connect(backup), sqlite3.connect(db)  # the restore
+        src.backup(dst)
+        src.close()
+        dst.close()
+        ids, new_t = _add(gallery, protector, ["x", "y", "z"], 3)  # the same numbers and count again
+        assert gallery.last_change_seq() == seq and gallery.count_templates() == 5
+
+        loaded = TemplateIndex(gallery, 64, config=IndexConfig(use_gpu=False), snapshot_path=tmp_path / "snap.npz")
+        assert not loaded.load()  # rebuilt from SQL
+        _, found, codes = loaded.search_subjects(new_t, 1)
+        assert found[:, 0].tolist() == ids
+        assert [loaded.subject_name(int(c)) for c in codes[:, 0]] == ["x", "y", "z"]
+    finally:
+        gallery.close()
