@@ -148,14 +148,13 @@ class LeanClient:
         return head + data + f"\r\n--{self.BOUNDARY}--\r\n".encode()
 
     def post(self, path: str, body: bytes) -> int:
-        self.conn.request("POST", path, body, self.headers | {
-            "Content-Type": f"multipart/form-data; boundary={self.BOUNDARY}"})
-        resp = self.conn.getresponse()
-        resp.read()
-        return resp.status
+        return self._send("POST", path, body, {"Content-Type": f"multipart/form-data; boundary={self.BOUNDARY}"})
 
     def get(self, path: str) -> int:
-        self.conn.request("GET", path, headers=self.headers)
+        return self._send("GET", path, None, {})
+
+    def _send(self, method: str, path: str, body: bytes | None, headers: dict[str, str]) -> int:
+        self.conn.request(method, path, body, self.headers | headers)
         resp = self.conn.getresponse()
         resp.read()
         return resp.status

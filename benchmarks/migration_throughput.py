@@ -107,27 +107,34 @@ def plain_load(url: str, rows: int, chunk: int) -> float:
     return spent
 
 
-def child(args: argparse.Namespace) -> int:
-    """The migration itself (run as its own process so its peak memory is its own)."""
-    import cProfile
-    import pstats
-
-    from advplugin.bulk import migrate, open_source
-    from advplugin.gallery import Gallery
-    from advplugin.gallery.erasure import ErasureKeyStore
-    from advplugin.gallery.sealing import LocalKeyProvider
+def _source_and_protector(args: argparse.Namespace):  # type: ignore[no-untyped-def]
+    """The source table and a fresh `xnn` protector, as both child runs open them."""
+    from advplugin.bulk import open_source
     from advplugin.keys import Key
     from advplugin.protectors import create_protector
 
     source = open_source(args.source_url, table=SOURCE_TABLE, id_column="id", subject_column="person",
                          vector_column="vec")
+    return source, create_protector("xnn", key=Key.generate(), dim=DIM)
+
+
+def child(args: argparse.Namespace) -> int:
+    """The migration itself (run as its own process so its peak memory is its own)."""
+    import cProfile
+    import pstats
+
+    from advplugin.bulk import migrate
+    from advplugin.gallery import Gallery
+    from advplugin.gallery.erasure import ErasureKeyStore
+    from advplugin.gallery.sealing import LocalKeyProvider
+
+    source, protector = _source_and_protector(args)
     gallery = Gallery.open(args.gallery_url, upgrade=True)
     if args.master_key:
         # As `advplugin migrate` opens a gallery by default: sealed, with an erasure key store
         # (a key per new subject, kept outside the gallery database).
         store = ErasureKeyStore.open(Path(args.master_key).with_name("erasure-keys.db"))
         gallery.unlock(LocalKeyProvider.from_file(args.master_key, create=True), erasure=store)
-    protector = create_protector("xnn", key=Key.generate(), dim=DIM)
     sql_s: dict[str, float] = {}
 
     # The gallery's own SQL (client + server time of each statement): the part of the
@@ -185,15 +192,11 @@ def dry_child(args: argparse.Namespace) -> int:
 
     from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
-    from advplugin.bulk import open_source
     from advplugin.bulk.pipeline import ParallelProtect, prefetch, protected_chunks
     from advplugin.gallery.sealing import Sealer, subject_key_ad, template_ad
-    from advplugin.keys import Key
-    from advplugin.protectors import create_protector
 
-    source = open_source(args.source_url, table=SOURCE_TABLE, id_column="id", subject_column="person",
-                         vector_column="vec")
-    protect = ParallelProtect(create_protector("xnn", key=Key.generate(), dim=DIM), args.workers)
+    source, protector = _source_and_protector(args)
+    protect = ParallelProtect(protector, args.workers)
     wrap = AESGCM(AESGCM.generate_key(256))
     start, rows, next_id = time.perf_counter(), 0, 1
     ciphers: dict[str, AESGCM] = {}

@@ -313,8 +313,9 @@ class TemplateIndex:
                 and int(meta["last_seq"]) <= self.gallery.last_change_seq(collection=self.collection)
                 # The same change at that number (snapshots from before this check have none):
                 # after a restore from a backup the numbers are given again to other changes.
-                and meta.get("last_change", "-") in (
-                    "-", self.gallery.change_stamp(int(meta["last_seq"]), collection=self.collection)
+                and (
+                    "last_change" not in meta
+                    or meta["last_change"] == self.gallery.change_stamp(int(meta["last_seq"]), collection=self.collection)
                 )
             )
             if not valid:

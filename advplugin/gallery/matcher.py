@@ -146,14 +146,8 @@ class Matcher:
         self, scores: np.ndarray, ids: np.ndarray, codes: np.ndarray, threshold: float | None
     ) -> list[list[Match]]:
         """`_best` with k = 1 on ranked rows, vectorised over the batch (rows are sorted, so
-        the first candidate that has a subject and passes the threshold is the answer)."""
-        if len(ids) == 1:  # one probe: a walk that stops at the first hit
-            for j, (code, sim) in enumerate(zip(codes[0].tolist(), scores[0].tolist(), strict=True)):
-                if threshold is not None and sim < threshold:
-                    break  # ranked: every later candidate scores lower still
-                if code >= 0 and math.isfinite(sim):
-                    return [[Match(self.index.subject_name(code), sim, int(ids[0, j]))]]
-            return [[]]
+        the first candidate that has a subject and passes the threshold is the answer). A single
+        probe reaches it only when its best candidate had no subject (`_identify_one_key`)."""
         usable = (codes >= 0) & np.isfinite(scores)
         if threshold is not None:
             usable &= scores >= threshold
