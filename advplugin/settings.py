@@ -11,7 +11,7 @@ import os
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import Field, SecretStr, model_validator
+from pydantic import BaseModel, Field, SecretStr, model_validator
 from pydantic.fields import FieldInfo
 from pydantic_settings import (
     BaseSettings,
@@ -53,6 +53,33 @@ class _LegacyIndexVariables(PydanticBaseSettingsSource):
         prefix = str(self.config.get("env_prefix", "")).lower()
         env = {name.lower(): value for name, value in os.environ.items()}
         return {old: env[prefix + old] for old in LEGACY_INDEX_FIELDS if prefix + old in env}
+
+
+class AnswerSettings(BaseModel):
+    """What an answer may reveal (docs/service.md, "What an answer reveals"), one field each
+    as ADVPLUGIN_ANSWERS__<FIELD>. Keys without the exact-scores capability are answered with
+    decisions: only subjects whose score passes the operating point's calibrated threshold,
+    at most `max_predictions` per face, each with a band value, never a raw score; and each
+    key has a budget per rolling window (`advplugin.gallery.budgets`)."""
+
+    #: The default operating point: the false match rate whose calibrated threshold decides a
+    #: match (per scheme and extractor: `advplugin.protectors.calibration_for`). A collection
+    #: may choose its own (`advplugin db collection set --fmr`).
+    decision_fmr: float = Field(1e-3, gt=0.0, lt=1.0)
+    #: A decision threshold in the scheme's score units, for a scheme and extractor that ship
+    #: no calibration (then required); overrides the calibrated one where given.
+    decision_threshold: float | None = None
+    #: Matches at or above this FMR's threshold are strong: they earn budget credit.
+    strong_fmr: float = Field(1e-5, gt=0.0, lt=1.0)
+    #: Subjects named per face, at most, whatever `prediction_count` asks.
+    max_predictions: int = Field(1, ge=1, le=100)
+    budget_window_hours: int = Field(24, ge=1, le=24 * 366)
+    #: Faces that matched no one, per key and window.
+    budget_unmatched: int = Field(2000, ge=0)
+    #: Weak matches naming a subject new to the key, per key and window ...
+    budget_lookalikes: int = Field(10, ge=0)
+    #: ... plus this many per distinct subject strongly matched in the window.
+    budget_credit_per_strong: float = Field(2.0, ge=0.0)
 
 
 def best_available_scheme(preference: tuple[str, ...] = SCHEME_PREFERENCE) -> str:
@@ -149,6 +176,11 @@ class Settings(BaseSettings):
     #: Bootstrap key for a fresh gallery (stored hashed); if unset and the gallery has no API
     #: key, the service creates one and writes it to data_dir/api-key (0600).
     api_key: SecretStr | None = None
+    #: Grant the bootstrap key exact scores when it is created (audited; for evaluation and
+    #: analytics set-ups: such a key can read enrolled people back out of the scores).
+    api_key_exact_scores: bool = False
+    #: What answers may reveal, and the budgets (`AnswerSettings`).
+    answers: AnswerSettings = AnswerSettings()
 
     @property
     def resolved_database_url(self) -> str:

@@ -1,7 +1,9 @@
 """`advplugin db`: migrate the gallery database, show its state, manage API keys, seal it.
 
 API keys: `db api-key create --scope identify|enrol|admin` (printed once, stored hashed),
-`db api-key list` (names, scopes, dates; never hashes), `db api-key revoke`; the older
+`db api-key list` (names, scopes, dates; never hashes), `db api-key revoke`, `db api-key set`
+(exact scores, answer budgets: docs/service.md, "What an answer reveals"); `db collection set
+--fmr` (a collection's operating point); the older
 `db create-api-key` / `db revoke-api-key` still work (admin keys). `db audit` prints the
 audit trail (enrolments, deletions, key operations: who, what, when).
 
@@ -67,6 +69,36 @@ def register(sub: argparse._SubParsersAction) -> None:
     kr.add_argument("--collection", default="default")
     kr.add_argument("--name", required=True)
     kr.set_defaults(func=run_revoke_api_key)
+    ks = keysub.add_parser(
+        "set", help="what the keys of a label may be told: exact scores, budgets (audited)",
+        description="Grant or withdraw exact similarity scores (a key with them can read enrolled people back out "
+        "of the scores: for evaluation and analytics only), set the key's answer budgets per window "
+        "(`default`: the service's), or forget its counters. docs/service.md, 'What an answer reveals'.",
+    )
+    ks.add_argument("--database-url", help=DB_HELP)
+    ks.add_argument("--collection", default="default")
+    ks.add_argument("--name", required=True)
+    ks.add_argument("--exact-scores", action=argparse.BooleanOptionalAction, default=None,
+                    help="answers carry exact similarities (--no-exact-scores: decisions and bands)")
+    ks.add_argument("--budget-unmatched", type=_budget, metavar="N|default", default=argparse.SUPPRESS,
+                    help="faces that matched no one, per window")
+    ks.add_argument("--budget-lookalikes", type=_budget, metavar="N|default", default=argparse.SUPPRESS,
+                    help="weak matches naming a subject new to the key, per window (before credit)")
+    ks.add_argument("--reset-budget", action="store_true", help="forget the key's counters (audited)")
+    ks.set_defaults(func=run_set_api_key)
+
+    co = dbsub.add_parser("collection", help="a collection's settings: its operating point")
+    cosub = co.add_subparsers(dest="collection_command", required=True, metavar="COLLECTION_COMMAND")
+    cs = cosub.add_parser(
+        "set", help="the operating point: the false match rate whose calibrated threshold decides a match",
+        description="Every replica reads it from the database within seconds (docs/service.md).",
+    )
+    cs.add_argument("--database-url", help=DB_HELP)
+    cs.add_argument("--collection", default="default")
+    cs.add_argument("--fmr", required=True, type=_fmr, metavar="FMR|default",
+                    help="e.g. 1e-4 (must be one the served scheme and extractor are calibrated at); "
+                    "default: the service's ADVPLUGIN_ANSWERS__DECISION_FMR")
+    cs.set_defaults(func=run_set_collection)
 
     au = dbsub.add_parser("audit", help="the audit trail: enrolments, deletions, API-key operations")
     au.add_argument("--database-url", help=DB_HELP)
@@ -211,8 +243,75 @@ def run_list_api_keys(args: argparse.Namespace) -> int:
         keys = g.list_api_keys(collection=args.collection)
     for k in keys:
         revoked = f"revoked {k.revoked_at.isoformat()}" if k.revoked_at else "active"
-        print(f"id={k.id} collection={k.collection} name={k.name} scope={k.scope} "
+        budgets = "".join(f" {n}={v}" for n, v in (("budget_unmatched", k.budget_unmatched),
+                                                    ("budget_lookalikes", k.budget_lookalikes)) if v is not None)
+        exact = " exact_scores" if k.exact_scores else ""
+        print(f"id={k.id} collection={k.collection} name={k.name} scope={k.scope}{exact}{budgets} "
               f"created={k.created_at.isoformat()} {revoked}")
+    return 0
+
+
+def _budget(text: str) -> int | None:
+    if text == "default":
+        return None
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError("a whole number >= 0, or `default`") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError("a whole number >= 0, or `default`")
+    return value
+
+
+def _fmr(text: str) -> float | None:
+    if text == "default":
+        return None
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError("a false match rate such as 1e-4, or `default`") from None
+    if not 0.0 < value < 1.0:
+        raise argparse.ArgumentTypeError("a false match rate between 0 and 1, or `default`")
+    return value
+
+
+def run_set_api_key(args: argparse.Namespace) -> int:
+    from advplugin.gallery import Gallery
+    from advplugin.gallery.apikeys import UNSET
+    from advplugin.gallery.audit import CLI
+    from advplugin.gallery.budgets import AnswerBudgets
+
+    # Absent (SUPPRESS): leave as it is; `default` (None): back to the service's default.
+    unmatched = getattr(args, "budget_unmatched", UNSET)
+    lookalikes = getattr(args, "budget_lookalikes", UNSET)
+    changes = args.exact_scores is not None or unmatched is not UNSET or lookalikes is not UNSET
+    if not changes and not args.reset_budget:
+        raise ValueError("nothing to set: give --exact-scores/--no-exact-scores, a budget or --reset-budget")
+    with Gallery.open(_url(args)) as g:
+        keys = [k for k in g.list_api_keys(collection=args.collection) if k.name == args.name and k.revoked_at is None]
+        if not keys:
+            raise ValueError(f"no active API key named {args.name!r} in collection {args.collection!r}")
+        if changes:
+            g.configure_api_key(args.name, collection=args.collection, exact_scores=args.exact_scores,
+                                budget_unmatched=unmatched, budget_lookalikes=lookalikes)
+        if args.reset_budget:
+            budgets = AnswerBudgets(g)
+            for k in keys:
+                budgets.reset(k.id)
+            g.record_audit(CLI, "set_api_key", collection=args.collection, subject=f"{args.name}: budget reset")
+    print(f"updated {len(keys)} API key(s) named {args.name!r}; the service applies it within seconds")
+    return 0
+
+
+def run_set_collection(args: argparse.Namespace) -> int:
+    from advplugin.gallery import Gallery
+    from advplugin.gallery.audit import CLI
+    from advplugin.gallery.budgets import OperatingPoints
+
+    with Gallery.open(_url(args)) as g:
+        OperatingPoints(g).set(args.collection, args.fmr, actor=CLI)
+    what = "the service's default" if args.fmr is None else f"FMR {args.fmr:g}"
+    print(f"collection {args.collection!r} decides at {what}; replicas apply it within seconds")
     return 0
 
 

@@ -22,6 +22,13 @@ from advplugin.gallery.audit import CLI, Actor, AuditLog, as_utc
 from advplugin.gallery.database import DEFAULT_COLLECTION
 from advplugin.gallery.models import ApiKey, Collection, utcnow
 
+
+class Unset:
+    """`configure_api_key`'s "leave this as it is" (None there means "the default")."""
+
+
+UNSET = Unset()
+
 #: Scopes from least to most rights; each includes the rights of those before it.
 SCOPES = ("identify", "enrol", "admin")
 
@@ -45,6 +52,11 @@ class ActiveKey:
     collection: str
     id: int
     scope: str
+    #: Answers carry exact similarities (granted by an admin; docs/service.md).
+    exact_scores: bool = False
+    #: This key's budgets where they differ from the service's defaults (None: the default).
+    budget_unmatched: int | None = None
+    budget_lookalikes: int | None = None
 
 
 @dataclass(frozen=True)
@@ -57,6 +69,9 @@ class ApiKeyInfo:
     scope: str
     created_at: datetime
     revoked_at: datetime | None
+    exact_scores: bool = False
+    budget_unmatched: int | None = None
+    budget_lookalikes: int | None = None
 
 
 def hash_api_key(api_key: str) -> str:
@@ -92,28 +107,64 @@ class ApiKeyStore(AuditLog):
 
     def active_api_keys(self) -> list[ActiveKey]:
         """Every active API key: hash, collection, row id and scope."""
+        k = ApiKey
         q = (
-            select(ApiKey.key_sha256, Collection.name, ApiKey.id, ApiKey.scope)
-            .join(Collection, Collection.id == ApiKey.collection_id)
-            .where(ApiKey.revoked_at.is_(None))
+            select(k.key_sha256, Collection.name, k.id, k.scope, k.exact_scores, k.budget_unmatched,
+                   k.budget_lookalikes)
+            .join(Collection, Collection.id == k.collection_id)
+            .where(k.revoked_at.is_(None))
         )
         with self._read() as conn:
-            return [ActiveKey(h, c, int(i), s) for h, c, i, s in conn.execute(q)]
+            return [ActiveKey(h, c, int(i), s, bool(x), bu, bl) for h, c, i, s, x, bu, bl in conn.execute(q)]
 
     def list_api_keys(self, *, collection: str | None = None) -> list[ApiKeyInfo]:
         """Every key, revoked ones included, oldest first; never their hashes."""
+        k = ApiKey
         q = (
-            select(ApiKey.id, Collection.name, ApiKey.name, ApiKey.scope, ApiKey.created_at, ApiKey.revoked_at)
-            .join(Collection, Collection.id == ApiKey.collection_id)
-            .order_by(ApiKey.id)
+            select(k.id, Collection.name, k.name, k.scope, k.created_at, k.revoked_at, k.exact_scores,
+                   k.budget_unmatched, k.budget_lookalikes)
+            .join(Collection, Collection.id == k.collection_id)
+            .order_by(k.id)
         )
         if collection is not None:
             q = q.where(Collection.name == collection)
         with self._read() as conn:
             return [
-                ApiKeyInfo(int(i), c, n, s, as_utc(cr), as_utc(rv) if rv is not None else None)
-                for i, c, n, s, cr, rv in conn.execute(q)
+                ApiKeyInfo(int(i), c, n, s, as_utc(cr), as_utc(rv) if rv is not None else None, bool(x), bu, bl)
+                for i, c, n, s, cr, rv, x, bu, bl in conn.execute(q)
             ]
+
+    def configure_api_key(
+        self, name: str, *, collection: str = DEFAULT_COLLECTION, exact_scores: bool | None = None,
+        budget_unmatched: int | Unset | None = UNSET, budget_lookalikes: int | Unset | None = UNSET,
+        actor: Actor = CLI,
+    ) -> int:
+        """Change what the active keys of that name may be told: exact scores (a capability
+        an admin grants; off: decisions and bands), and their budgets (None: back to the
+        service's default). Audited in the same transaction; returns how many keys changed.
+        The service sees the change within seconds (`advplugin.service.auth`)."""
+        values: dict[str, object] = {}
+        if exact_scores is not None:
+            values["exact_scores"] = bool(exact_scores)
+        for column, value in (("budget_unmatched", budget_unmatched), ("budget_lookalikes", budget_lookalikes)):
+            if not isinstance(value, Unset):
+                if value is not None and (not isinstance(value, int) or value < 0):
+                    raise ValueError(f"{column} must be a whole number >= 0 (or None for the default)")
+                values[column] = value
+        if not values:
+            raise ValueError("nothing to change: give exact_scores or a budget")
+        with self.transaction() as g:
+            cid = g.collection_id(collection)
+            result = g.connection.execute(
+                update(ApiKey)
+                .where(ApiKey.collection_id == cid, ApiKey.name == name, ApiKey.revoked_at.is_(None))
+                .values(**values)
+            )
+            n = int(result.rowcount or 0)
+            if n:
+                what = ", ".join(f"{k}={v}" for k, v in values.items())
+                g.record_audit(actor, "set_api_key", collection=collection, subject=f"{name}: {what}"[:255])
+        return n
 
     def api_key_hashes(self) -> list[tuple[str, str]]:
         """(sha256 hex, collection name) of every active API key."""

@@ -21,6 +21,7 @@ from advplugin.gallery.models import AuditEvent, Collection, utcnow
 #: Actions written by advplugin itself (the column accepts any short word, for later ones).
 AUDIT_ACTIONS = (
     "enroll", "delete_subject", "add_subject", "delete_templates", "create_api_key", "revoke_api_key", "rotate_key",
+    "set_api_key", "budget_exceeded", "operating_point",
 )
 
 

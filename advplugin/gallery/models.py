@@ -15,6 +15,7 @@ from sqlalchemy import (
     BigInteger,
     Boolean,
     DateTime,
+    Float,
     ForeignKey,
     Index,
     Integer,
@@ -22,6 +23,7 @@ from sqlalchemy import (
     MetaData,
     String,
     UniqueConstraint,
+    false,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
@@ -54,6 +56,9 @@ class Collection(Base):
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     name: Mapped[str] = mapped_column(String(128), unique=True)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    # The collection's operating point (docs/service.md, "What an answer reveals"): the FMR
+    # whose calibrated threshold decides a match; NULL: the service's default (revision 0010).
+    decision_fmr: Mapped[float | None] = mapped_column(Float, nullable=True)
 
 
 class Subject(Base):
@@ -195,6 +200,50 @@ class ApiKey(Base):
     scope: Mapped[str] = mapped_column(String(16), server_default="admin")
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     revoked_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    # Revision 0010 (the answer policy, `advplugin.service.answers`): whether answers to this
+    # key carry exact similarities (granted by an admin, audited; off: decisions and bands),
+    # and this key's budgets where they differ from the service's (NULL: the default).
+    exact_scores: Mapped[bool] = mapped_column(Boolean, server_default=false())
+    budget_unmatched: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    budget_lookalikes: Mapped[int | None] = mapped_column(Integer, nullable=True)
+
+
+class KeyUsage(Base):
+    """What one API key was answered, per hour (`hour` = Unix time // 3600): the budget's
+    counters (`advplugin.gallery.budgets`). In the gallery's database, so replicas share them
+    and a restart keeps them; rows older than the budget window are deleted as they age."""
+
+    __tablename__ = "key_usage"
+
+    api_key_id: Mapped[int] = mapped_column(
+        ForeignKey("api_keys.id", ondelete="CASCADE"), primary_key=True, autoincrement=False
+    )
+    hour: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=False)
+    probes: Mapped[int] = mapped_column(Integer, default=0)
+    # Faces that matched no one (or failed a verification).
+    unmatched: Mapped[int] = mapped_column(Integer, default=0)
+    # Weak matches (below the strong band) naming a subject not named to this key within the
+    # window: the look-alike disclosures that reconstruct people.
+    lookalikes: Mapped[int] = mapped_column(Integer, default=0)
+    # Requests refused by the budget (the first one of an hour writes the audit event).
+    refused: Mapped[int] = mapped_column(Integer, default=0)
+
+
+class KeyDisclosure(Base):
+    """Which subjects an API key was told about, and when last (hour), weakly or strongly:
+    what makes a weak match *new* (a look-alike) and what earns a key credit (distinct subjects
+    strongly matched: a camera at a door, not an attacker). Names, never vectors; deleted with
+    the subject (same transaction) and once older than the window."""
+
+    __tablename__ = "key_disclosures"
+
+    api_key_id: Mapped[int] = mapped_column(
+        ForeignKey("api_keys.id", ondelete="CASCADE"), primary_key=True, autoincrement=False
+    )
+    collection_id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=False)
+    subject: Mapped[str] = mapped_column(String(255), primary_key=True)
+    last_hour: Mapped[int] = mapped_column(Integer)
+    strong_hour: Mapped[int | None] = mapped_column(Integer, nullable=True)
 
 
 class AuditEvent(Base):

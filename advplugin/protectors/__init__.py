@@ -15,15 +15,18 @@ from advplugin.protectors.base import (
     scheme_info,
     validate_embeddings,
 )
+from advplugin.protectors.calibration import Calibration, calibration_for
 
 __all__ = [
     "SCHEMES",
+    "Calibration",
     "KeyRotation",
     "Protector",
     "ProtectorMetadata",
     "SchemeInfo",
     "ScoreFn",
     "WeightsFile",
+    "calibration_for",
     "create_protector",
     "list_schemes",
     "register_scheme",

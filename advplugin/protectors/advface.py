@@ -54,6 +54,7 @@ from advplugin.protectors.base import (
     l2_normalize,
     register_scheme,
 )
+from advplugin.protectors.calibration import DLIB_EXTRACTORS, Calibration, measured
 from advplugin.protectors.xnn import XNNProtector
 
 #: Shipped weights per version and embedding dimension (only dlib's 128-d exist), with their
@@ -80,6 +81,26 @@ VERSIONS: dict[int, dict[int, WeightsFile]] = {
 DEFAULT_VERSION = 1
 #: The default version's weights: what `SchemeInfo` lists.
 WEIGHTS = VERSIONS[DEFAULT_VERSION]
+
+#: Decision thresholds of each version's templates (cosine: the keyless scorer), measured by
+#: `benchmarks/calibrate.py` on dlib's descriptors, the only ones weights exist for (`dlib-torch`
+#: computes the same). Why not dlib's own: the noise moves every pairwise cosine a little,
+#: and the thresholds with it (v2's at FMR 1e-2 by +0.0019). The keyed transform is orthogonal,
+#: so neither the key nor `transform` changes them; `refine_steps` does (unmeasured: None).
+#: Rerun the command after retraining a version, and update these with its weights' SHA-256.
+MEASURED: dict[int, Calibration] = {
+    1: measured(
+        (0.9075, 0.9261, 0.9411, 0.9532),
+        (0.0089, 0.0494, 0.1879, 0.4483),
+        what="cosine of advface version 1 templates",
+    ),
+    2: measured(
+        (0.9092, 0.9271, 0.9409, 0.9522),
+        (0.0093, 0.0494, 0.1732, 0.4043),
+        what="cosine of advface version 2 templates",
+    ),
+}
+CALIBRATIONS: dict[str, dict[int, Calibration]] = {name: MEASURED for name in DLIB_EXTRACTORS}
 
 Transform = Literal["xnn", "none"]
 
@@ -167,6 +188,12 @@ class AdvFaceProtector(TrainedProtector):
     version_option = "version"
     versions = VERSIONS
     trainer = "advplugin train advface"
+    calibrations = CALIBRATIONS
+
+    @classmethod
+    def calibration_version(cls, config: AdvFaceConfig) -> int | None:
+        # Refinement steps per template move scores beyond the generator's: never measured.
+        return None if config.refine_steps else super().calibration_version(config)
 
     def __init__(self, *, dim: int, key: Key | None, config: AdvFaceConfig | None = None) -> None:
         super().__init__(dim=dim, key=key, config=config)

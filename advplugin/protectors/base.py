@@ -20,6 +20,7 @@ from typing import Any, ClassVar
 import numpy as np
 
 from advplugin.keys import Key
+from advplugin.protectors.calibration import Calibration, extractor_calibration
 from advplugin.registry import Registry
 
 WEIGHTS_DIR = Path(__file__).with_name("weights")
@@ -183,6 +184,14 @@ class Protector(ABC):
     config_class: ClassVar[type] = NoConfig
     #: Trained weights per input dimension. Empty: the scheme works at any dimension.
     weights: ClassVar[Mapping[int, WeightsFile]] = {}
+    #: True where the scorer's score of two templates IS the cosine of the two raw embeddings
+    #: (the identity; an orthogonal map of unit vectors): the extractor's own calibrated
+    #: thresholds then hold unchanged. Options may undo it (`scores_preserved`).
+    preserves_scores: ClassVar[bool] = False
+    #: Decision thresholds measured for the scheme's own scores where it moves them (trained
+    #: noise), per extractor name (`advplugin.adapters`' names) and weights version
+    #: (`calibration_version`); `advplugin.protectors.calibration` says how they were measured.
+    calibrations: ClassVar[Mapping[str, Mapping[int, Calibration]]] = {}
 
     def __init__(self, *, dim: int, key: Key | None, config: Any = None) -> None:
         if not isinstance(dim, int) or dim <= 0:
@@ -220,6 +229,29 @@ class Protector(ABC):
     @classmethod
     def output_dim_for(cls, dim: int, config: Any) -> int:
         return dim
+
+    @classmethod
+    def scores_preserved(cls, config: Any) -> bool:
+        """`preserves_scores` for templates made with `config`."""
+        return cls.preserves_scores
+
+    @classmethod
+    def calibration_version(cls, config: Any) -> int | None:
+        """The entry of `calibrations` (per extractor) that `config`'s scores were measured
+        as, or None where no measurement applies to them."""
+        return None
+
+    @classmethod
+    def calibration(cls, extractor: str, config: Any) -> Calibration | None:
+        """Decision thresholds for templates made with `config` from `extractor`'s
+        embeddings, in the units of `scorer`: the extractor's raw calibration where scores are
+        preserved, the scheme's own where it ships one, else None."""
+        if cls.scores_preserved(config):
+            return extractor_calibration(extractor)
+        version = cls.calibration_version(config)
+        if version is None:
+            return None
+        return cls.calibrations.get(extractor, {}).get(version)
 
     @classmethod
     def scorer(cls, dim: int, config: Any) -> ScoreFn:
@@ -350,6 +382,15 @@ class TrainedProtector(Protector):
         return {k: v for k, v in super().digest_options(config).items() if k not in drop}
 
     @classmethod
+    def calibration_version(cls, config: Any) -> int | None:
+        """The shipped version `config` loads (`version_option`'s value; 1 for a scheme with
+        a single version), or None for a weights file of the user's own: its scores were never
+        measured."""
+        if getattr(config, "weights", None) is not None:
+            return None
+        return 1 if cls.version_option is None else int(getattr(config, cls.version_option))
+
+    @classmethod
     def weights_sha256(cls, dim: int, config: Any) -> str | None:
         if getattr(config, "weights", None) is not None:
             return file_sha256(Path(config.weights))
@@ -406,6 +447,12 @@ class SchemeInfo:
 
     def scorer(self, dim: int, **options: object) -> ScoreFn:
         return self.protector.scorer(dim, self.protector.make_config(**options))
+
+    def calibration(self, extractor: str, **options: object) -> Calibration | None:
+        """Decision thresholds (score at FMR 1e-2 ... 1e-5, in `scorer`'s units) measured
+        for templates of `extractor`'s embeddings with `options`, or None where none was
+        (`advplugin.protectors.calibration`)."""
+        return self.protector.calibration(extractor, self.protector.make_config(**options))
 
 
 SCHEMES: Registry[Protector] = Registry("protection scheme")

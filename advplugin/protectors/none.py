@@ -17,6 +17,7 @@ class NoneProtector(Protector):
     accuracy_tolerance = 0.0
     protects = False
     keyed = False
+    preserves_scores = True  # templates are the raw embeddings: the extractor's calibration
 
     def _protect(self, raw: np.ndarray) -> np.ndarray:
         return raw.copy()

@@ -71,6 +71,13 @@ class XNNProtector(Protector):
     accuracy_tolerance = 0.0005
     config_class = XNNConfig
     config: XNNConfig
+    # Orthogonal: cosine of templates = cosine of raw embeddings, so the extractor's
+    # calibrated thresholds hold. Gaussian: a key-dependent distortion, no threshold ships.
+    preserves_scores = True
+
+    @classmethod
+    def scores_preserved(cls, config: XNNConfig) -> bool:
+        return config.matrix == "orthogonal"
 
     def __init__(self, *, dim: int, key: Key | None, config: XNNConfig | None = None) -> None:
         super().__init__(dim=dim, key=key, config=config)

@@ -47,6 +47,7 @@ from advplugin.protectors.base import (
     l2_normalize,
     register_scheme,
 )
+from advplugin.protectors.calibration import DLIB_EXTRACTORS, Calibration, measured
 from advplugin.protectors.xnn import XNNProtector
 
 #: Shipped weights releases, per embedding dimension (dlib's 128-d), with their SHA-256.
@@ -70,6 +71,26 @@ RELEASES: dict[int, dict[int, WeightsFile]] = {
 LATEST_RELEASE = max(RELEASES)
 #: The default (latest) release's weights: what `SchemeInfo` lists.
 WEIGHTS = RELEASES[LATEST_RELEASE]
+
+#: Decision thresholds of each release's templates (cosine of S's embeddings: the keyless
+#: scorer), measured by `benchmarks/calibrate.py` on dlib's descriptors, the only ones weights
+#: exist for (`dlib-torch` computes the same). Why not dlib's own: S is not the identity, so
+#: its scores are its own (release 1's thresholds sit up to 0.009 below raw ones). The key
+#: acts last and is orthogonal, so it does not change them. Rerun the command after refitting
+#: a release, and update these with its weights' SHA-256.
+MEASURED: dict[int, Calibration] = {
+    1: measured(
+        (0.8987, 0.9208, 0.9380, 0.9517),
+        (0.0115, 0.0644, 0.2328, 0.5119),
+        what="cosine of xnn-d release 1 templates",
+    ),
+    2: measured(
+        (0.9074, 0.9259, 0.9406, 0.9527),
+        (0.0086, 0.0493, 0.1875, 0.4516),
+        what="cosine of xnn-d release 2 templates",
+    ),
+}
+CALIBRATIONS: dict[str, dict[int, Calibration]] = {name: MEASURED for name in DLIB_EXTRACTORS}
 
 Layers = tuple[tuple[np.ndarray, np.ndarray], ...]  # (weight [in, out], bias [out]) per layer
 
@@ -149,6 +170,7 @@ class XNNDProtector(TrainedProtector):
     version_option = "release"
     versions = RELEASES
     trainer = "advplugin train xnn-d --embeddings RAW.npz"
+    calibrations = CALIBRATIONS
 
     def __init__(self, *, dim: int, key: Key | None, config: XNNDConfig | None = None) -> None:
         super().__init__(dim=dim, key=key, config=config)

@@ -25,11 +25,16 @@ _RELOAD_MISS_AFTER = 1.0  # seconds: an unknown key re-reads the store at most t
 
 
 class Caller(NamedTuple):
-    """An authenticated request's key: its collection, row id (never the key) and scope."""
+    """An authenticated request's key: its collection, row id (never the key), scope, and
+    what its answers may carry (`advplugin.service.answers`): exact scores or decisions, and
+    its own budgets (None: the service's defaults)."""
 
     collection: str
     api_key_id: int
     scope: str
+    exact_scores: bool = False
+    budget_unmatched: int | None = None
+    budget_lookalikes: int | None = None
 
 
 class Stale:
@@ -78,5 +83,6 @@ class ApiKeyAuth:
         found = None
         for key in self._hashes:
             if hmac.compare_digest(key.key_sha256.encode(), digest):
-                found = Caller(key.collection, key.id, key.scope)
+                found = Caller(key.collection, key.id, key.scope, key.exact_scores, key.budget_unmatched,
+                               key.budget_lookalikes)
         return found

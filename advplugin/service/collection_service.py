@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from advplugin.gallery.audit import Actor
+from advplugin.gallery.budgets import AnswerBudgets
 from advplugin.gallery.index import IndexFollower, TemplateIndex
 from advplugin.gallery.matcher import Match, Matcher, ProbeSet
 from advplugin.gallery.store import Gallery
@@ -129,6 +130,7 @@ class CollectionService:
         return. With `actor`, the audit event commits in the deletion's transaction."""
         with self.gallery.transaction() as g:
             n = g.delete_subject(name, collection=collection)
+            AnswerBudgets(g).forget_subject(collection, name)  # no key's record names them any more
             if actor is not None:
                 g.record_audit(actor, "delete_subject", collection=collection, subject=name, template_count=n)
         self.gallery.complete_erasures_or_warn()  # its erasure key: every older copy of the database loses it

@@ -15,6 +15,7 @@ from fastapi import Depends, Header, Request
 from starlette.concurrency import run_in_threadpool
 
 from advplugin.gallery.apikeys import scope_allows
+from advplugin.service.answers import Answers
 from advplugin.service.auth import Caller, Stale
 from advplugin.service.errors import ServiceError
 from advplugin.service.state import ServiceState
@@ -64,5 +65,12 @@ def _require(needed: str) -> Callable[[Caller], Coroutine[Any, Any, Caller]]:
     return check
 
 
+async def get_answers(state: State, caller: IdentifyCaller) -> Answers:
+    """The answer policy bound to the caller: every route that answers a similarity or a
+    match decision takes this and gets its matches through it (`advplugin.service.answers`)."""
+    return state.answers.bind(caller)
+
+
+AnswersFor = Annotated[Answers, Depends(get_answers)]
 EnrolCaller = Annotated[Caller, Depends(_require("enrol"))]
 AdminCaller = Annotated[Caller, Depends(_require("admin"))]

@@ -24,7 +24,7 @@ from prometheus_client import (
     Histogram,
     generate_latest,
 )
-from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 from starlette.requests import Request
 from starlette.responses import Response
@@ -95,6 +95,30 @@ class _GalleryCollector(Collector):
                 old = gallery.count_templates(collection=name, key_id=previous.metadata.key_id)
             families["previous"].add_metric([cid], old)
         yield from families.values()
+        yield from _answer_families(state)
+
+
+def _answer_families(state: ServiceState) -> Iterator[Metric]:
+    """What this process answered under the answer policy (`advplugin.service.answers`), per
+    collection id and outcome. `refused` counts requests refused by a key's budget: alert on
+    `increase(advplugin_answer_budget_refusals_total[10m]) > 0`."""
+    answered = CounterMetricFamily(
+        "advplugin_answers", "Faces answered by outcome: strong or weak match, or unmatched",
+        labels=["collection_id", "outcome"],
+    )
+    refused = CounterMetricFamily(
+        "advplugin_answer_budget_refusals", "Requests refused because the key's answer budget was used up",
+        labels=["collection_id"],
+    )
+    gallery = state.gallery
+    for (outcome, collection), n in sorted(state.answers.counts.items()):
+        cid = str(gallery.collection_id(collection, create=False))
+        if outcome == "refused":
+            refused.add_metric([cid], n)
+        else:
+            answered.add_metric([cid, outcome], n)
+    yield answered
+    yield refused
 
 
 class RequestMetrics:

@@ -14,7 +14,8 @@ from advplugin.gallery.matcher import ProbeSet
 from advplugin.gallery.store import SubjectNotFound
 from advplugin.images import ImageError
 from advplugin.protectors.base import validate_embeddings
-from advplugin.service.deps import CollectionName, EnrolCaller, State
+from advplugin.service.answers import Disclosed
+from advplugin.service.deps import AnswersFor, EnrolCaller, State
 from advplugin.service.errors import ServiceError
 from advplugin.service.schemas import (
     FORBIDDEN,
@@ -38,7 +39,9 @@ from advplugin.service.state import KeyView, ServiceState, image_sha256
 
 ERRORS = {s: {"model": ErrorResponse} for s in (401, 404, 413, 422, 503)}
 #: Enrolment routes need an `enrol` or `admin` key (`advplugin.service.deps`).
-#: Image routes may also answer 429 (too many images in progress), with Retry-After.
+#: Image routes may answer 429 (too many images in progress), and every route that answers a
+#: match may answer 429 when the key's answer budget is used up (`budget_exceeded`), both
+#: with Retry-After.
 BUSY = {429: {"model": ErrorResponse, "headers": {"Retry-After": {
     "description": "seconds to wait before retrying", "schema": {"type": "integer"}}}}}
 router = APIRouter(tags=["recognition"], responses=ERRORS)
@@ -166,54 +169,63 @@ def enroll(
     )
 
 
+PREDICTION_COUNT = "subjects per face; keys without exact scores get at most the service's max_predictions (1)"
+THRESHOLD = "only subjects at least this similar (keys without exact scores: compared with the band value)"
+
+
+def _subjects(found: list[Disclosed]) -> list[SubjectSimilarity]:
+    return [SubjectSimilarity(subject=d.subject, similarity=d.similarity) for d in found]
+
+
 @router.post("/identify", response_model=IdentifyResponse, responses=BUSY)
 def identify(
     state: State,
-    collection: CollectionName,
+    answers: AnswersFor,
     file: Annotated[UploadFile, File(description="image (JPEG, PNG, ...)")],
     limit: Annotated[int, Query(ge=0, description="faces to recognise, largest first; 0: all")] = 0,
-    prediction_count: Annotated[int, Query(ge=1, le=100, description="subjects per face")] = 1,
-    threshold: Annotated[Threshold | None, Query(description="only subjects at least this similar")] = None,
+    prediction_count: Annotated[int, Query(ge=1, le=100, description=PREDICTION_COUNT)] = 1,
+    threshold: Annotated[Threshold | None, Query(description=THRESHOLD)] = None,
 ) -> IdentifyResponse:
-    """For every face (up to `limit`): its box and the most similar subjects."""
+    """For every face (up to `limit`): its box and the subjects the answer policy lets this
+    key be told (docs/service.md, "What an answer reveals")."""
+    collection = answers.caller.collection
     data = _read_upload(state, file)
+    answers.admit()
     max_faces = min(limit or state.settings.max_faces, state.settings.max_faces)
     view = _keys(state, collection)
     det, probes = _protected_faces(state, data, view, largest_only=False, max_faces=max_faces)
-    matches = state.collections.identify(view, collection, probes, k=prediction_count, threshold=threshold)
+    found = answers.identify(view, collection, probes, prediction_count=prediction_count, threshold=threshold)
     return IdentifyResponse(
-        result=[
-            FaceResult(
-                box=_box(state, det, i),
-                subjects=[SubjectSimilarity(subject=m.subject, similarity=m.similarity) for m in ms],
-            )
-            for i, ms in enumerate(matches)
-        ]
+        result=[FaceResult(box=_box(state, det, i), subjects=_subjects(ds)) for i, ds in enumerate(found)]
     )
 
 
 @router.post("/verify", response_model=VerifyResponse, responses=BUSY)
 def verify(
     state: State,
-    collection: CollectionName,
+    answers: AnswersFor,
     file: Annotated[UploadFile, File(description="image (JPEG, PNG, ...)")],
     subject: Annotated[SubjectName, Form(description="the subject to compare with")],
-    threshold: Annotated[Threshold | None, Form(description="decide verified = similarity >= threshold")] = None,
+    threshold: Annotated[Threshold | None, Form(
+        description="keys with exact scores: decide verified = similarity >= threshold (default: the operating "
+        "point); ignored for other keys, which get the service's decision")] = None,
 ) -> VerifyResponse:
-    """Similarity of the image's largest face to the subject's best template."""
+    """Whether the image's largest face is the subject (its best template): the decision,
+    with the band of a match; the exact similarity only for keys granted exact scores."""
+    collection = answers.caller.collection
     name = _check_subject(subject)
     data = _read_upload(state, file)
     try:
         state.gallery.get_subject(name, collection=collection)
     except SubjectNotFound as e:
         raise ServiceError(404, "unknown_subject", str(e)) from None
+    answers.admit()
     view = _keys(state, collection)
     det, probes = _protected_faces(state, data, view, largest_only=True, max_faces=1)
     m = state.collections.verify(view, collection, probes, name)
-    return VerifyResponse(
-        subject=name, similarity=m.similarity,
-        verified=None if threshold is None else m.similarity >= threshold, box=_box(state, det, 0),
-    )
+    verdict = answers.verify(collection, name, [m.similarity], threshold=threshold)[0]
+    return VerifyResponse(subject=name, similarity=verdict.similarity, verified=verdict.verified,
+                          box=_box(state, det, 0))
 
 
 # -- protected templates (client-side protection) --------------------------------------------------
@@ -234,20 +246,15 @@ def enroll_templates(
     )
 
 
-@router.post("/identify/templates", response_model=IdentifyResponse)
-def identify_templates(
-    state: State, collection: CollectionName, body: IdentifyTemplatesRequest
-) -> IdentifyResponse:
-    """Identify client-protected probe templates: the best subjects for each."""
+@router.post("/identify/templates", response_model=IdentifyResponse, responses=BUSY)
+def identify_templates(state: State, answers: AnswersFor, body: IdentifyTemplatesRequest) -> IdentifyResponse:
+    """Identify client-protected probe templates: for each, the subjects the answer policy
+    lets this key be told."""
+    collection = answers.caller.collection
     templates = _client_templates(state, body.protection, body.templates)
+    answers.admit()
     view = _keys(state, collection)
     probes = state.protection.convert_for(view, templates)
-    matches = state.collections.identify(
-        view, collection, probes, k=body.prediction_count, threshold=body.threshold
-    )
-    return IdentifyResponse(
-        result=[
-            FaceResult(subjects=[SubjectSimilarity(subject=m.subject, similarity=m.similarity) for m in ms])
-            for ms in matches
-        ]
-    )
+    found = answers.identify(view, collection, probes, prediction_count=body.prediction_count,
+                             threshold=body.threshold)
+    return IdentifyResponse(result=[FaceResult(subjects=_subjects(ds)) for ds in found])

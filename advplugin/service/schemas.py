@@ -98,7 +98,9 @@ class EnrollResponse(BaseModel):
 
 class SubjectSimilarity(BaseModel):
     subject: str
-    similarity: float
+    similarity: float = Field(description=(
+        "keys with exact scores: the scheme's similarity; other keys: the band of the match (0.90: "
+        "FMR 1e-3, 0.95: FMR 1e-4, 0.99: FMR 1e-5; docs/service.md, 'What an answer reveals')"))
 
 
 class FaceResult(BaseModel):
@@ -120,8 +122,10 @@ class IdentifyResponse(BaseModel):
 
 class VerifyResponse(BaseModel):
     subject: str
-    similarity: float
-    verified: bool | None = Field(None, description="similarity >= threshold, when one was given")
+    similarity: float | None = Field(description=(
+        "keys with exact scores: the similarity; other keys: the band of a match, null when not verified"))
+    verified: bool = Field(description="the decision: at the collection's operating point (exact-scores keys: "
+                           "similarity >= their threshold when given)")
     box: Box | None = None
 
 
@@ -261,5 +265,6 @@ class EnrollTemplatesResponse(BaseModel):
 class IdentifyTemplatesRequest(BaseModel):
     protection: Protection
     templates: list[list[TemplateValue]] = Field(min_length=1)
-    prediction_count: int = Field(1, ge=1, le=100)
+    prediction_count: int = Field(
+        1, ge=1, le=100, description="keys without exact scores get at most the service's max_predictions (1)")
     threshold: Threshold | None = None

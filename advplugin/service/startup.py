@@ -198,12 +198,15 @@ def bootstrap_api_key(gallery: Gallery, settings: Settings) -> None:
     one written to data_dir/api-key (0600) and announced."""
     if gallery.api_key_hashes():
         return
+    service = Actor("service")
     if settings.api_key is not None:
-        gallery.create_api_key_hash(
-            hash_api_key(settings.api_key.get_secret_value()), "bootstrap", actor=Actor("service")
-        )
+        gallery.create_api_key_hash(hash_api_key(settings.api_key.get_secret_value()), "bootstrap", actor=service)
+        if settings.api_key_exact_scores:
+            gallery.configure_api_key("bootstrap", exact_scores=True, actor=service)
         return
-    api_key = gallery.create_api_key("bootstrap", actor=Actor("service"))
+    api_key = gallery.create_api_key("bootstrap", actor=service)
+    if settings.api_key_exact_scores:
+        gallery.configure_api_key("bootstrap", exact_scores=True, actor=service)
     path = settings.data_dir / "api-key"
     if path.exists():
         path.unlink()

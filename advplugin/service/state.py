@@ -18,6 +18,7 @@ from contextlib import contextmanager
 
 from advplugin.gallery.sealing import ErasedError
 from advplugin.gallery.store import Gallery
+from advplugin.service.answers import AnswerPolicy
 from advplugin.service.auth import ApiKeyAuth
 from advplugin.service.blind_service import BlindService
 from advplugin.service.collection_service import CollectionService
@@ -49,6 +50,8 @@ class ServiceState:
         self.protection = protection
         self.collections = collections
         self.auth = auth
+        #: What answers may reveal, and the budgets (`advplugin.service.answers`).
+        self.answers = AnswerPolicy(gallery, protection, collections, settings)
         self._extraction_slots = threading.BoundedSemaphore(settings.max_concurrent_extractions)
         self.extraction = Extraction(protection, settings)
         #: Blind mode only (ADVPLUGIN_MODE=blind): the encrypted collections (docs/blind.md).
@@ -80,15 +83,16 @@ class ServiceState:
             check_gallery_matches(gallery, protection, settings)
             bootstrap_api_key(gallery, settings)
             collections = CollectionService(gallery, protection, settings)
+            AnswerPolicy(gallery, protection, collections, settings)  # refuse an undecidable set-up now
             try:
                 collections.open_all()
             except ErasedError as e:  # a restored backup: one clear line, not a traceback
                 raise ConfigurationError(str(e)) from None
             blind = BlindService(gallery, protection, settings) if settings.mode == "blind" else None
+            state = cls(settings, gallery, protection, collections, ApiKeyAuth(gallery))
         except BaseException:
             gallery.close()
             raise
-        state = cls(settings, gallery, protection, collections, ApiKeyAuth(gallery))
         state.blind = blind
         return state
 

@@ -38,6 +38,7 @@ from advplugin.bulk.models import MigrationItem, MigrationJob
 from advplugin.gallery.audit import Actor
 from advplugin.gallery.models import Subject, Template
 from advplugin.gallery.store import SubjectNotFound
+from advplugin.service.answers import Verdict
 from advplugin.service.compreface.schemas import (
     CfBox,
     CfDeleted,
@@ -59,7 +60,7 @@ from advplugin.service.compreface.schemas import (
     CfVerifiedFace,
     CfVerifyResponse,
 )
-from advplugin.service.deps import CollectionName, EnrolCaller, State
+from advplugin.service.deps import AnswersFor, CollectionName, EnrolCaller, State
 from advplugin.service.errors import ServiceError
 from advplugin.service.routes_recognition import (
     _box,
@@ -88,7 +89,7 @@ _DELETE_MANY_BYTES = MAX_IDS * (ID_MAX * 6 + 4) + 1024
 _CF_CODES = {
     "no_face": 28, "unknown_subject": 42, "image_not_found": 11, "subject_exists": 43,
     "invalid_request": 26, "invalid_image": 21, "unsupported_plugin": 36, "unauthorized": 20,
-    "too_large": 0, "busy": 0, "forbidden": 0,
+    "too_large": 0, "busy": 0, "forbidden": 0, "budget_exceeded": 0,
 }
 #: Face plugins CompreFace offers; `calculator` is refused for privacy, the others are not built.
 _PLUGINS = {"calculator", "age", "gender", "landmarks", "mask", "pose"}
@@ -387,16 +388,26 @@ def download_image(image_id: str) -> None:
     )
 
 
+def _cf_similarity(verdict: Verdict) -> float:
+    """CompreFace's `similarity` of a verdict: the exact score or the band of a match, 0.0 for
+    a face below the operating point (a CompreFace client's threshold then rejects it)."""
+    return verdict.similarity if verdict.similarity is not None else 0.0
+
+
 @router.post("/recognition/faces/{image_id}/verify", response_model=CfVerifyResponse)
 def verify_example(
-    state: State, collection: CollectionName, image: Image,
+    state: State, answers: AnswersFor, image: Image,
     image_id: Annotated[str, Path(max_length=ID_MAX)],
     limit: Limit = 0, det_prob_threshold: DetProb = None, status: Status = False, face_plugins: Plugins = "",
 ) -> CfVerifyResponse:
-    """Similarity of every face of the image (up to `limit`) to one stored example."""
+    """Whether every face of the image (up to `limit`) is the person of one stored example:
+    the decision as a band value (0.0: not verified); the exact similarity only for keys
+    granted exact scores. Counted against the key's budget like identification."""
     start = time.perf_counter()
+    collection = answers.caller.collection
     _check_plugins(face_plugins)
-    tid, _ = _template_of(state, collection, image_id)
+    tid, subject = _template_of(state, collection, image_id)
+    answers.admit()
     view = _keys(state, collection)
     det, probes, keep = _faces(state, image, view, largest_only=False, limit=limit, det_prob=det_prob_threshold)
     row = state.gallery.template_rows([tid]).get(tid)
@@ -406,38 +417,43 @@ def verify_example(
     if scorer is None or row.key_id not in probes:
         raise ServiceError(503, "key_rotation", state.key_mismatch_message([row.key_id]))
     sims = scorer(probes[row.key_id][keep], np.asarray(row.vector, np.float32)[None, :])[:, 0]
+    verdicts = answers.verify(collection, subject, [float(s) for s in sims])
     elapsed = _elapsed(start, status)
     return CfVerifyResponse(
-        result=[CfVerifiedFace(box=_cf_box(state, det, int(i)), similarity=float(s), execution_time=elapsed)
-                for i, s in zip(keep, sims, strict=True)],
+        result=[CfVerifiedFace(box=_cf_box(state, det, int(i)), similarity=_cf_similarity(v), execution_time=elapsed)
+                for i, v in zip(keep, verdicts, strict=True)],
         plugins_versions=_versions(state, status),
     )
 
 
 @router.post("/recognition/recognize", response_model=CfRecognizeResponse)
 def recognize(
-    state: State, collection: CollectionName, image: Image,
+    state: State, answers: AnswersFor, image: Image,
     limit: Limit = 0,
-    prediction_count: Annotated[int, Query(ge=1, le=100, description="subjects per face")] = 1,
+    prediction_count: Annotated[int, Query(
+        ge=1, le=100, description="subjects per face; keys without exact scores get at most max_predictions (1)")] = 1,
     det_prob_threshold: DetProb = None, status: Status = False, face_plugins: Plugins = "",
 ) -> CfRecognizeResponse:
-    """For every face (up to `limit`, largest first): its box and the most similar subjects,
-    exactly as the native /identify ranks them."""
+    """For every face (up to `limit`, largest first): its box and the subjects the answer
+    policy lets this key be told, as the native /identify answers them (matches only, with
+    band values, unless the key was granted exact scores)."""
     start = time.perf_counter()
+    collection = answers.caller.collection
     _check_plugins(face_plugins)
+    answers.admit()
     view = _keys(state, collection)
     det, probes, keep = _faces(state, image, view, largest_only=False, limit=limit, det_prob=det_prob_threshold)
     kept = {k: v[keep] for k, v in probes.items()}
-    matches = state.collections.identify(view, collection, kept, k=prediction_count, threshold=None)
+    found = answers.identify(view, collection, kept, prediction_count=prediction_count, threshold=None)
     elapsed = _elapsed(start, status)
     return CfRecognizeResponse(
         result=[
             CfRecognizedFace(
                 box=_cf_box(state, det, int(i)),
-                subjects=[CfSubject(subject=m.subject, similarity=m.similarity) for m in ms],
+                subjects=[CfSubject(subject=d.subject, similarity=d.similarity) for d in ds],
                 execution_time=elapsed,
             )
-            for i, ms in zip(keep, matches, strict=True)
+            for i, ds in zip(keep, found, strict=True)
         ],
         plugins_versions=_versions(state, status),
     )
@@ -539,12 +555,14 @@ def detect(
 
 @router.post("/verification/verify", response_model=CfVerificationResponse)
 def verify_images(
-    state: State, collection: CollectionName, images: TwoImages,
+    state: State, answers: AnswersFor, images: TwoImages,
     limit: Limit = 0, det_prob_threshold: DetProb = None, status: Status = False, face_plugins: Plugins = "",
 ) -> CfVerificationResponse:
     """The largest face of `source_image` against every face of `target_image` (up to
     `limit`): both protected under the current key and compared with the scheme's scorer,
-    the one identification uses. Nothing is stored."""
+    the one identification uses. Nothing is stored, and no stored template is touched, so no
+    budget is counted; the similarity is the band of a match (0.0: not the same person) unless
+    the key was granted exact scores."""
     start = time.perf_counter()
     _check_plugins(face_plugins)
     view = KeyView(current=state.protection.expected.key_id, previous=None, unknown=[])
@@ -554,10 +572,12 @@ def verify_images(
     )
     scorer = state.protection.scorers(view)[view.current]
     sims = scorer(tgt[view.current][tgt_keep], src[view.current][src_keep[:1]])[:, 0]
+    verdicts = answers.compare(answers.caller.collection, [float(s) for s in sims])
     elapsed = _elapsed(start, status)
     return CfVerificationResponse(result=[CfVerificationItem(
         source_image_face=CfSourceFace(box=_cf_box(state, src_det, int(src_keep[0]))),
-        face_matches=[CfVerifiedFace(box=_cf_box(state, tgt_det, int(i)), similarity=float(s), execution_time=elapsed)
-                      for i, s in zip(tgt_keep, sims, strict=True)],
+        face_matches=[CfVerifiedFace(box=_cf_box(state, tgt_det, int(i)), similarity=_cf_similarity(v),
+                                     execution_time=elapsed)
+                      for i, v in zip(tgt_keep, verdicts, strict=True)],
         plugins_versions=_versions(state, status),
     )])
