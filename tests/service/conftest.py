@@ -28,12 +28,17 @@ def free_port() -> int:
 
 
 class Server:
-    """One service process; `restart` keeps its data folder, database and key."""
+    """One service process; `restart` keeps its data folder, database and key.
+
+    Its bootstrap key (`api_key`) is granted exact scores unless `env` says otherwise
+    (ADVPLUGIN_API_KEY_EXACT_SCORES=false): most suites compare exact similarities (key
+    rotation, crashes, the index); the answer policy's tests (test_answers.py) and the
+    CompreFace SDK's interop test speak with ordinary keys under the default policy."""
 
     def __init__(self, workdir: Path, env: dict[str, str]) -> None:
         self.workdir = workdir
         self.api_key = secrets.token_urlsafe(24)
-        self.env = {**os.environ, **env, "ADVPLUGIN_API_KEY": self.api_key}
+        self.env = {**os.environ, "ADVPLUGIN_API_KEY_EXACT_SCORES": "true", **env, "ADVPLUGIN_API_KEY": self.api_key}
         self.log_path = workdir / "server.log"
         self.proc: subprocess.Popen | None = None
         self.port = 0
