@@ -113,6 +113,8 @@ def render_markdown(report: dict) -> str:
     out += _inversion(report, rows, fars)
     out += _linkability(rows)
     out += _key_recovery(rows)
+    if report.get("score_oracle"):
+        out += oracle_markdown(report["score_oracle"])
     out += [
         "Known-pair curves (linear and MLP maps from n = 16 ... 1,024 enrolments), the attacker "
         "with no known pairs and linkability over several key pairs: "
@@ -159,6 +161,20 @@ def _summary(report: dict, rows: dict[str, dict], fars: list[str]) -> list[str]:
     )  # fmt: skip
     if schemes:
         lines += _table(["threat", *[f"`{s}`" for s in schemes]], body)
+    oracle = report.get("score_oracle")
+    if oracle:
+        verdicts = [
+            f"`{label}` {_met(p['met'])}"
+            for label, p in oracle["policies"].items()
+            if not p["exact_scores"]
+        ]
+        if verdicts:
+            lines += [
+                "An API client (score oracle), rank-1 ≤ chance + "
+                f"{_pct(oracle['goal_margin'])} at {oracle['query_counts'][-1]:,} queries, per "
+                f"service policy: {', '.join(verdicts)} (its own section below).",
+                "",
+            ]
     raw = report["reconstruction_on_raw"]
     if "type_ii" in raw and "1e-3" in raw["type_ii"]:
         now = raw["type_ii"]["1e-3"]["accepted_other_photo"]
@@ -484,6 +500,8 @@ def render_from_json(report: dict, out: Path) -> None:
     plt.close(fig)
 
     _attack_rates_figure(report, out, plt)
+    if report.get("score_oracle"):
+        write_oracle_section(report["score_oracle"], out)
     (out / "report.md").write_text(render_markdown(report))
 
 
@@ -517,3 +535,167 @@ def _attack_rates_figure(report: dict, out: Path, plt: object) -> None:
     fig.tight_layout()
     fig.savefig(out / "attack_rates.png", dpi=110)
     plt.close(fig)  # type: ignore[attr-defined]
+
+
+# -- the API client's threat (advplugin.evaluation.score_oracle) --------------------------------
+
+ORACLE_FIGURE = "score_oracle.png"
+
+_STRATEGY_TITLES = {
+    "least_squares": "least squares on the scores",
+    "lookalike_centroid": "look-alike centroid",
+    "adaptive_boundary": "adaptive: boundary walk",
+}
+
+
+def _strategy_title(name: str) -> str:
+    return _STRATEGY_TITLES.get(name, name)
+
+
+def oracle_markdown(result: dict) -> list[str]:
+    """The section "Threat: an API client (score oracle)" of `report.md`, from the result of
+    `score_oracle.run_score_oracle_threat` (what `report.json` holds under `score_oracle`)."""
+    counts = [int(q) for q in result["query_counts"]]
+    chance, raw = result["chance"], result["raw_rank1"]
+    margin = result["goal_margin"]
+    recon = result.get("reconstruction_threshold") is not None
+    out = [
+        "## Threat: an API client (score oracle)",
+        "",
+        "An ordinary identify-scoped API key sends photos of people who are **not** enrolled and "
+        "reads the answers; it runs the public extractor on its own photos, so it knows each "
+        "probe's raw embedding, and the answers are computed on templates that keep cosine. "
+        "Strategies: *least squares on the scores* (every numeric similarity is a linear "
+        "equation in the enrolled embedding; bands are used as if exact); *look-alike "
+        "centroid* (decisions alone: the mean of the probes a person is returned for, whitened "
+        "by the attacker's own probes); *adaptive: boundary walk* (bisection on the path "
+        "between a probe that names a person and one that does not, a stand-in for morphing "
+        "its own photos, so points on the decision boundary refine the centroid). Each "
+        "strategy runs on a fresh key of each service policy; every query counts, a 429 stops "
+        "it (*stopped at*).",
+        "",
+        f"- attacker: {result['attacker_photos']:,} photos of people not enrolled"
+        + (
+            f", {result['augmented']:,} more probes made from them (perturbations on the sphere "
+            "and mixes of two: a stand-in for photo augmentation and morphing)"
+            if result.get("augmented")
+            else ""
+        ),
+        f"- success: rank-1 of each enrolled person's recovered embedding among "
+        f"{result['search_photos']:,} **other** photos of the {result['scored_subjects']:,} "
+        "enrolled people who have one (never the enrolled photo); a person with nothing "
+        f"recovered counts as a failure; chance {_pct(chance)}, raw level {_pct(raw)} (the true "
+        "enrolled embeddings used as probes the same way)"
+        + (
+            f"; reconstruction: the recovered embedding decoded to a face and re-embedded, "
+            f"accepted against another photo of the person at FMR {far_key(result['reconstruction_fmr'])} "
+            f"(threshold {_num(result['reconstruction_threshold'])}), and the false accept "
+            "against a photo of someone else (a face close to the average passes both); from "
+            f"the true embeddings {_pct(result.get('raw_reconstruction'))} (false accept "
+            f"{_pct(result.get('raw_reconstruction_false_accept'))})"
+            if recon
+            else ""
+        ),
+        f"- goal of a protecting policy (ISO/IEC 30136: no better than chance): rank-1 ≤ chance "
+        f"+ {_pct(margin)} = {_pct(chance + margin)} at {counts[-1]:,} queries (or where its key "
+        "was stopped), for every strategy; a policy that answers exact scores shows the threat "
+        "and has no goal.",
+        "",
+    ]
+    header = ["policy", "strategy", *[f"rank-1 @{q:,}" for q in counts], "stopped at"]
+    if recon:
+        header.append("reconstruction SAR (false accept), last")
+    header += ["of raw level", "goal", "met"]
+    body = []
+    for label, policy in result["policies"].items():
+        exact = policy["exact_scores"]
+        for name, row in policy["strategies"].items():
+            at = {int(p["queries"]): p for p in row["curve"]}
+            stopped = row["stopped_at"] is not None
+            cells = [_pct(at[q]["rank1"]) if q in at else "stopped" if stopped else "n/a" for q in counts]
+            stop = row["stopped_at"]
+            stop_cell = "-" if stop is None else f"{stop:,}"
+            if stop is not None and stop in at and stop not in counts:
+                stop_cell += f" (rank-1 {_pct(at[stop]['rank1'])})"
+            line = [f"`{label}`", _strategy_title(name), *cells, stop_cell]
+            if recon:
+                last = row["curve"][-1] if row["curve"] else {}
+                line.append(
+                    f"{_pct(last.get('reconstruction'))} "
+                    f"({_pct(last.get('reconstruction_false_accept'))})"
+                )
+            line += [
+                _pct(row.get("of_raw_level")),
+                f"shows the threat (raw level {_pct(raw)})" if exact else f"≤ {_pct(row['goal'])}",
+                _met(row["met"]),
+            ]
+            body.append(line)
+    out += _table(header, body)
+    descriptions = [
+        f"`{label}`: {p['description']}"
+        for label, p in result["policies"].items()
+        if p.get("description")
+    ]
+    if descriptions:
+        out += ["Policies: " + "; ".join(descriptions) + ".", ""]
+    out += [f"![score oracle]({ORACLE_FIGURE})", ""]
+    return out
+
+
+def write_oracle_section(result: dict, out_dir: Path) -> str:
+    """Draw `score_oracle.png` (rank-1 against queries, log x, one line per strategy and
+    policy, chance and raw level dashed) into `out_dir` and return the section's markdown.
+
+    `render_from_json` calls it when `report.json` holds the result under `score_oracle`; to
+    add a separately run result to a committed report without rerunning the harness, put it
+    there and re-render: `report = json.load(open("docs/evaluation/report.json"));
+    report["score_oracle"] = result; render_from_json(report, Path("docs/evaluation"))`
+    (and write the JSON back)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    counts = [int(q) for q in result["query_counts"]]
+    fig, ax = plt.subplots(figsize=(9.0, 4.4))
+    colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    styles = ["-", "--", "-.", ":"]
+    markers = ["o", "s", "^", "D", "v"]
+    for p, (label, policy) in enumerate(result["policies"].items()):
+        for k, (name, row) in enumerate(policy["strategies"].items()):
+            points = [c for c in row["curve"] if c["queries"] > 0]
+            if not points:
+                continue
+            ax.plot(
+                [c["queries"] for c in points],
+                [100 * c["rank1"] for c in points],
+                color=colours[p % len(colours)],
+                linestyle=styles[k % len(styles)] if k else "-",
+                marker=markers[k % len(markers)],
+                markersize=4,
+                label=f"{label}: {_strategy_title(name)}",
+            )
+            if row["stopped_at"]:
+                last = points[-1]
+                ax.plot(last["queries"], 100 * last["rank1"], "x", color="k", markersize=8)
+    rows = [r for p in result["policies"].values() for r in p["strategies"].values()]
+    if any(r["stopped_at"] is not None for r in rows):
+        ax.plot([], [], "x", color="k", label="key stopped (429)")
+    ax.axhline(100 * result["raw_rank1"], color="0.3", ls="--", lw=1, label="raw embeddings")
+    ax.axhline(100 * result["chance"], color="0.5", ls=":", lw=1, label="chance")
+    ax.set_xscale("log")
+    ax.set_xlim(min(counts) / 1.3, max(counts) * 1.3)
+    ax.set_ylim(-2, 102)
+    ax.set(
+        xlabel="queries (probes sent by one API key)",
+        ylabel="rank-1 of the recovered people (%)",
+        title="An API client (score oracle)",
+    )
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=6, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    fig.tight_layout()
+    fig.savefig(out_dir / ORACLE_FIGURE, dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    return "\n".join(oracle_markdown(result))

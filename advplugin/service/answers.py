@@ -9,8 +9,8 @@ measurements**:
 * only subjects whose score passes the collection's operating point (a threshold calibrated on
   LFW pairs at a false match rate, `advplugin.protectors.calibration_for`);
 * at most `max_predictions` subjects per face (1 by default), whatever `prediction_count` asks;
-* a band value instead of the score: 0.90 for a match at FMR 1e-3, 0.95 at 1e-4, 0.99 at
-  1e-5 (`BAND_VALUES`). A non-match carries no score;
+* a band value instead of the score: 0.85 for a match at FMR 1e-2, 0.90 at 1e-3, 0.95 at
+  1e-4, 0.99 at 1e-5 (`BAND_VALUES`). A non-match carries no score;
 * a budget per key (`advplugin.gallery.budgets`): faces that matched no one, and weak matches
   that name someone new to the key. Over budget, 429 with Retry-After and an audit event.
 
@@ -46,10 +46,10 @@ from advplugin.settings import AnswerSettings, Settings
 
 #: The similarity an answer carries for a match, by the strictest calibrated FMR it passes.
 #: A CompreFace client's own threshold keeps its sense: 0.85 accepts every match at the
-#: default operating point, 0.95 only those at FMR 1e-4 or stricter.
-BAND_VALUES: dict[float, float] = {1e-2: 0.80, 1e-3: 0.90, 1e-4: 0.95, 1e-5: 0.99}
+#: default operating point (FMR 1e-2), 0.95 only those at FMR 1e-4 or stricter.
+BAND_VALUES: dict[float, float] = {1e-2: 0.85, 1e-3: 0.90, 1e-4: 0.95, 1e-5: 0.99}
 #: Band value of a match decided by an explicit threshold whose FMR is unknown.
-DEFAULT_BAND = 0.90
+DEFAULT_BAND = 0.85
 #: Seconds a collection's operating point is cached (a change takes effect within this).
 _POINT_TTL = 5.0
 

@@ -99,8 +99,8 @@ class EnrollResponse(BaseModel):
 class SubjectSimilarity(BaseModel):
     subject: str
     similarity: float = Field(description=(
-        "keys with exact scores: the scheme's similarity; other keys: the band of the match (0.90: "
-        "FMR 1e-3, 0.95: FMR 1e-4, 0.99: FMR 1e-5; docs/service.md, 'What an answer reveals')"))
+        "keys with exact scores: the scheme's similarity; other keys: the band of the match (0.85: "
+        "FMR 1e-2, 0.90: 1e-3, 0.95: 1e-4, 0.99: 1e-5; docs/service.md, 'What an answer reveals')"))
 
 
 class FaceResult(BaseModel):
