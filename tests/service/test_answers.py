@@ -17,7 +17,10 @@ import pytest
 from fastapi.routing import APIRoute
 from pydantic import TypeAdapter
 
+from advplugin.cli.main import main
 from advplugin.gallery import Gallery
+from advplugin.gallery.audit import CLI
+from advplugin.gallery.budgets import OperatingPoints
 from advplugin.protectors import calibration_for, create_protector
 from advplugin.service.answers import BAND_VALUES
 from advplugin.service.app import create_app
@@ -246,3 +249,53 @@ def test_lfw_people_are_still_identified_by_an_ordinary_key(lfw_cache, tmp_path,
     assert [[s["subject"] for s in r["subjects"]] for r in answer] == expected
     right = [e == [str(lfw_cache["identity"][p])] for e, p in zip(expected, probes, strict=True)]
     assert np.mean(right) > 0.8  # real people are still recognised under the default operating point
+
+
+# -- what an admin changes ----------------------------------------------------------------------------
+def test_cli_sets_exact_scores_budgets_and_operating_point_audited(tmp_path, capsys) -> None:
+    url = f"sqlite:///{tmp_path / 'g.db'}"
+    assert main(["db", "upgrade", "--database-url", url]) == 0
+    assert main(["db", "api-key", "create", "--database-url", url, "--scope", "identify", "--name", "cam"]) == 0
+    base = ["db", "api-key", "set", "--database-url", url, "--name", "cam"]
+    assert main([*base, "--exact-scores", "--budget-unmatched", "50"]) == 0
+    with Gallery.open(url) as g:
+        k = next(x for x in g.active_api_keys() if x.scope == "identify")
+    assert (k.exact_scores, k.budget_unmatched, k.budget_lookalikes) == (True, 50, None)
+    # Only what is given changes; `default` puts a budget back to the service's.
+    assert main([*base, "--no-exact-scores", "--budget-lookalikes", "7"]) == 0
+    assert main([*base, "--budget-unmatched", "default"]) == 0
+    with Gallery.open(url) as g:
+        k = next(x for x in g.active_api_keys() if x.scope == "identify")
+    assert (k.exact_scores, k.budget_unmatched, k.budget_lookalikes) == (False, None, 7)
+    assert main(["db", "api-key", "list", "--database-url", url]) == 0
+    assert "budget_lookalikes=7" in capsys.readouterr().out
+    # Clear failures: nothing to set, an unknown key, a bad budget.
+    assert main(base) == 2 and "nothing to set" in capsys.readouterr().err
+    assert main([*base[:-1], "ghost", "--exact-scores"]) == 2 and "no active API key" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main([*base, "--budget-unmatched", "-1"])
+    assert main(["db", "collection", "set", "--database-url", url, "--fmr", "1e-4"]) == 0
+    with Gallery.open(url) as g:
+        assert OperatingPoints(g).get("default") == pytest.approx(1e-4)
+        actions = [(e.action, e.subject) for e in g.audit_events() if e.action in ("set_api_key", "operating_point")]
+    assert actions == [("set_api_key", "cam: exact_scores=True, budget_unmatched=50"),
+                       ("set_api_key", "cam: exact_scores=False, budget_lookalikes=7"),
+                       ("set_api_key", "cam: budget_unmatched=None"), ("operating_point", "fmr=0.0001")]
+
+
+def test_a_collection_operating_point_moves_the_decision(gal: Gal) -> None:
+    """A weak match at FMR 1e-3 is named at the default operating point and not once the
+    collection decides at 1e-4; an operating point the scheme is not calibrated at answers
+    503 with the calibrated ones, not a silent default."""
+    k = gal.key("camera")
+    weak = gal.probe(1, WEAK)
+    assert [s["subject"] for s in gal.ask(k, [weak]).json()["result"][0]["subjects"]] == ["P1"]
+    with Gallery.open(gal.url) as g:
+        OperatingPoints(g).set("default", 1e-4, actor=CLI)
+    time.sleep(5.5)  # the service re-reads a collection's operating point within 5 s
+    assert gal.ask(k, [weak]).json()["result"][0]["subjects"] == []
+    with Gallery.open(gal.url) as g:
+        OperatingPoints(g).set("default", 3e-3, actor=CLI)
+    time.sleep(5.5)
+    r = gal.ask(k, [weak])
+    assert r.status_code == 503 and "1e-05, 0.0001, 0.001, 0.01" in r.json()["error"]["message"]
