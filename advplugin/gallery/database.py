@@ -122,8 +122,14 @@ def make_engine(url: str) -> Engine:
 
         @event.listens_for(engine, "begin")
         def _sqlite_begin(conn: Connection) -> None:
-            immediate = conn.get_execution_options().get("gallery_write", False)
-            conn.exec_driver_sql("BEGIN IMMEDIATE" if immediate else "BEGIN")
+            options = conn.get_execution_options()
+            # FULL unless this transaction asked not to wait for the disk (`_write(durable=
+            # False)`); switched before BEGIN, and only when it changes.
+            sync = "FULL" if options.get("gallery_durable", True) else "NORMAL"
+            if conn.info.get("synchronous", "FULL") != sync:
+                conn.exec_driver_sql(f"PRAGMA synchronous={sync}")
+                conn.info["synchronous"] = sync
+            conn.exec_driver_sql("BEGIN IMMEDIATE" if options.get("gallery_write", False) else "BEGIN")
 
         return engine
     return create_engine(url, pool_pre_ping=True, hide_parameters=True)
@@ -277,18 +283,25 @@ class Database:
 
     # -- transactions ----------------------------------------------------------------------
     @contextmanager
-    def transaction(self) -> Iterator[Self]:
+    def transaction(self, *, durable: bool = True) -> Iterator[Self]:
         """ONE serialised write transaction around several calls and the caller's own
         statements: yields a view of this object (a shallow copy) whose methods
         (`add_templates`, ...) all run in that one connection, and whose `connection` takes
         the caller's SQL. Everything commits together or not at all. Why: a batch migration
         must commit a chunk's templates, their change-log rows and its own checkpoint
         atomically, or a crash could duplicate or lose a chunk. Inside a transaction,
-        `transaction()` joins it."""
+        `transaction()` joins it.
+
+        `durable=False`: the commit returns before the log reaches the disk (PostgreSQL
+        `synchronous_commit = off` for this transaction, SQLite `synchronous=NORMAL` in WAL
+        mode). A crash of the process loses nothing; a crash of the machine can undo the last
+        such commits, whole and in order. Only for what may be lost that way: the answer
+        budgets' counters (a few probes' worth), never templates, the change log or keys,
+        whose numbers other processes rely on."""
         if self._conn is not None:
             yield self
             return
-        with self._write() as conn:
+        with self._write(durable=durable) as conn:
             view = copy.copy(self)
             view._conn = conn
             yield view
@@ -301,17 +314,19 @@ class Database:
         return self._conn
 
     @contextmanager
-    def _write(self) -> Iterator[Connection]:
+    def _write(self, *, durable: bool = True) -> Iterator[Connection]:
         """One serialised write transaction (see the module docstring for why); inside a
-        `transaction()` view, that transaction."""
+        `transaction()` view, that transaction. `durable`: see `transaction`."""
         if self._conn is not None:
             yield self._conn
             return
         with self.engine.connect() as conn:
-            conn = conn.execution_options(gallery_write=True)
+            conn = conn.execution_options(gallery_write=True, gallery_durable=durable)
             with conn.begin():
                 if self.dialect == "postgresql":
                     conn.exec_driver_sql(f"SELECT pg_advisory_xact_lock({_PG_WRITE_LOCK})")
+                    if not durable:
+                        conn.exec_driver_sql("SET LOCAL synchronous_commit = off")
                 yield conn
 
     @contextmanager
