@@ -45,12 +45,13 @@ HOUR = 3600
 
 @dataclass(frozen=True)
 class BudgetLimits:
-    """One key's budget over a rolling window of `window_hours` hours."""
+    """One key's budget over a rolling window of `window_hours` hours (the defaults live in
+    `advplugin.settings.AnswerSettings`, one place)."""
 
-    window_hours: int = 24
-    unmatched: int = 2000
-    lookalikes: int = 10
-    credit_per_strong: float = 2.0
+    window_hours: int
+    unmatched: int
+    lookalikes: int
+    credit_per_strong: float
 
     def __post_init__(self) -> None:
         if self.window_hours < 1 or self.unmatched < 0 or self.lookalikes < 0 or self.credit_per_strong < 0:

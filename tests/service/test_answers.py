@@ -9,6 +9,7 @@ rule is tested at its edge; LFW templates check the answers of real people."""
 from __future__ import annotations
 
 import json
+import re
 import time
 
 import httpx
@@ -22,10 +23,11 @@ from advplugin.gallery import Gallery
 from advplugin.gallery.audit import CLI
 from advplugin.gallery.budgets import OperatingPoints
 from advplugin.protectors import calibration_for, create_protector
-from advplugin.service.answers import BAND_VALUES
+from advplugin.service.answers import BAND_VALUES, operating_point
 from advplugin.service.app import create_app
 from advplugin.service.deps import get_answers
-from advplugin.settings import Settings
+from advplugin.service.protection import ConfigurationError
+from advplugin.settings import AnswerSettings, Settings
 from tests.service.conftest import migrated_database
 from tests.service.helpers import first_vs_rest, protection_of
 
@@ -299,3 +301,19 @@ def test_a_collection_operating_point_moves_the_decision(gal: Gal) -> None:
     time.sleep(5.5)
     r = gal.ask(k, [weak])
     assert r.status_code == 503 and "1e-05, 0.0001, 0.001, 0.01" in r.json()["error"]["message"]
+
+
+def test_operating_points_come_from_the_calibration_or_an_explicit_threshold() -> None:
+    """Bands rise with the score; an FMR without a calibrated threshold is refused naming the
+    calibrated ones; a scheme and extractor without calibration need an explicit threshold."""
+    point = operating_point(CAL, 1e-2, AnswerSettings())
+    assert point.threshold == CAL.thresholds[1e-2] and point.strong == CAL.thresholds[1e-5]
+    scores = [CAL.thresholds[f] for f in (1e-2, 1e-3, 1e-4, 1e-5)]
+    assert [point.band(s) for s in scores] == [BAND_VALUES[f] for f in (1e-2, 1e-3, 1e-4, 1e-5)]
+    assert point.band(np.nextafter(CAL.thresholds[1e-3], 0)) == BAND_VALUES[1e-2]
+    with pytest.raises(ConfigurationError, match=re.escape("calibrated: 1e-05, 0.0001, 0.001, 0.01")):
+        operating_point(CAL, 3e-3, AnswerSettings())
+    with pytest.raises(ConfigurationError, match="DECISION_THRESHOLD"):
+        operating_point(None, 1e-2, AnswerSettings())
+    custom = operating_point(None, 1e-2, AnswerSettings(decision_threshold=0.5))
+    assert custom.threshold == 0.5 and custom.strong == float("inf") and len(custom.bands) == 1
