@@ -24,11 +24,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--scheme",
         action="append",
-        required=True,
         metavar="NAME[:KEY=VALUE,...]",
         help="registered protection scheme, repeatable: one report row each, beside the `none` "
         "baseline (always added); options after a colon are that row's (e.g. "
-        "`--scheme advface --scheme advface:version=2`)",
+        "`--scheme advface --scheme advface:version=2`); required unless --threats api-client",
     )
     p.add_argument("--key", help="key file (default: an ephemeral key generated for the run)")
     p.add_argument(
@@ -83,6 +82,30 @@ def register(sub: argparse._SubParsersAction) -> None:
         "--quick", action="store_true", help="a small run (few people, tiny decoder) for tests"
     )
     p.add_argument("--no-progress", action="store_true", help="hide the progress bars")
+    p.add_argument(
+        "--api-client",
+        action="store_true",
+        help="also run the API client's threat (issue 21): the service app in process (sealed "
+        "SQLite, FAISS, `xnn`) with the first photo of every test person enrolled, attacked "
+        "through its answers by a key that sends the train people's photos (least squares, "
+        "look-alike centroid, boundary walk; exact-score, decisions-unbudgeted and default "
+        "policies), and the cameras' identification of the other photos per policy",
+    )
+    p.add_argument(
+        "--threats",
+        choices=("all", "api-client"),
+        default="all",
+        help="`api-client`: only the API client's threat (implies --api-client; needs no "
+        "--scheme): the shared parts it needs are computed as a full run does (decoder on raw "
+        "embeddings: same recipe and seed, cached), and its result is merged into --out's "
+        "report.json under `score_oracle` (report.md and figures re-rendered)",
+    )
+    p.add_argument(
+        "--api-client-queries",
+        metavar="N,N,...",
+        help="query counts of the API client's threat (default 100,300,1000,3000,10000; "
+        "--quick 20,50,100)",
+    )
     p.set_defaults(func=run)
 
     s = sub.add_parser(
@@ -100,13 +123,31 @@ def register(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     from advplugin.cli.common import parse_options
     from advplugin.evaluation.decoder import DecoderConfig
-    from advplugin.evaluation.harness import EvalConfig, SchemeSpec, run_evaluation
+    from advplugin.evaluation.harness import (
+        EvalConfig,
+        SchemeSpec,
+        run_api_client_only,
+        run_evaluation,
+    )
     from advplugin.keys import load_key
 
+    only_api_client = args.threats == "api-client"
+    if not args.scheme and not only_api_client:
+        raise ValueError("--scheme is required (at least one), unless --threats api-client")
+    api_client = None
+    if args.api_client or only_api_client:
+        from advplugin.cli.api_client import InProcessApiClient
+
+        api_client = InProcessApiClient()
+    queries = None
+    if args.api_client_queries:
+        queries = tuple(int(q) for q in args.api_client_queries.split(",") if q.strip())
+        if not queries or min(queries) <= 0:
+            raise ValueError("--api-client-queries needs positive counts, e.g. 100,1000")
     decoder = DecoderConfig() if args.epochs is None else DecoderConfig(epochs=args.epochs)
     common = parse_options(args.option)
     schemes = []
-    for item in args.scheme:
+    for item in args.scheme or []:
         name, _, extra = item.partition(":")
         own = parse_options([o for o in extra.split(",") if o])
         schemes.append(SchemeSpec(name, {**common, **own}, label=item))
@@ -133,9 +174,16 @@ def run(args: argparse.Namespace) -> int:
         out=args.out,
         progress=not args.no_progress,
         command=_command_line(),
+        api_client=api_client,
+        api_client_queries=queries,
     )
-    report = run_evaluation(config)
-    print(f"wrote {args.out / 'report.md'} ({sum(report['seconds'].values()):.0f} s)")  # type: ignore[union-attr]
+    if only_api_client:
+        report = run_api_client_only(config)
+        seconds = report["score_oracle"]["seconds"]  # type: ignore[index]
+    else:
+        report = run_evaluation(config)
+        seconds = report["seconds"]
+    print(f"wrote {args.out / 'report.md'} ({sum(seconds.values()):.0f} s)")  # type: ignore[union-attr]
     return 0
 
 

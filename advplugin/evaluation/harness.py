@@ -13,9 +13,11 @@ so a run stopped early leaves a partial report.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -26,6 +28,7 @@ from advplugin.adapters import create_extractor
 from advplugin.evaluation import attacks
 from advplugin.evaluation.data import generate_pairs, limit_images, list_images, restrict_pairs
 from advplugin.evaluation.decoder import (
+    Decoder,
     DecoderConfig,
     apply_linear_map,
     apply_mlp_map,
@@ -34,7 +37,7 @@ from advplugin.evaluation.decoder import (
     reconstruct,
     train_mlp_map,
 )
-from advplugin.evaluation.faces import load_face_set, scorer_embeddings
+from advplugin.evaluation.faces import FaceSet, load_face_set, scorer_embeddings
 from advplugin.evaluation.metrics import psnr, read_pairs, ssim
 from advplugin.evaluation.reconstruction import (
     FARS,
@@ -47,7 +50,8 @@ from advplugin.evaluation.reconstruction import (
     other_photo,
     train_attack_decoder,
 )
-from advplugin.evaluation.report import write_report
+from advplugin.evaluation.report import render_from_json, write_oracle_section, write_report
+from advplugin.evaluation.score_oracle import ApiClient, run_api_client_threat
 from advplugin.keys import Key
 from advplugin.protectors import create_protector
 
@@ -57,6 +61,11 @@ logger = logging.getLogger(__name__)
 #: and the identity loss through dlib apply to.
 DLIB_EXTRACTORS = ("dlib", "dlib-torch")
 QUICK_DECODER = DecoderConfig(size=64, widths=(32, 32, 16, 16, 8), epochs=2, batch_size=16)
+#: The API client's query counts under `--quick` (the full run: `score_oracle.QUERY_COUNTS`).
+QUICK_QUERY_COUNTS = (20, 50, 100)
+#: Bump when what a cached decoder on raw embeddings depends on changes without showing in
+#: its key (the training code itself).
+DECODER_CACHE_VERSION = 1
 
 
 @dataclass(frozen=True)
@@ -102,6 +111,12 @@ class EvalConfig:
     progress: bool = True
     #: the command line that ran this evaluation, quoted in the report (regeneration).
     command: str | None = None
+    #: the API client's threat (issue 21), run when given: a service the attacker queries
+    #: (`score_oracle.ApiClient`, injected, since evaluation imports no service; the CLI's
+    #: `--api-client` passes the real app in process). Its result is `score_oracle`.
+    api_client: ApiClient | None = None
+    #: that threat's query counts (None: `score_oracle.QUERY_COUNTS`; --quick: the quick ones).
+    api_client_queries: tuple[int, ...] | None = None
 
 
 class Stages:
@@ -127,14 +142,35 @@ def run_evaluation(config: EvalConfig) -> dict[str, object]:
         torch.set_num_threads(before)
 
 
-def _run(config: EvalConfig) -> dict[str, object]:
-    rng = np.random.default_rng(config.seed)
-    stages = Stages()
+@dataclass
+class _Shared:
+    """What every threat shares: the face sets, the judges' thresholds and the decoder
+    trained on raw embeddings of the train people (`_prepare`)."""
+
+    train: FaceSet
+    test: FaceSet
+    extractor: object
+    scorer: object | None
+    chip: ChipScorer | None
+    mirrored_raw: np.ndarray | None
+    decoder_for: Callable[[Callable[[np.ndarray], np.ndarray], str], object]
+    decoder_raw: object
+    attacked: np.ndarray
+    other: np.ndarray
+    judge: ReconstructionJudge
+    system_thresholds: dict[str, float]
+
+
+def _quick(config: EvalConfig) -> EvalConfig:
     if config.quick:
-        config = replace(config, decoder=QUICK_DECODER, max_impostors=200_000, mlp_epochs=10)
-    labels = [spec.label for spec in config.schemes]
-    if "none" in labels or len(set(labels)) != len(labels):
-        raise ValueError(f"scheme rows must be distinct and not `none` (always added): {labels}")
+        return replace(config, decoder=QUICK_DECODER, max_impostors=200_000, mlp_epochs=10)
+    return config
+
+
+def _prepare(config: EvalConfig, rng: np.random.Generator, stages: Stages) -> _Shared:
+    """Face sets, the decoder on raw embeddings, the judges and dlib's system thresholds, in
+    the order (and with the draws from `rng`) of every run, so that a run of one threat
+    (`run_api_client_only`) gets the full run's numbers."""
     train_folder, test_folder = list_images(config.train_images), list_images(config.test_images)
     if config.quick:
         train_folder = limit_images(train_folder, max_identities=16, max_per_identity=4)
@@ -172,47 +208,28 @@ def _run(config: EvalConfig) -> dict[str, object]:
     test = load_face_set(test_folder, extractor, **load)  # type: ignore[arg-type]
     stages.done("embeddings and alignment")
 
-    if config.pairs is not None:
-        protocol = restrict_pairs(read_pairs(str(config.pairs)), set(map(str, test.folder.path)))
-        pairs_source = f"{config.pairs} (pairs with both images in the test folder)"
-    else:
-        protocol = generate_pairs(test.folder, per_fold=300, seed=config.seed)
-        pairs_source = "generated in LFW's format from the test folder (10 identity-disjoint folds)"
-
-    ephemeral = config.key is None
-    key = config.key or Key.generate()
-    dim = extractor.dim
-    baseline = create_protector("none", dim=dim)
-    plans = [("none", baseline, baseline)] + [
-        (
-            spec.label,
-            create_protector(spec.name, key=key, dim=dim, **spec.options),
-            create_protector(spec.name, key=Key.generate(), dim=dim, **spec.options),
-        )
-        for spec in config.schemes
-    ]
-
     chip = ChipScorer() if dlib_family else None
     # The attacker knows the raw embeddings of its own (train) photos, mirrored ones too:
     # dlib is public.
     mirrored_raw = mirrored_embeddings(chip, train.crops) if config.recipe.flip and chip else None
     stages.done("mirrored train photos embedded")
 
-    def decoder_for(protect: object, desc: str) -> object:
+    def decoder_for(protect: Callable[[np.ndarray], np.ndarray], desc: str) -> object:
         return train_attack_decoder(
-            protect(train.raw),  # type: ignore[operator]
+            protect(train.raw),
             train.raw,
             train.crops,
             train.folder.identity,
             config.decoder,
             config.recipe,
-            mirrored_templates=None if mirrored_raw is None else protect(mirrored_raw),  # type: ignore[operator]
+            mirrored_templates=None if mirrored_raw is None else protect(mirrored_raw),
             mirrored_raw=mirrored_raw,
             desc=desc,
             progress=config.progress,
         )
 
-    decoder_raw = decoder_for(baseline.protect, "decoder on raw")
+    baseline = create_protector("none", dim=extractor.dim)  # templates = raw embeddings
+    decoder_raw = _cached_decoder_on_raw(config, train, mirrored_raw, decoder_for, baseline.protect)
     stages.done("decoder on raw embeddings")
     attacked, other = attacks.reconstruction_pairs(
         test.folder.identity, config.max_reconstructions, rng
@@ -225,13 +242,6 @@ def _run(config: EvalConfig) -> dict[str, object]:
     judge = ReconstructionJudge(
         test.crops, test.folder.identity, attacked, other, judges, rng, config.max_impostors
     )
-    raw_recon = reconstruct(decoder_raw, test.raw[attacked])  # type: ignore[arg-type]
-    attack_on_raw = judge(raw_recon)
-    mean_face = np.repeat(train.crops.mean(0, keepdims=True), len(attacked), 0)
-    reference = {
-        "mean_face_ssim": float(ssim(test.crops[attacked], mean_face).mean()),
-        "mean_face_psnr": float(psnr(test.crops[attacked], mean_face).mean()),
-    }
     # dlib's own thresholds on real test pairs: where a template-inversion attack's estimate
     # of the raw embedding must land to be accepted (type I for the map attacks).
     system_thresholds = {
@@ -239,6 +249,86 @@ def _run(config: EvalConfig) -> dict[str, object]:
             test.raw, test.folder.identity, far, rng, config.max_impostors
         )[0]
         for far in FARS
+    }
+    return _Shared(
+        train, test, extractor, scorer, chip, mirrored_raw, decoder_for, decoder_raw,
+        attacked, other, judge, system_thresholds,
+    )  # fmt: skip
+
+
+def _cached_decoder_on_raw(
+    config: EvalConfig,
+    train: FaceSet,
+    mirrored_raw: np.ndarray | None,
+    decoder_for: Callable[[Callable[[np.ndarray], np.ndarray], str], object],
+    protect: Callable[[np.ndarray], np.ndarray],
+) -> object:
+    """The decoder on raw embeddings, trained once per set of inputs: its weights are kept in
+    the content-hash cache (`decoders/raw-<sha256>.pt`), keyed by the train photos' raw
+    embeddings, crops, mirrored embeddings and names, the decoder's config and recipe,
+    torch's version and thread count (results differ in the last bits across thread counts)
+    and `DECODER_CACHE_VERSION`. Without a cache folder it is trained every time."""
+    if config.cache_dir is None:
+        return decoder_for(protect, "decoder on raw")
+    h = hashlib.sha256()
+    for array in (train.raw, train.crops, mirrored_raw):
+        if array is not None:
+            h.update(np.ascontiguousarray(array).tobytes())
+    h.update("\n".join(map(str, train.folder.identity)).encode())
+    recipe = (config.decoder, config.recipe, torch.__version__, torch.get_num_threads())
+    h.update(repr((*recipe, DECODER_CACHE_VERSION)).encode())
+    path = Path(config.cache_dir) / "decoders" / f"raw-{h.hexdigest()[:32]}.pt"
+    if path.exists():
+        model = Decoder(train.raw.shape[1], config.decoder)
+        model.load_state_dict(torch.load(path, weights_only=True))
+        model.eval()
+        logger.info("decoder on raw embeddings loaded from %s", path)
+        return model
+    model = decoder_for(protect, "decoder on raw")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_suffix(".part")
+    torch.save(model.state_dict(), partial)  # type: ignore[attr-defined]
+    partial.replace(path)
+    return model
+
+
+def _run(config: EvalConfig) -> dict[str, object]:
+    rng = np.random.default_rng(config.seed)
+    stages = Stages()
+    config = _quick(config)
+    labels = [spec.label for spec in config.schemes]
+    if "none" in labels or len(set(labels)) != len(labels):
+        raise ValueError(f"scheme rows must be distinct and not `none` (always added): {labels}")
+    shared = _prepare(config, rng, stages)
+    train, test, extractor, scorer = shared.train, shared.test, shared.extractor, shared.scorer
+    decoder_for, decoder_raw, judge = shared.decoder_for, shared.decoder_raw, shared.judge
+    attacked, system_thresholds = shared.attacked, shared.system_thresholds
+
+    if config.pairs is not None:
+        protocol = restrict_pairs(read_pairs(str(config.pairs)), set(map(str, test.folder.path)))
+        pairs_source = f"{config.pairs} (pairs with both images in the test folder)"
+    else:
+        protocol = generate_pairs(test.folder, per_fold=300, seed=config.seed)
+        pairs_source = "generated in LFW's format from the test folder (10 identity-disjoint folds)"
+
+    ephemeral = config.key is None
+    key = config.key or Key.generate()
+    dim = extractor.dim  # type: ignore[attr-defined]
+    baseline = create_protector("none", dim=dim)
+    plans = [("none", baseline, baseline)] + [
+        (
+            spec.label,
+            create_protector(spec.name, key=key, dim=dim, **spec.options),
+            create_protector(spec.name, key=Key.generate(), dim=dim, **spec.options),
+        )
+        for spec in config.schemes
+    ]
+    raw_recon = reconstruct(decoder_raw, test.raw[attacked])  # type: ignore[arg-type]
+    attack_on_raw = judge(raw_recon)
+    mean_face = np.repeat(train.crops.mean(0, keepdims=True), len(attacked), 0)
+    reference = {
+        "mean_face_ssim": float(ssim(test.crops[attacked], mean_face).mean()),
+        "mean_face_psnr": float(psnr(test.crops[attacked], mean_face).mean()),
     }
     stages.done("reconstruction from raw")
 
@@ -259,8 +349,8 @@ def _run(config: EvalConfig) -> dict[str, object]:
             {"label": s.label, "name": s.name, "options": s.options} for s in config.schemes
         ],
         "key": "ephemeral (generated for this run)" if ephemeral else f"key id {key.key_id}",
-        "extractor": extractor.description,
-        "scorer": scorer.description if scorer is not None else None,
+        "extractor": extractor.description,  # type: ignore[attr-defined]
+        "scorer": scorer.description if scorer is not None else None,  # type: ignore[attr-defined]
         "quick": config.quick,
         "data": {
             "train_folder": str(config.train_images),
@@ -369,8 +459,98 @@ def _run(config: EvalConfig) -> dict[str, object]:
         # A partial report after every row: a long run that is stopped still leaves one.
         report["pending"] = [lb for lb, _, _ in plans if lb not in rows]
         _write(report, figures, config.out)
+    if config.api_client is not None:
+        report["score_oracle"] = _api_client_threat(config, shared)
+        stages.done("API client (score oracle)")
     stages.done("report")
     _write(report, figures, config.out)
+    return report
+
+
+def _api_client_threat(config: EvalConfig, shared: _Shared) -> dict[str, object]:
+    """Issue 21's API client against `config.api_client`: the first photo of every test
+    person enrolled (a real gallery of people no attacker was trained on), their other photos
+    the search set and the cameras' probes, the train people's photos the attacker's probes
+    (augmented to the largest query count); recovered embeddings decoded by the decoder on
+    raw embeddings and re-embedded by dlib, judged at dlib's system threshold at FMR 1e-3."""
+    assert config.api_client is not None
+    test, train = shared.test, shared.train
+    enrolled: dict[str, np.ndarray] = {}
+    others: dict[str, list[np.ndarray]] = {}
+    for name, vector in zip(test.folder.identity, test.raw, strict=True):
+        if str(name) in enrolled:
+            others[str(name)].append(vector)
+        else:
+            enrolled[str(name)], others[str(name)] = vector, []
+    other_photos = {s: np.stack(v) for s, v in others.items() if v}
+    options: dict[str, object] = {"seed": config.seed}
+    counts = config.api_client_queries or (QUICK_QUERY_COUNTS if config.quick else None)
+    if counts is not None:
+        options["query_counts"] = tuple(counts)
+    chip = shared.chip
+    if chip is not None:
+        decoder = shared.decoder_raw
+
+        def again(embeddings: np.ndarray) -> np.ndarray:
+            faces = reconstruct(decoder, embeddings)  # type: ignore[arg-type]
+            return scorer_embeddings(chip, faces)  # type: ignore[arg-type]
+
+        options["reconstruct"] = again
+        options["reconstruction_threshold"] = shared.system_thresholds[far_key(FAR)]
+    result = run_api_client_threat(config.api_client, train.raw, enrolled, other_photos, **options)
+    result["reconstruction_by"] = (
+        "the harness's decoder on raw embeddings (issue 15's recipe, trained on the train "
+        "people), re-embedded by dlib's ResNet in torch (type I), at dlib's system threshold "
+        "at FMR 1e-3 on real test pairs"
+        if chip is not None
+        else None
+    )
+    result["command"] = config.command
+    return result
+
+
+def run_api_client_only(config: EvalConfig) -> dict[str, object]:
+    """The API client's threat alone (`advplugin evaluate --threats api-client`): the shared
+    parts it needs are computed as a full run computes them (face sets, the decoder on raw
+    embeddings with the same recipe and seed, dlib's system thresholds), the threat is run,
+    and its result is written to `config.out`'s report.json under `score_oracle`, merged
+    into a report already there (which is re-rendered: report.md and figures); without one,
+    report.json holds the result alone and report.md its section."""
+    if config.api_client is None:
+        raise ValueError("the API client's threat needs an api_client (`--api-client`)")
+    before = torch.get_num_threads()
+    torch.set_num_threads(config.threads)
+    try:
+        rng = np.random.default_rng(config.seed)
+        stages = Stages()
+        config = _quick(config)
+        shared = _prepare(config, rng, stages)
+        stages.done("judges and system thresholds")
+        # The full run's "reconstruction from raw" row, from this run's decoder: equal to the
+        # report's when the decoder is the same (a check that these are the harness's numbers).
+        check = shared.judge(reconstruct(shared.decoder_raw, shared.test.raw[shared.attacked]))  # type: ignore[arg-type]
+        stages.done("decoder check: reconstruction from raw")
+        result = _api_client_threat(config, shared)
+        result["decoder_check"] = {
+            "reconstruction_on_raw": check,
+            "system_thresholds": shared.system_thresholds,
+        }
+        stages.done("API client (score oracle)")
+        result["seconds"] = stages.seconds
+    finally:
+        torch.set_num_threads(before)
+    out = config.out
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / "report.json"
+    report = json.loads(path.read_text()) if path.exists() else {}
+    report["score_oracle"] = result
+    path.write_text(json.dumps(report, indent=2, default=_jsonable))
+    report = json.loads(path.read_text())
+    if "rows" in report:
+        render_from_json(report, out)
+    else:
+        text = write_oracle_section(report["score_oracle"], out)
+        (out / "report.md").write_text(f"# Evaluation report: the API client's threat\n\n{text}\n")
     return report
 
 

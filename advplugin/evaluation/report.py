@@ -132,7 +132,9 @@ def _summary(report: dict, rows: dict[str, dict], fars: list[str]) -> list[str]:
     schemes = [k for k in rows if k != "none"]
     lines = ["## Summary: goal met per threat (worst attack, every FMR)", ""]
     body = []
-    threats = [(f"reconstruction, {_JUDGES[j][0]}", j) for j in report.get("judges_on_real_photos", {})]
+    threats = [
+        (f"reconstruction, {_JUDGES[j][0]}", j) for j in report.get("judges_on_real_photos", {})
+    ]
     for name, judge in threats:
         cells = []
         for label in schemes:
@@ -142,7 +144,9 @@ def _summary(report: dict, rows: dict[str, dict], fars: list[str]) -> list[str]:
                 if r is None or judge not in r:
                     continue
                 for far in fars:
-                    oks.append(r[judge][far]["accepted_other_photo"] <= _margin(float(far), r["images"]))
+                    oks.append(
+                        r[judge][far]["accepted_other_photo"] <= _margin(float(far), r["images"])
+                    )
             cells.append(_met(all(oks)) if oks else "n/a")
         body.append([name, *cells])
     cells = []
@@ -322,7 +326,11 @@ def _inversion(report: dict, rows: dict[str, dict], fars: list[str]) -> list[str
     for label, row in rows.items():
         i = row["identification"]
         chance = 1.0 / i["identities"]
-        for attack, title in (("naive", "naive"), ("linear_map", "linear map"), ("mlp_map", "MLP map")):
+        for attack, title in (
+            ("naive", "naive"),
+            ("linear_map", "linear map"),
+            ("mlp_map", "MLP map"),
+        ):
             if label == "none" and attack != "naive":
                 continue  # maps from raw to raw: the naive row
             sar = i.get("verification", {}).get(attack, {})
@@ -518,7 +526,9 @@ def _attack_rates_figure(report: dict, out: Path, plt: object) -> None:
         (f"{label}\n{kind}", row["reconstruction"][kind])
         for label, row in rows.items() if row["protects"] for kind in ("naive", "adaptive")
     ]  # fmt: skip
-    fig, axes = plt.subplots(1, len(judges), figsize=(max(6.0, 1.0 + 0.8 * len(bars) * len(judges)), 3.6), squeeze=False)  # type: ignore[attr-defined]
+    fig, axes = plt.subplots(
+        1, len(judges), figsize=(max(6.0, 1.0 + 0.8 * len(bars) * len(judges)), 3.6), squeeze=False
+    )  # type: ignore[attr-defined]
     width = 0.8 / len(fars)
     for ax, judge in zip(axes[0], judges, strict=True):
         for k, far in enumerate(fars):
@@ -530,7 +540,11 @@ def _attack_rates_figure(report: dict, out: Path, plt: object) -> None:
         ax.axhline(100 * float(fars[0]), color="k", lw=0.8, ls=":", label=f"chance @{fars[0]}")
         ax.set_xticks(np.arange(len(bars)) + width * (len(fars) - 1) / 2)
         ax.set_xticklabels([b for b, _ in bars], fontsize=7)
-        ax.set(ylabel="success attack rate (%)", title=f"reconstruction, {_JUDGES[judge][0]}", ylim=(0, 118))
+        ax.set(
+            ylabel="success attack rate (%)",
+            title=f"reconstruction, {_JUDGES[judge][0]}",
+            ylim=(0, 118),
+        )
         ax.legend(fontsize=7, loc="upper center", ncol=len(fars) + 1)
     fig.tight_layout()
     fig.savefig(out / "attack_rates.png", dpi=110)
@@ -596,6 +610,7 @@ def oracle_markdown(result: dict) -> list[str]:
             if recon
             else ""
         ),
+        *_run_alone(result),
         f"- goal of a protecting policy (ISO/IEC 30136: no better than chance): rank-1 ≤ chance "
         f"+ {_pct(margin)} = {_pct(chance + margin)} at {counts[-1]:,} queries (or where its key "
         "was stopped), for every strategy; a policy that answers exact scores shows the threat "
@@ -612,7 +627,9 @@ def oracle_markdown(result: dict) -> list[str]:
         for name, row in policy["strategies"].items():
             at = {int(p["queries"]): p for p in row["curve"]}
             stopped = row["stopped_at"] is not None
-            cells = [_pct(at[q]["rank1"]) if q in at else "stopped" if stopped else "n/a" for q in counts]
+            cells = [
+                _pct(at[q]["rank1"]) if q in at else "stopped" if stopped else "n/a" for q in counts
+            ]
             stop = row["stopped_at"]
             stop_cell = "-" if stop is None else f"{stop:,}"
             if stop is not None and stop in at and stop not in counts:
@@ -638,7 +655,63 @@ def oracle_markdown(result: dict) -> list[str]:
     ]
     if descriptions:
         out += ["Policies: " + "; ".join(descriptions) + ".", ""]
+    if result.get("service"):
+        out += [f"Service under attack: {result['service']}.", ""]
+    out += _legitimate(result.get("legitimate"))
     out += [f"![score oracle]({ORACLE_FIGURE})", ""]
+    return out
+
+
+def _run_alone(result: dict) -> list[str]:
+    """A line for a result run on its own (`advplugin evaluate --threats api-client`): its
+    command, and how its decoder on raw embeddings compares (`decoder_check`)."""
+    check = (result.get("decoder_check") or {}).get("reconstruction_on_raw")
+    if not check:
+        return []
+    judged = [
+        f"{_JUDGES[j][0]} {_pct(check[j]['1e-3']['accepted_other_photo'])}"
+        for j in ("type_i", "type_ii")
+        if j in check and "1e-3" in check[j]
+    ]
+    return [
+        f"- run on its own (`{result.get('command') or 'advplugin evaluate --threats api-client'}`)"
+        ", with the same split, seed, decoder recipe and thresholds as a full run; its decoder on "
+        "raw embeddings, from raw templates, at FMR 1e-3: " + ", ".join(judged)
+    ]
+
+
+def _legitimate(legit: dict | None) -> list[str]:
+    """The cameras' side of the same service: enrolled people's other photos identified
+    (top subject right) under each policy, against the reference policy's rate."""
+    if not legit:
+        return []
+    ref, margin = legit["reference"], legit["margin"]
+    base = legit["policies"][ref]["identified"]
+    out = [
+        "**The legitimate clients** of the same service: under each policy a fresh key (a "
+        f"camera's) sends the {legit['probes']:,} other photos of the enrolled people, one "
+        "identification each; *identified*: the top subject named is the right person. Goal: "
+        f"within {100 * margin:g} pp of `{ref}` ({_pct(base)}, today's answers), and no key "
+        "stopped.",
+        "",
+    ]
+    body = []
+    for label, row in legit["policies"].items():
+        own = label == ref
+        stop = row.get("stopped_at")
+        body.append(
+            [
+                f"`{label}`",
+                _pct(row["identified"]),
+                "reference" if own else f"{100 * row['drop']:.2f}",
+                "-" if stop is None else f"yes, after {stop:,} probes",
+                "reference" if own else f"≥ {_pct(row['goal'])}",
+                "-" if own else _met(bool(row["met"]) and stop is None),
+            ]
+        )
+    out += _table(
+        ["policy", "identified", f"drop vs `{ref}` (pp)", "stopped?", "goal", "met"], body
+    )
     return out
 
 
@@ -686,7 +759,9 @@ def write_oracle_section(result: dict, out_dir: Path) -> str:
     ax.axhline(100 * result["raw_rank1"], color="0.3", ls="--", lw=1, label="raw embeddings")
     ax.axhline(100 * result["chance"], color="0.5", ls=":", lw=1, label="chance")
     ax.set_xscale("log")
-    ax.set_xlim(min(counts) / 1.3, max(counts) * 1.3)
+    # A key stopped before the first count (the default policy's budget) still shows.
+    reached = [c["queries"] for r in rows for c in r["curve"] if c["queries"] > 0]
+    ax.set_xlim(min([*counts, *reached]) / 1.3, max(counts) * 1.3)
     ax.set_ylim(-2, 102)
     ax.set(
         xlabel="queries (probes sent by one API key)",

@@ -26,6 +26,7 @@ renders it (figure and goal/met table), inside `report.md` when `report.json` ho
 from __future__ import annotations
 
 from collections.abc import Callable, Collection, Mapping, Sequence
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -36,20 +37,25 @@ from advplugin.evaluation.metrics import threshold_at_far
 __all__ = [
     "FMR",
     "GOAL_MARGIN",
+    "IDENTIFICATION_MARGIN",
     "QUERY_COUNTS",
     "STRATEGIES",
+    "ApiClient",
     "AttackRun",
     "BudgetExhausted",
     "Estimate",
     "Oracle",
     "OracleMatch",
+    "OracleService",
     "Snapshot",
     "adaptive_boundary",
     "augment_probes",
     "least_squares",
+    "legitimate_identification",
     "lookalike_centroid",
     "rank1_of_recovered",
     "reconstruction_success",
+    "run_api_client_threat",
     "run_score_oracle_threat",
 ]
 
@@ -59,6 +65,9 @@ QUERY_COUNTS = (100, 300, 1_000, 3_000, 10_000)
 GOAL_MARGIN = 0.01
 #: The operating point at which decoded faces are judged (the harness's first FMR).
 FMR = 1e-3
+#: The legitimate side's goal (issue 21): enrolled people's other photos identified within
+#: this much of the exact-score policy's rate (today's answers) under every other policy.
+IDENTIFICATION_MARGIN = 0.01
 
 
 class BudgetExhausted(Exception):
@@ -83,6 +92,41 @@ class Oracle(Protocol):
         """`probes`: the attacker's raw embeddings, float32 [n, d] (what its photos give
         through the public extractor). Returns, per probe, the subjects the answer names
         (possibly none), best first. Raises `BudgetExhausted` once the key is stopped."""
+        ...
+
+
+class OracleService(Protocol):
+    """A running service with a gallery enrolled, as the API-client threat sees it: its
+    answer policies (one fresh API key per oracle) and the cameras' side."""
+
+    #: policy labels that disclose exact scores (granted explicitly): they show the threat.
+    exact_policies: Collection[str]
+    #: policy label -> one line on what its answers disclose.
+    descriptions: Mapping[str, str]
+
+    def factories(self) -> Mapping[str, Callable[[], Oracle]]:
+        """Policy label -> a callable making a fresh oracle (a fresh API key) under it."""
+        ...
+
+    def identified(
+        self, policy: str, probes: np.ndarray, truth: np.ndarray
+    ) -> Mapping[str, object]:
+        """A legitimate client (a camera) under `policy` sends `probes` (raw embeddings of
+        enrolled people's other photos, `truth` their subjects): `{"probes", "identified"
+        (share whose top subject is right), "stopped_at" (None unless a 429 stopped it)}`."""
+        ...
+
+
+class ApiClient(Protocol):
+    """What the harness is given to run the API-client threat (composition: the evaluation
+    layer imports no service; `advplugin.cli.api_client.InProcessApiClient` is the real one,
+    the service app in process)."""
+
+    #: one line on the service under attack, for the report.
+    description: str
+
+    def open(self, enrolled: Mapping[str, np.ndarray]) -> AbstractContextManager[OracleService]:
+        """A service with `enrolled` (subject -> raw embedding [d]) enrolled; closed after."""
         ...
 
 
@@ -781,3 +825,79 @@ def _impostor_threshold(
         scores.append(np.einsum("ij,ij->i", u[a[keep]], u[b[keep]]))
     impostor = np.concatenate(scores)
     return threshold_at_far(impostor, fmr) if len(impostor) else float("inf")
+
+
+# -- the threat against a service, with the legitimate side ---------------------------------
+
+
+def legitimate_identification(
+    service: OracleService,
+    policies: Sequence[str],
+    other_photos: Mapping[str, np.ndarray],
+    reference: str | None = None,
+) -> dict[str, object]:
+    """The cameras' side: under each policy, a fresh key sends every other photo of the
+    enrolled people (`other_photos`: subject -> raw [k, d]) and the share whose top subject
+    is right is measured. `reference` (by default the first exact-score policy: today's
+    answers) is the rate the others are compared with; goal: at most `IDENTIFICATION_MARGIN`
+    below it. `{"reference", "margin", "probes", "policies": {label: {"probes", "identified",
+    "stopped_at", "drop", "goal", "met"}}}` (drop and goal in rate units, not pp)."""
+    subjects = [s for s, v in other_photos.items() if len(np.atleast_2d(v)) and np.size(v)]
+    probes = np.concatenate(
+        [np.atleast_2d(np.asarray(other_photos[s], np.float32)) for s in subjects]
+    )
+    truth = np.array([s for s in subjects for _ in range(len(np.atleast_2d(other_photos[s])))])
+    if reference is None:
+        exact = [p for p in policies if p in set(service.exact_policies)]
+        reference = exact[0] if exact else policies[0]
+    rows: dict[str, dict[str, object]] = {}
+    for label in policies:
+        got = dict(service.identified(label, probes, truth))
+        rows[label] = {
+            "probes": int(got["probes"]),  # type: ignore[call-overload]
+            "identified": float(got["identified"]),  # type: ignore[arg-type]
+            "stopped_at": got.get("stopped_at"),
+        }
+    base = float(rows[reference]["identified"])  # type: ignore[arg-type]
+    for label, row in rows.items():
+        drop = base - float(row["identified"])  # type: ignore[arg-type]
+        own = label == reference
+        row["drop"] = 0.0 if own else drop
+        row["goal"] = None if own else base - IDENTIFICATION_MARGIN
+        row["met"] = None if own else bool(drop <= IDENTIFICATION_MARGIN + 1e-12)
+    return {
+        "reference": reference,
+        "margin": IDENTIFICATION_MARGIN,
+        "probes": len(probes),
+        "policies": rows,
+    }
+
+
+def run_api_client_threat(
+    api_client: ApiClient,
+    attacker_probes: np.ndarray,
+    enrolled: Mapping[str, np.ndarray],
+    other_photos: Mapping[str, np.ndarray],
+    **options: object,
+) -> dict[str, object]:
+    """`run_score_oracle_threat` against the service `api_client` opens with `enrolled`, then
+    the legitimate side (`legitimate_identification`) on the same service: the result gains
+    `"service"` (its description) and `"legitimate"`. `options` go to
+    `run_score_oracle_threat` (query counts, strategies, reconstruct, threshold, seed)."""
+    with api_client.open(enrolled) as service:
+        factories = dict(service.factories())
+        result = run_score_oracle_threat(
+            factories,
+            attacker_probes,
+            enrolled,
+            other_photos,
+            exact_policies=[p for p in factories if p in set(service.exact_policies)],
+            descriptions=service.descriptions,
+            **options,  # type: ignore[arg-type]
+        )
+        scored = {
+            s: other_photos[s] for s in enrolled if s in other_photos and np.size(other_photos[s])
+        }
+        result["legitimate"] = legitimate_identification(service, list(factories), scored)
+    result["service"] = api_client.description
+    return result

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -30,6 +31,7 @@ def quick_report(
             "--train-images", str(small_split["train"]), "--test-images", str(small_split["test"]),
             "--scorer", str(scorer_model), "--embeddings-cache", str(face_data / "lfw-dev-dlib128.npz"),
             "--cache-dir", str(tmp / "cache"), "--out", str(out), "--quick", "--no-progress",
+            "--api-client", "--api-client-queries", "20,50",
         ]
     )  # fmt: skip
     assert code == 0
@@ -125,6 +127,93 @@ def test_report_holds_no_vectors_and_no_key(
     assert key.key_id in text  # the report names the key by its id only
 
 
+POLICIES = ["exact (granted)", "decisions-unbudgeted", "default"]
+ORACLE_SECTION = "## Threat: an API client (score oracle)"
+
+
+def _check_oracle_result(oracle: dict) -> None:
+    assert oracle["query_counts"] == [20, 50]
+    assert oracle["enrolled"] == 8  # the first photo of every test person
+    assert list(oracle["policies"]) == POLICIES
+    for label, policy in oracle["policies"].items():
+        exact = label == "exact (granted)"
+        assert policy["exact_scores"] is exact
+        assert set(policy["strategies"]) == {"least_squares", "lookalike_centroid", "adaptive_boundary"}
+        for row in policy["strategies"].values():
+            assert row["curve"] and 0.0 <= row["final_rank1"] <= 1.0
+            assert (row["goal"] is None) is exact and (row["met"] is None) is exact
+            # every point is judged through the decoder on raw embeddings and dlib
+            assert all(0.0 <= p["reconstruction"] <= 1.0 for p in row["curve"])
+    # exact scores, granted: the attacker is real (8 people, 50 queries)
+    ls = oracle["policies"]["exact (granted)"]["strategies"]["least_squares"]
+    assert ls["final_rank1"] > oracle["chance"] + oracle["goal_margin"]
+    legit = oracle["legitimate"]
+    assert legit["reference"] == "exact (granted)" and list(legit["policies"]) == POLICIES
+    for row in legit["policies"].values():
+        assert row["probes"] == legit["probes"] == oracle["search_photos"]
+        assert 0.0 <= row["identified"] <= 1.0
+
+
+def _check_oracle_markdown(md: str) -> None:
+    section = md[md.index(ORACLE_SECTION) :]
+    assert "| goal | met |" in section  # the attack table
+    assert "| `default` | least squares on the scores |" in section
+    assert "| policy | identified | drop vs `exact (granted)` (pp) | stopped? | goal | met |" in section
+    assert "![score oracle](score_oracle.png)" in section
+
+
+def test_api_client_threat_runs_through_the_service(quick_report: dict) -> None:
+    """`--api-client`: issue 21's attacker against the real service app in process, per
+    policy, and the cameras' identification on the same service, in report.json and
+    report.md (a summary line and its own section, with goal and met columns)."""
+    out, report = quick_report["out"], quick_report["json"]
+    _check_oracle_result(report["score_oracle"])
+    assert report["score_oracle"]["reconstruction_threshold"] == pytest.approx(
+        report["system_thresholds"]["1e-3"]
+    )
+    md = (out / "report.md").read_text()
+    assert "An API client (score oracle), rank-1" in md  # the summary's line
+    _check_oracle_markdown(md)
+    assert (out / "score_oracle.png").stat().st_size > 0
+
+
+def test_api_client_threat_alone_merges_into_a_finished_report(
+    quick_report: dict, small_split: dict[str, Path], face_data: Path, scorer_model: Path,
+) -> None:
+    """`--threats api-client` on a finished report's folder: no scheme rows are rerun, the
+    shared parts are the full run's (the decoder on raw embeddings from the cache gives the
+    same reconstructions, the same thresholds), and the result is merged and rendered."""
+    tmp = quick_report["out"].parent
+    out = tmp / "merged"
+    shutil.copytree(quick_report["out"], out)
+    before = json.loads((out / "report.json").read_text())
+    del before["score_oracle"]
+    (out / "report.json").write_text(json.dumps(before))
+    (out / "score_oracle.png").unlink()
+    code = main(
+        [
+            "evaluate", "--threats", "api-client", "--api-client-queries", "20,50",
+            "--train-images", str(small_split["train"]), "--test-images", str(small_split["test"]),
+            "--scorer", str(scorer_model), "--embeddings-cache", str(face_data / "lfw-dev-dlib128.npz"),
+            "--cache-dir", str(tmp / "cache"), "--out", str(out), "--quick", "--no-progress",
+        ]
+    )  # fmt: skip
+    assert code == 0
+    assert list((tmp / "cache" / "decoders").glob("raw-*.pt"))
+    after = json.loads((out / "report.json").read_text())
+    assert {k: v for k, v in after.items() if k != "score_oracle"} == before
+    oracle = after["score_oracle"]
+    _check_oracle_result(oracle)
+    check = oracle["decoder_check"]
+    assert check["reconstruction_on_raw"] == before["reconstruction_on_raw"]
+    assert check["system_thresholds"] == before["system_thresholds"]
+    assert "--threats api-client" in oracle["command"] or "in process" in oracle["command"]
+    md = (out / "report.md").read_text()
+    assert "## Utility" in md  # the whole report, re-rendered
+    _check_oracle_markdown(md)
+    assert (out / "score_oracle.png").stat().st_size > 0
+
+
 def test_overlapping_people_are_refused(
     small_split: dict[str, Path], tmp_path: Path, capsys
 ) -> None:
@@ -153,6 +242,7 @@ def _spy_run(
         return real(templates, crops, config, desc=kw["desc"], progress=False)
 
     monkeypatch.setattr(reconstruction, "train_decoder", spy)
+    shutil.rmtree(cache / "decoders", ignore_errors=True)  # train the raw decoder, not load it
     code = main(
         [
             "evaluate", "--scheme", "xnn",
