@@ -317,3 +317,27 @@ def test_operating_points_come_from_the_calibration_or_an_explicit_threshold() -
         operating_point(None, 1e-2, AnswerSettings())
     custom = operating_point(None, 1e-2, AnswerSettings(decision_threshold=0.5))
     assert custom.threshold == 0.5 and custom.strong == float("inf") and len(custom.bands) == 1
+
+
+def test_images_verify_answers_the_decision_to_an_ordinary_key(face_data, key_file, tmp_path, make_server, request) -> None:
+    """Images mode, real dlib: `/verify` tells an ordinary key the decision and the band of a
+    match, null for a non-match; the exact-scores key gets the similarity."""
+    kpath, _ = key_file
+    url = migrated_database("sqlite", tmp_path, request)
+    server = make_server({"ADVPLUGIN_DATABASE_URL": url, "ADVPLUGIN_DATA_DIR": str(tmp_path / "data"),
+                          "ADVPLUGIN_KEY_FILE": str(kpath), "ADVPLUGIN_SCHEME": "xnn"})
+    photos = {n: sorted((face_data / "lfw-dev" / n).glob("*.jpg")) for n in ("Aaron_Peirsol", "Abdullah_Gul")}
+    with server.client() as c:
+        for name, files in photos.items():
+            assert c.post("/enroll", files={"file": files[0].read_bytes()}, data={"subject": name}).status_code == 201
+    with Gallery.open(url) as g:
+        camera = wait_for_key(server, g.create_api_key("camera", scope="identify"))
+    probe = {"file": photos["Aaron_Peirsol"][1].read_bytes()}
+    with server.client(camera) as c:
+        same = c.post("/verify", files=probe, data={"subject": "Aaron_Peirsol"}).json()
+        other = c.post("/verify", files=probe, data={"subject": "Abdullah_Gul"}).json()
+    with server.client() as c:
+        exact = c.post("/verify", files=probe, data={"subject": "Aaron_Peirsol"}).json()
+    assert same["verified"] is True and same["similarity"] in BAND_VALUES.values()
+    assert other["verified"] is False and other["similarity"] is None
+    assert exact["verified"] is True and exact["similarity"] not in BAND_VALUES.values() and exact["similarity"] > 0.9
