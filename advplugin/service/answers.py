@@ -150,8 +150,17 @@ class AnswerPolicy:
             credit_per_strong=s.budget_credit_per_strong,
         )
 
+    def count(self, outcome: str, collection: str, n: int = 1) -> None:
+        with self._lock:  # requests run in threads; the metrics read this Counter
+            self.counts[outcome, collection] += n
+
+    def counted(self) -> list[tuple[tuple[str, str], int]]:
+        """((outcome, collection), count) of everything answered so far, for /metrics."""
+        with self._lock:
+            return sorted(self.counts.items())
+
     def refuse(self, caller: Caller, charge: Charge) -> ServiceError:
-        self.counts["refused", caller.collection] += 1
+        self.count("refused", caller.collection)
         return ServiceError(
             429, "budget_exceeded",
             f"this API key's answer budget is used up ({', '.join(charge.over)}); "
@@ -190,7 +199,7 @@ class Answers:
         if charge.refused:
             raise p.refuse(c, charge)
         for o in outcomes:
-            p.counts["unmatched" if o.subject is None else "strong" if o.strong else "weak", c.collection] += 1
+            p.count("unmatched" if o.subject is None else "strong" if o.strong else "weak", c.collection)
 
     def identify(
         self, view: KeyView, collection: str, probes: ProbeSet, *, prediction_count: int, threshold: float | None

@@ -111,7 +111,7 @@ def _answer_families(state: ServiceState) -> Iterator[Metric]:
         labels=["collection_id"],
     )
     gallery = state.gallery
-    for (outcome, collection), n in sorted(state.answers.counts.items()):
+    for (outcome, collection), n in state.answers.counted():
         cid = str(gallery.collection_id(collection, create=False))
         if outcome == "refused":
             refused.add_metric([cid], n)
