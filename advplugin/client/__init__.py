@@ -45,6 +45,8 @@ class EnrollResult(TypedDict):
 
 class SubjectSimilarity(TypedDict):
     subject: str
+    #: the band of the match (0.85 / 0.90 / 0.95 / 0.99), or the exact score for a key
+    #: granted exact scores (docs/service.md, "What an answer reveals")
     similarity: float
 
 
@@ -59,8 +61,9 @@ class IdentifyResult(TypedDict):
 
 class VerifyResult(TypedDict):
     subject: str
-    similarity: float
-    verified: bool | None
+    #: the band of a match, None when not verified (exact-scores keys: the score)
+    similarity: float | None
+    verified: bool
     box: Box | None
 
 
