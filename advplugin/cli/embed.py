@@ -73,11 +73,11 @@ def _init_worker(
 
 
 def _embed_one(task: tuple[int, str]) -> tuple[int, bool, str | None]:
-    from advplugin.images import ImageError, load_image
+    from advplugin.images import FOLDER_FORMATS, ImageError, load_image
 
     index, rel = task
     try:
-        image = load_image(_worker["root"] / rel)  # type: ignore[operator]
+        image = load_image(_worker["root"] / rel, formats=FOLDER_FORMATS)  # type: ignore[operator]
     except ImageError as e:
         return index, False, str(e)
     vector, detected = _worker["extractor"].extract_central(image)  # type: ignore[attr-defined]

@@ -23,7 +23,7 @@ from advplugin.adapters.align import align_face, arcface_points_from_dlib68
 from advplugin.adapters.dlib_adapter import model_dir
 from advplugin.embedding_files import load_embedding_set
 from advplugin.evaluation.data import FeatureCache, ImageFolder, file_sha256
-from advplugin.images import load_image
+from advplugin.images import FOLDER_FORMATS, load_image
 
 #: Aligned crops are warped at the ArcFace size, then scaled to the decoder's size, so a
 #: decoder output scaled back to 112 is exactly what an ArcFace-style scorer expects.
@@ -120,7 +120,7 @@ def raw_embeddings(
                 digest, {"embedding": seed[0].embedding[row], "detected": seed[0].detected[row]}
             )
             continue
-        vector, found = extractor.extract_central(load_image(file))
+        vector, found = extractor.extract_central(load_image(file, formats=FOLDER_FORMATS))
         cache.put(digest, {"embedding": vector, "detected": np.float32(found)})
     cache.save()
     rows = [cache.get(d) for d in digests]
@@ -151,7 +151,7 @@ def aligned_faces(
     for i, (file, digest) in enumerate(
         tqdm(list(zip(files, digests, strict=True)), desc="align faces", disable=not progress)
     ):
-        image = load_image(file)
+        image = load_image(file, formats=FOLDER_FORMATS)
         if digest in cache:
             crop = align_face(image, cache.get(digest)["landmarks"], ALIGN_SIZE)
         else:
@@ -174,7 +174,7 @@ _aligner: FaceAligner | None = None  # one per worker process
 def _landmarks_of(file: Path) -> tuple[Path, np.ndarray, bool]:
     global _aligner
     _aligner = _aligner or FaceAligner()
-    points, found = _aligner.landmarks(load_image(file))
+    points, found = _aligner.landmarks(load_image(file, formats=FOLDER_FORMATS))
     return file, points, found
 
 

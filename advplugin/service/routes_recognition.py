@@ -141,7 +141,7 @@ def _client_templates(state: ServiceState, protection: Protection, rows: list[li
 def enroll(
     state: State,
     caller: EnrolCaller,
-    file: Annotated[UploadFile, File(description="image (JPEG, PNG, ...)")],
+    file: Annotated[UploadFile, File(description="image: JPEG, PNG or WebP")],
     subject: Annotated[SubjectName, Form(description="the person's name in this collection")],
     faces: Annotated[
         Literal["largest", "all"], Form(description="enrol only the largest face, or every face")
@@ -181,7 +181,7 @@ def _subjects(found: list[Disclosed]) -> list[SubjectSimilarity]:
 def identify(
     state: State,
     answers: AnswersFor,
-    file: Annotated[UploadFile, File(description="image (JPEG, PNG, ...)")],
+    file: Annotated[UploadFile, File(description="image: JPEG, PNG or WebP")],
     limit: Annotated[int, Query(ge=0, description="faces to recognise, largest first; 0: all")] = 0,
     prediction_count: Annotated[int, Query(ge=1, le=100, description=PREDICTION_COUNT)] = 1,
     threshold: Annotated[Threshold | None, Query(description=THRESHOLD)] = None,
@@ -204,7 +204,7 @@ def identify(
 def verify(
     state: State,
     answers: AnswersFor,
-    file: Annotated[UploadFile, File(description="image (JPEG, PNG, ...)")],
+    file: Annotated[UploadFile, File(description="image: JPEG, PNG or WebP")],
     subject: Annotated[SubjectName, Form(description="the subject to compare with")],
     threshold: Annotated[Threshold | None, Form(
         description="keys with exact scores: decide verified = similarity >= threshold (default: the operating "

@@ -173,6 +173,8 @@ async def _images(request: Request, fields: tuple[str, ...]) -> list[bytes]:
             body = await request.json()
         except (json.JSONDecodeError, UnicodeDecodeError):
             raise ServiceError(422, "invalid_request", "the JSON body could not be parsed") from None
+        except RecursionError:  # e.g. 100,000 nested arrays: the parser's depth ran out
+            raise ServiceError(422, "invalid_request", "the JSON body is nested too deeply") from None
         if not isinstance(body, dict):
             raise ServiceError(422, "invalid_request", "the JSON body must be an object")
         return [_b64(state, body.get(f), f) for f in fields]
