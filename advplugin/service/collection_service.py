@@ -24,6 +24,7 @@ from advplugin.gallery.budgets import AnswerBudgets
 from advplugin.gallery.index import IndexFollower, TemplateIndex
 from advplugin.gallery.matcher import Match, Matcher, ProbeSet
 from advplugin.gallery.store import Gallery
+from advplugin.service.errors import ServiceError
 from advplugin.service.protection import KeyView, Protection
 from advplugin.settings import Settings
 
@@ -129,12 +130,61 @@ class CollectionService:
         """Delete a subject and its templates (SubjectNotFound if absent); unsearchable on
         return. With `actor`, the audit event commits in the deletion's transaction."""
         with self.gallery.transaction() as g:
-            n = g.delete_subject(name, collection=collection)
-            AnswerBudgets(g).forget_subject(collection, name)  # no key's record names them any more
+            n = self._delete_in(g, collection, name)
             if actor is not None:
                 g.record_audit(actor, "delete_subject", collection=collection, subject=name, template_count=n)
         self.gallery.complete_erasures_or_warn()  # its erasure key: every older copy of the database loses it
         self._erased(collection)
+        return n
+
+    def rename_subject(self, collection: str, old: str, new: str, *, actor: Actor | None = None) -> bool:
+        """Rename `old` to `new`, merging into `new` when it exists (CompreFace's semantics);
+        False when the names are equal (nothing changes), SubjectNotFound when `old` is absent,
+        ServiceError 503 `key_rotation` while any of its templates is under another key.
+
+        ONE serialised write transaction: the existence check, the read of the old subject's
+        protected templates, their re-enrolment under `new` (new template ids; no raw
+        embedding involved), the old subject's deletion (crypto-shredded like any delete) and
+        the audit events. A delete, enrol or other rename takes the same lock, so none can
+        interleave: a delete that answered never leaves a template under the new name, two
+        renames never both copy, and an answered rename is committed whole."""
+        p = self.protection
+        with self.gallery.transaction() as g:
+            g.get_subject(old, collection=collection)  # SubjectNotFound
+            if old == new:
+                return False
+            ids = g.subject_template_ids(old, collection=collection)
+            rows = g.template_rows(ids)
+            if any(r.key_id != p.expected.key_id for r in rows.values()):
+                raise ServiceError(503, "key_rotation", "a key rotation is in progress: rename after it finished")
+            kept = [i for i in ids if i in rows]
+            created = False
+            if kept:
+                vectors = np.stack([np.asarray(rows[i].vector, np.float32) for i in kept])
+                g.add_templates(
+                    [new] * len(kept), vectors, protection=p.expected,
+                    extractor_name=p.extractor_name, extractor_version=p.extractor_version,
+                    collection=collection,
+                )
+            else:  # a subject without templates is renamed too
+                created = g.add_subject(new, collection=collection)
+            n = self._delete_in(g, collection, old)
+            if actor is not None:
+                if kept:
+                    g.record_audit(actor, "enroll", collection=collection, subject=new, template_count=len(kept))
+                elif created:
+                    g.record_audit(actor, "add_subject", collection=collection, subject=new, template_count=0)
+                g.record_audit(actor, "delete_subject", collection=collection, subject=old, template_count=n)
+        self.gallery.complete_erasures_or_warn()  # the old subject's erasure key, as in `delete_subject`
+        self._erased(collection)
+        return True
+
+    @staticmethod
+    def _delete_in(g: Gallery, collection: str, name: str) -> int:
+        """Delete a subject inside the caller's transaction `g`, with every key's record of
+        it (`AnswerBudgets.forget_subject`): a deleted person's name must not outlive it."""
+        n = g.delete_subject(name, collection=collection)
+        AnswerBudgets(g).forget_subject(collection, name)
         return n
 
     def _erased(self, collection: str) -> None:

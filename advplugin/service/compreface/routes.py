@@ -489,30 +489,20 @@ def add_subject(state: State, caller: EnrolCaller, body: CfSubjectBody) -> CfSub
 def rename_subject(
     state: State, caller: EnrolCaller, subject: Annotated[SubjectName, Path()], body: CfSubjectBody
 ) -> CfUpdated:
-    """Rename (merging into the new name when it exists, as CompreFace does): the subject's
-    protected templates are re-enrolled under the new name, then the old subject is deleted.
-    No raw embedding is involved; the examples get new image ids."""
+    """Rename (merging into the new name when it exists, as CompreFace does; the same name:
+    `updated` false): the subject's protected templates are re-enrolled under the new name
+    and the old subject is deleted (crypto-shredded), in ONE serialised write transaction
+    (`CollectionService.rename_subject`), so a delete, enrolment or other rename of it never
+    interleaves. No raw embedding is involved; the examples get new image ids. 503 while a
+    key rotation has templates of it under the previous key."""
     old, new = _check_subject(subject), _check_subject(body.subject)
-    collection, actor = caller.collection, Actor.api_key(caller.api_key_id)
     try:
-        state.gallery.get_subject(old, collection=collection)
+        renamed = state.collections.rename_subject(
+            caller.collection, old, new, actor=Actor.api_key(caller.api_key_id)
+        )
     except SubjectNotFound:
         raise _no_subject(old) from None
-    ids = state.gallery.subject_template_ids(old, collection=collection)
-    if old == new:
-        return CfUpdated(updated=False)
-    rows = state.gallery.template_rows(ids)
-    current = state.protection.expected.key_id
-    if any(r.key_id != current for r in rows.values()):
-        raise ServiceError(503, "key_rotation", "a key rotation is in progress: rename after it finished")
-    if rows:
-        vectors = np.stack([np.asarray(rows[i].vector, np.float32) for i in ids if i in rows])
-        state.collections.enroll(collection, [new] * len(vectors), vectors, actor=actor)
-    try:
-        state.collections.delete_subject(collection, old, actor=actor)
-    except SubjectNotFound:  # deleted meanwhile: its templates are under the new name
-        pass
-    return CfUpdated(updated=True)
+    return CfUpdated(updated=renamed)
 
 
 @router.delete("/recognition/subjects/{subject:path}", response_model=CfSubjectOut)
