@@ -90,7 +90,6 @@ class Charge:
     """The result of `AnswerBudgets.charge`: refused (`over` names the budgets used up)
     or answered (the counters now include the request)."""
 
-    usage: Usage
     over: list[str]
     retry_after: int = 0
 
@@ -188,29 +187,27 @@ class AnswerBudgets:
                 if not refused_before:
                     g.record_audit(Actor.api_key(api_key_id), "budget_exceeded", collection=collection,
                                    subject=",".join(over))
-                return Charge(usage, over, self._retry_after(conn, api_key_id, limits, usage, over, now))
+                return Charge(over, self._retry_after(conn, api_key_id, limits, usage, over, now))
 
             cid = g.collection_id(collection)
             named = sorted({o.subject for o in outcomes if o.subject is not None})
-            known: dict[str, tuple[int, int | None]] = {}
+            known: dict[str, int] = {}
             if named:
                 d = KeyDisclosure
                 known = {
-                    s: (int(last), None if strong is None else int(strong))
-                    for s, last, strong in conn.execute(
-                        select(d.subject, d.last_hour, d.strong_hour).where(
+                    s: int(last)
+                    for s, last in conn.execute(
+                        select(d.subject, d.last_hour).where(
                             d.api_key_id == api_key_id, d.collection_id == cid, d.subject.in_(named))
                     )
                 }
             unmatched = sum(1 for o in outcomes if o.subject is None)
-            lookalikes, strong_new = 0, 0
+            lookalikes = 0
             for s in named:
-                last, strong_hour = known.get(s, (start - 1, None))
+                last = known.get(s, start - 1)
                 strong = any(o.strong for o in outcomes if o.subject == s)
                 if not strong and last < start:
                     lookalikes += 1  # a weak match naming someone new to this key: a look-alike
-                if strong and (strong_hour is None or strong_hour < start):
-                    strong_new += 1
                 _upsert(
                     conn, KeyDisclosure,
                     {"api_key_id": api_key_id, "collection_id": cid, "subject": s, "last_hour": hour,
@@ -229,9 +226,7 @@ class AnswerBudgets:
             conn.execute(delete(KeyUsage).where(KeyUsage.api_key_id == api_key_id, KeyUsage.hour < start))
             conn.execute(delete(KeyDisclosure).where(KeyDisclosure.api_key_id == api_key_id,
                                                      KeyDisclosure.last_hour < start))
-            after = Usage(usage.probes + len(outcomes), usage.unmatched + unmatched,
-                          usage.lookalikes + lookalikes, usage.strong_subjects + strong_new)
-            return Charge(after, [])
+            return Charge([])
 
     # -- subjects and keys ------------------------------------------------------------------------
     def forget_subject(self, collection: str, name: str) -> None:

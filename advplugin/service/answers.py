@@ -59,7 +59,6 @@ class OperatingPoint:
     """Where a collection decides: `threshold` (score units of the scheme's scorer), the bands
     ((score threshold, band value), ascending) and the strong threshold (budget credit)."""
 
-    fmr: float | None
     threshold: float
     bands: tuple[tuple[float, float], ...]
     strong: float
@@ -78,9 +77,8 @@ def operating_point(calibration: Calibration | None, fmr: float, answers: Answer
     if answers.decision_threshold is not None:
         threshold = float(answers.decision_threshold)
         value = BAND_VALUES.get(fmr, DEFAULT_BAND) if fmr in calibrated else DEFAULT_BAND
-        point_fmr: float | None = None
     elif fmr in calibrated:
-        threshold, value, point_fmr = float(calibrated[fmr]), BAND_VALUES.get(fmr, DEFAULT_BAND), fmr
+        threshold, value = float(calibrated[fmr]), BAND_VALUES.get(fmr, DEFAULT_BAND)
     else:
         offered = ", ".join(f"{f:g}" for f in sorted(calibrated)) or "none (this scheme and extractor ship no calibration)"
         raise ConfigurationError(
@@ -91,7 +89,7 @@ def operating_point(calibration: Calibration | None, fmr: float, answers: Answer
                       if f in BAND_VALUES and t > threshold and BAND_VALUES[f] > value)
     bands = ((threshold, value), *stricter)
     strong = calibrated.get(answers.strong_fmr)
-    return OperatingPoint(point_fmr, threshold, bands, float(strong) if strong is not None else float("inf"))
+    return OperatingPoint(threshold, bands, float(strong) if strong is not None else float("inf"))
 
 
 class Disclosed(NamedTuple):
@@ -184,7 +182,8 @@ class Answers:
         return self.caller.exact_scores
 
     def admit(self) -> None:
-        """Refuse (429) a key whose budget is used up before any work is done for it."""
+        """Refuse (429) a key whose budget is used up before its image is extracted (a read;
+        the charge after matching decides anyway, so routes without extraction skip this)."""
         if self.exact:
             return
         p = self.policy

@@ -252,7 +252,6 @@ def identify_templates(state: State, answers: AnswersFor, body: IdentifyTemplate
     lets this key be told."""
     collection = answers.caller.collection
     templates = _client_templates(state, body.protection, body.templates)
-    answers.admit()
     view = _keys(state, collection)
     probes = state.protection.convert_for(view, templates)
     found = answers.identify(view, collection, probes, prediction_count=body.prediction_count,
