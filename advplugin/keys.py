@@ -52,6 +52,24 @@ class Key:
         return f"Key(key_id={self.key_id})"
 
 
+def make_private_dir(path: str | os.PathLike[str]) -> Path:
+    """`path` as a folder, each folder this call creates made 0700 (owner only) in one
+    system call: `Path.mkdir(parents=True, mode=...)` gives the parents it makes the
+    default mode (0755 under the usual umask), which left `.advplugin/` readable by all."""
+    path = Path(path).absolute()
+    missing = []
+    for p in (path, *path.parents):
+        if p.exists():
+            break
+        missing.append(p)
+    for p in reversed(missing):
+        try:
+            p.mkdir(mode=0o700)
+        except FileExistsError:
+            pass  # made meanwhile by another process
+    return path
+
+
 def write_key(
     path: str | os.PathLike[str], key: Key | None = None, *, overwrite: bool = False
 ) -> Key:

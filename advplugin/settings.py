@@ -1,13 +1,17 @@
 """Typed settings of the gallery and the service, from environment variables (`ADVPLUGIN_*`).
 
-With nothing set, everything lives in one data folder (`./.advplugin/data`, git-ignored): the SQLite
-gallery, the FAISS snapshots and the key file (created 0600 on first start), with the
-`dlib` extractor and the best protection scheme this installation has.
+With nothing set, the data lives in one data folder (`./.advplugin/data`, git-ignored: the SQLite
+gallery and the FAISS snapshots) and the keys in a folder of their own OUTSIDE it and outside
+its parent (`default_key_dir`: the user's config folder, 0700), so the folder an operator backs
+up or copies carries no key; with the `dlib` extractor and the best protection scheme this
+installation has.
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
+import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -94,6 +98,30 @@ def best_available_scheme(preference: tuple[str, ...] = SCHEME_PREFERENCE) -> st
     raise ValueError(f"none of the preferred schemes {preference} is registered")
 
 
+def default_key_dir(data_dir: Path) -> Path:
+    """The default key folder of the gallery whose data folder is `data_dir`:
+    `$XDG_CONFIG_HOME/advplugin/keys/<name>-<hash>` (`~/.config` when the variable is unset),
+    one folder per data folder (named after its path, plus a hash of it, so two galleries
+    on one machine never share a key).
+
+    Why there: the keys must not travel with the data. A backup or copy of the data folder,
+    or of the folder around it (`.advplugin/`), that also held the erasure key store opened
+    a deleted subject again, and one that held the master key opened everything. The
+    config folder is per user and outside any project tree. A data folder moved elsewhere
+    therefore finds no key, and the service refuses to start (it never makes a new key
+    beside an existing gallery): set ADVPLUGIN_KEY_DIR to the old key folder."""
+    where = data_dir.absolute()
+    base = Path(os.environ.get("XDG_CONFIG_HOME") or Path.home() / ".config")
+    name = re.sub(r"[^A-Za-z0-9._-]+", "_", "-".join(where.parts[-3:])).strip("_.-")[:60] or "root"
+    digest = hashlib.sha256(str(where).encode()).hexdigest()[:12]
+    return base / "advplugin" / "keys" / f"{name}-{digest}"
+
+
+def _legacy(*paths: Path) -> Path | None:
+    """The first of the defaults of earlier releases that exists (an install keeps its keys)."""
+    return next((p for p in paths if p.exists()), None)
+
+
 class Settings(BaseSettings):
     """Every field can be set as ADVPLUGIN_<FIELD> (e.g. ADVPLUGIN_DATABASE_URL)."""
 
@@ -101,23 +129,32 @@ class Settings(BaseSettings):
 
     data_dir: Path = Path(".advplugin/data")
     database_url: str | None = Field(None, description="SQLAlchemy URL; default: SQLite in data_dir")
-    key_file: Path | None = Field(None, description="default: <data_dir>/../key (created 0600 if missing)")
+    #: Where the keys live when their own settings are unset: the scheme key (`key`), the
+    #: master key (`master.key`) and the erasure key store (`erasure-keys.db`). Default:
+    #: `default_key_dir(data_dir)`, in the user's config folder, never inside the data
+    #: folder's parent (docs/sealed-storage.md, "Where the keys live"). In a container: a
+    #: mounted secret folder, or the keys themselves from a secret store or KMS.
+    key_dir: Path | None = Field(None, description="default: $XDG_CONFIG_HOME/advplugin/keys/<data folder>")
+    key_file: Path | None = Field(None, description="default: <key_dir>/key (created 0600 for a new gallery)")
     #: During a key rotation (images mode): the key being retired. `key_file` is then the new
     #: key; templates still under this one are matched with it (docs/migration.md).
     previous_key_file: Path | None = Field(None, description="the old key while a key rotation runs")
     index_dir: Path | None = Field(None, description="FAISS snapshots; default: data_dir/index")
     #: Sealed storage (docs/sealed-storage.md): the master key that wraps the gallery's data
-    #: key. Default: a key file BESIDE the data folder, not in it (`.advplugin/master.key`
-    #: for `.advplugin/data`), so copying the data folder does not copy it; created 0600
-    #: when a new gallery is sealed. Or give the key itself, base64 of 32 bytes, as
-    #: ADVPLUGIN_MASTER_KEY (then no file is read or made).
-    master_key_file: Path | None = Field(None, description="default: <data_dir>/../master.key")
+    #: key. Default: `<key_dir>/master.key`, created 0600 when a new gallery is sealed (an
+    #: install of an earlier release keeps its `<data_dir>/../master.key`, with a warning).
+    #: Or give the key itself, base64 of 32 bytes, as ADVPLUGIN_MASTER_KEY (then no file is
+    #: read or made).
+    master_key_file: Path | None = Field(None, description="default: <key_dir>/master.key")
     master_key: SecretStr | None = Field(None, description="base64 master key (instead of a file)")
     #: Erasure keys (docs/sealed-storage.md, "Erasure"): one per subject, held OUTSIDE the
     #: database, shredded when the subject is deleted, so copies of the database made before
     #: (dumps, backups) lose the subject too. A file path (SQLite, made 0600) or a SQLAlchemy
     #: URL (replicas share one: a small database of its own, not backed up with the gallery).
     erasure_key_store: str | None = Field(None, description="default: <master key folder>/erasure-keys.db")
+    #: Folders the operator backs up (JSON list): start-up and `advplugin db status` warn
+    #: when a key or the erasure key store is inside one of them.
+    backup_paths: list[Path] = Field(default_factory=list, description="folders that are backed up")
 
     #: "images": the service holds the key, extracts and protects uploads. "templates": it
     #: holds no key and accepts only templates protected on the client side. "blind": it holds
@@ -189,22 +226,35 @@ class Settings(BaseSettings):
         return self.database_url or f"sqlite:///{(self.data_dir / 'gallery.db').resolve()}"
 
     @property
+    def resolved_key_dir(self) -> Path:
+        return self.key_dir or default_key_dir(self.data_dir)
+
+    @property
     def resolved_key_file(self) -> Path:
-        """The scheme key: beside the data folder, not in it (like the master key), so a
-        copy of the data folder does not carry the key that inverts its templates. A key
-        left inside the folder by an earlier release (`<data_dir>/key`) is still used."""
+        """The scheme key: in the key folder, so a copy of the data folder (or of its
+        parent) does not carry the key that inverts its templates. A key left by an earlier
+        release (`<data_dir>/key`, then `<data_dir>/../key`) is still used."""
         if self.key_file is not None:
             return self.key_file
-        legacy = self.data_dir / "key"
-        return legacy if legacy.exists() else self.data_dir.absolute().parent / "key"
+        return _legacy(self.data_dir / "key", self.data_dir.absolute().parent / "key") or (
+            self.resolved_key_dir / "key"
+        )
 
     @property
     def resolved_master_key_file(self) -> Path:
-        return self.master_key_file or self.data_dir.absolute().parent / "master.key"
+        """The master key file (`master_key_file` docs); the erasure store's default folder."""
+        if self.master_key_file is not None:
+            return self.master_key_file
+        return _legacy(self.data_dir.absolute().parent / "master.key") or self.resolved_key_dir / "master.key"
 
     @property
     def resolved_erasure_key_store(self) -> str:
-        return self.erasure_key_store or str(self.resolved_master_key_file.absolute().parent / "erasure-keys.db")
+        """`erasure_key_store`, else `erasure-keys.db` beside the master key file (for an
+        install of an earlier release: beside its data folder, where that release made it)."""
+        if self.erasure_key_store:
+            return self.erasure_key_store
+        old = _legacy(self.data_dir.absolute().parent / "erasure-keys.db") if self.master_key_file is None else None
+        return str(old or self.resolved_master_key_file.absolute().parent / "erasure-keys.db")
 
     @property
     def resolved_index_dir(self) -> Path:

@@ -51,6 +51,20 @@ def key() -> Key:
     return Key.generate()
 
 
+@pytest.fixture(scope="session", autouse=True)
+def config_home(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """The session's own config folder (XDG_CONFIG_HOME), apart from every test's tmp_path:
+    the default key folders of the galleries tests make lie there
+    (`advplugin.settings.default_key_dir`, one per data folder), never in the user's
+    ~/.config. Session-wide, so services started by module fixtures inherit it too."""
+    path = tmp_path_factory.mktemp("config")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("XDG_CONFIG_HOME", str(path))
+        for name in ("ADVPLUGIN_KEY_DIR", "ADVPLUGIN_KEY_FILE", "ADVPLUGIN_ERASURE_KEY_STORE", "ADVPLUGIN_BACKUP_PATHS"):
+            mp.delenv(name, raising=False)
+        yield path
+
+
 @pytest.fixture(autouse=True)
 def master_key_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     """Sealed storage: each test's own master key file (ADVPLUGIN_MASTER_KEY_FILE), so the

@@ -208,7 +208,10 @@ def run_upgrade(args: argparse.Namespace) -> int:
 
 def run_status(args: argparse.Namespace) -> int:
     from advplugin.gallery import Gallery
+    from advplugin.service.startup import key_location_warnings
 
+    for warning in key_location_warnings(_settings(args)):
+        print(f"WARNING: {warning}")
     with Gallery.open(_url(args)) as g:
         info = g.seal_info()
         if info.sealed:

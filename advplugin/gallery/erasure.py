@@ -44,11 +44,13 @@ from sqlalchemy import (
     Table,
     delete,
     func,
+    inspect,
     select,
 )
 
 from advplugin.gallery.database import bound_value, make_engine, sqlite_path, wal_checkpoint
 from advplugin.gallery.models import utcnow
+from advplugin.keys import make_private_dir
 
 #: Bytes of an erasure key and of a reference to one.
 ERASURE_KEY_BYTES = 32
@@ -93,19 +95,28 @@ class ErasureKeyStore:
         self._refill: threading.Thread | None = None  # a bulk caller's next keys, being made
 
     @classmethod
-    def open(cls, location: str | Path) -> ErasureKeyStore:
+    def open(cls, location: str | Path, *, create: bool = True) -> ErasureKeyStore:
         """A store at a SQLAlchemy URL, or a SQLite file at a path (its folder made 0700,
-        the file 0600)."""
+        the file 0600). Without `create`, a store that does not exist yet (no file; a
+        database without the table) raises `ErasureStoreMissing` and nothing is made: a
+        new, empty store beside a gallery that had one would hide the loss of the real one."""
+        from advplugin.gallery.sealing import ErasureStoreMissing  # sealing imports this module
+
         loc = str(location)
-        if "://" not in loc:
-            path = Path(loc).absolute()
-            path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        path = None if "://" in loc else Path(loc).absolute()
+        if path is not None:
+            if not create and not path.exists():
+                raise ErasureStoreMissing(f"the erasure key store {path} does not exist")
+            make_private_dir(path.parent)
             loc = f"sqlite:///{path}"
         engine = make_engine(loc)
         where = sqlite_path(loc)
         description = f"erasure key store {where}" if where else (
             "erasure key store " + engine.url.render_as_string(hide_password=True)
         )
+        if not create and not inspect(engine).has_table(_keys.name):
+            engine.dispose()
+            raise ErasureStoreMissing(f"the {description} holds no erasure key table")
         return cls(engine, description)
 
     def close(self) -> None:

@@ -52,7 +52,7 @@ from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from advplugin.gallery.erasure import REF_BYTES, ErasureKeyStore, random_pieces
-from advplugin.keys import KEY_BYTES, Key, load_key, write_key
+from advplugin.keys import KEY_BYTES, Key, load_key, make_private_dir, write_key
 
 NONCE_BYTES = 12
 TAG_BYTES = 16
@@ -203,7 +203,7 @@ class LocalKeyProvider(KeyProvider):
         is missing. Raises `MasterKeyError` saying what is wrong."""
         path = Path(path)
         if create and not path.exists():
-            path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+            make_private_dir(path.parent)
             try:
                 write_key(path)
             except FileExistsError:

@@ -26,7 +26,7 @@ import numpy as np
 
 from advplugin.adapters import Extractor
 from advplugin.gallery.matcher import ProbeSet, ScoreFn
-from advplugin.keys import Key, load_key, write_key
+from advplugin.keys import Key, load_key, make_private_dir, write_key
 from advplugin.protectors import (
     SCHEMES,
     KeyRotation,
@@ -85,23 +85,37 @@ class Protection:
 
     # -- building ----------------------------------------------------------------------------------
     @classmethod
-    def from_settings(cls, settings: Settings) -> Protection:
+    def from_settings(cls, settings: Settings, *, create_key: bool = False) -> Protection:
+        """The protection of `settings`. `create_key`: images mode makes the scheme key when
+        its file is missing (only for a gallery without templates: a new key beside templates
+        made under another one is a trap, so a missing key is an error there)."""
         scheme = settings.resolved_scheme
         if scheme not in SCHEMES:
             raise ConfigurationError(f"unknown scheme {scheme!r}; available: {', '.join(SCHEMES.names())}")
         if settings.mode == "images":
-            return cls._images(settings, scheme)
+            return cls._images(settings, scheme, create_key=create_key)
         return cls._templates(settings, scheme)
 
     @classmethod
-    def _images(cls, s: Settings, scheme: str) -> Protection:
+    def _images(cls, s: Settings, scheme: str, *, create_key: bool) -> Protection:
         from advplugin.adapters import create_extractor
 
         extractor = create_extractor(s.extractor)
         key_file = s.resolved_key_file
         if not key_file.exists():
-            key = write_key(key_file)
-            print(f"advplugin: created key file {key_file} (key id {key.key_id}); back it up", flush=True)
+            if not create_key:
+                raise ConfigurationError(
+                    f"the scheme key file {key_file} does not exist, and the gallery holds templates "
+                    "made under a key: restore that file there, or point ADVPLUGIN_KEY_FILE (or "
+                    "ADVPLUGIN_KEY_DIR) at it; no new key was made (docs/service.md)"
+                )
+            make_private_dir(key_file.parent)
+            try:
+                key = write_key(key_file)
+            except FileExistsError:  # another process (a replica, a worker) made it first
+                key = load_key(key_file)
+            print(f"advplugin: created key file {key_file} (key id {key.key_id}); back it up, "
+                  "apart from the data and its backups", flush=True)
         protector = _create(scheme, s, key=load_key(key_file), dim=extractor.dim)
         if not protector.protects and not s.allow_unprotected:
             raise ConfigurationError(

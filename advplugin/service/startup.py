@@ -18,20 +18,75 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from advplugin.gallery.apikeys import hash_api_key
 from advplugin.gallery.audit import Actor
+from advplugin.gallery.database import sqlite_path
 from advplugin.gallery.erasure import ErasureKeyStore
-from advplugin.gallery.sealing import KeyProvider, LocalKeyProvider, MasterKeyError
+from advplugin.gallery.sealing import (
+    ErasureStoreMissing,
+    KeyProvider,
+    LocalKeyProvider,
+    MasterKeyError,
+)
 from advplugin.gallery.store import Gallery
+from advplugin.keys import make_private_dir
 from advplugin.service.protection import ROTATION_DOC, ConfigurationError, Protection
 from advplugin.settings import Settings
 
 
 def prepare_data_dir(data_dir: Path) -> None:
-    """The data folder, owner-only (0700): it holds the gallery, snapshots and key files. An
-    existing folder of ours with a wider mode is tightened."""
-    data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-    st = data_dir.stat()
-    if st.st_uid == os.getuid() and stat.S_IMODE(st.st_mode) & 0o077:
-        data_dir.chmod(0o700)
+    """The data folder, owner-only (0700): it holds the gallery and its snapshots. Folders
+    made for it are 0700 too (`.advplugin/` of the default layout), and an existing folder
+    of ours with a wider mode is tightened: the data folder, and the default layout's
+    `.advplugin/` (which an earlier release made 0755 and filled with keys)."""
+    make_private_dir(data_dir)
+    data_dir = data_dir.absolute()
+    for folder in (data_dir, data_dir.parent) if data_dir.parent.name == ".advplugin" else (data_dir,):
+        st = folder.stat()
+        if st.st_uid == os.getuid() and stat.S_IMODE(st.st_mode) & 0o077:
+            folder.chmod(0o700)
+
+
+def key_location_warnings(settings: Settings) -> list[str]:
+    """What is wrong with where the keys are: a key or the erasure key store inside the
+    folder that holds the data folder (`.advplugin/` of an earlier release's layout), or
+    inside a folder the operator declares backed up (ADVPLUGIN_BACKUP_PATHS). Either way
+    one copy of that folder holds the data and the keys that open it: the master key opens
+    every sealed template, the erasure store re-opens subjects deleted after the copy.
+
+    Only files that exist are named (a key given as ADVPLUGIN_MASTER_KEY has no file)."""
+    data = settings.data_dir.absolute()
+    db = sqlite_path(settings.resolved_database_url)
+    homes = [data.parent] + ([Path(db).absolute().parent.parent] if db else [])
+    store = settings.resolved_erasure_key_store
+    keys = {
+        "the scheme key": settings.resolved_key_file if settings.mode == "images" else None,
+        "the master key": settings.resolved_master_key_file if settings.master_key is None else None,
+        "the erasure key store": Path(store) if "://" not in store else None,
+    }
+    warnings = []
+    for what, path in keys.items():
+        if path is None or not path.exists():
+            continue
+        path = path.absolute()
+        near = next((h for h in homes if path.is_relative_to(h)), None)
+        if near is not None:
+            warnings.append(
+                f"{what} ({path}) is inside {near}, which also holds the gallery's data: a copy "
+                "or backup of that folder opens the sealed gallery, deleted subjects included. "
+                "Move it out (ADVPLUGIN_KEY_DIR, docs/sealed-storage.md, \"Where the keys live\")"
+            )
+        for backup in settings.backup_paths:
+            if path.is_relative_to(backup.absolute()):
+                warnings.append(
+                    f"{what} ({path}) is inside the backed-up folder {backup.absolute()} "
+                    "(ADVPLUGIN_BACKUP_PATHS): its backups re-open what a delete erased. Keep it "
+                    "out of the gallery's backups (docs/sealed-storage.md, \"Where the keys live\")"
+                )
+    return warnings
+
+
+def warn_key_locations(settings: Settings) -> None:
+    for w in key_location_warnings(settings):
+        print(f"advplugin: WARNING: {w}", flush=True)
 
 
 def open_gallery(settings: Settings) -> Gallery:
@@ -78,15 +133,38 @@ def master_key_provider(settings: Settings, *, create: bool = False) -> KeyProvi
     return provider
 
 
-def erasure_key_store(settings: Settings) -> ErasureKeyStore:
-    """The erasure key store of the settings (made when missing: a new gallery needs one,
-    an existing gallery's subjects sealed before it existed simply have no erasure key)."""
+def erasure_key_store(settings: Settings, *, create: bool = True) -> ErasureKeyStore | None:
+    """The erasure key store of the settings. Made when missing only with `create`; else
+    None when it does not exist (`ErasureKeyStore.open`)."""
     try:
-        return ErasureKeyStore.open(settings.resolved_erasure_key_store)
+        return ErasureKeyStore.open(settings.resolved_erasure_key_store, create=create)
+    except ErasureStoreMissing:
+        return None
     except (OSError, SQLAlchemyError) as e:
         raise ConfigurationError(
             f"cannot open the erasure key store {settings.resolved_erasure_key_store}: {type(e).__name__}"
         ) from None
+
+
+def _unlock_sealed(gallery: Gallery, provider: KeyProvider, settings: Settings) -> None:
+    """Unlock a sealed gallery without leaving debris: a missing erasure key store is made
+    only when the gallery needs none yet (no subject has an erasure key: sealed by a release
+    before erasure keys existed, or no subject yet). Were it made beside a gallery whose
+    subjects have erasure keys, the next start would find an empty store where the real one
+    belongs; instead start-up stops and names the setting."""
+    store = erasure_key_store(settings, create=False)
+    if store is None:
+        where = settings.resolved_erasure_key_store
+        try:
+            gallery.unlock(provider, erasure=None)
+        except ErasureStoreMissing:
+            raise ConfigurationError(
+                f"the gallery's subjects have erasure keys, and the erasure key store {where} "
+                "does not exist. Restore it there, or point ADVPLUGIN_ERASURE_KEY_STORE at it "
+                "(a file or a SQLAlchemy URL); nothing was created (docs/sealed-storage.md)"
+            ) from None
+        store = erasure_key_store(settings)
+    gallery.unlock(provider, erasure=store)
 
 
 def unlock_gallery(gallery: Gallery, settings: Settings, *, seal_new: bool = True) -> None:
@@ -107,7 +185,7 @@ def unlock_gallery(gallery: Gallery, settings: Settings, *, seal_new: bool = Tru
                     "ADVPLUGIN_MASTER_KEY_FILE=<the master key file> or "
                     "ADVPLUGIN_MASTER_KEY=<base64> (docs/sealed-storage.md)"
                 )
-            gallery.unlock(provider, erasure=erasure_key_store(settings))
+            _unlock_sealed(gallery, provider, settings)
             gallery.complete_erasures()  # a delete interrupted before its erasure key went
         elif not seal_new:
             return

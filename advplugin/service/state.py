@@ -30,6 +30,7 @@ from advplugin.service.startup import (
     check_gallery_matches,
     key_mismatch_message,
     open_gallery,
+    warn_key_locations,
 )
 from advplugin.settings import Settings
 
@@ -79,7 +80,10 @@ class ServiceState:
         faiss.omp_set_num_threads(max(1, settings.search_threads))
         gallery = open_gallery(settings)
         try:
-            protection = Protection.from_settings(settings)
+            protection = Protection.from_settings(
+                settings, create_key=gallery.count_templates(collection=None) == 0
+            )
+            warn_key_locations(settings)
             check_gallery_matches(gallery, protection, settings)
             bootstrap_api_key(gallery, settings)
             collections = CollectionService(gallery, protection, settings)

@@ -4,6 +4,7 @@ on embedded defaults (no configuration but small limits), which is checked too."
 from __future__ import annotations
 
 import io
+import os
 import stat
 
 import httpx
@@ -11,6 +12,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from advplugin.settings import default_key_dir
 from tests.service.conftest import Server
 
 
@@ -34,10 +36,18 @@ def _jpeg(array: np.ndarray) -> bytes:
 
 def test_embedded_defaults(default_server) -> None:
     data = default_server.workdir / ".advplugin" / "data"
-    key_file = data.parent / "key"  # beside the data folder, not in it (a copy of it holds no key)
-    assert stat.S_IMODE(key_file.stat().st_mode) == 0o600 and not (data / "key").exists()
-    assert (data.parent / "erasure-keys.db").is_file()  # erasure keys beside it too
+    # The keys live in the user's config folder, not in the folder tree of the data (whose
+    # copy, the natural backup, would otherwise carry them): `.advplugin/` holds no key.
+    keys = default_key_dir(data)
+    assert keys.is_relative_to(os.environ["XDG_CONFIG_HOME"]) and not keys.is_relative_to(default_server.workdir)
+    key_file = keys / "key"
+    assert stat.S_IMODE(key_file.stat().st_mode) == 0o600 and (keys / "erasure-keys.db").is_file()
+    assert stat.S_IMODE(keys.stat().st_mode) == 0o700
+    assert sorted(p.name for p in data.parent.iterdir()) == ["data"]
+    assert not [p for p in data.rglob("*") if "key" in p.name and p.name != "api-key"]
+    assert stat.S_IMODE(data.parent.stat().st_mode) == stat.S_IMODE(data.stat().st_mode) == 0o700
     assert (data / "gallery.db").is_file() and list((data / "index").glob("*.npz"))
+    assert "WARNING" not in default_server.log()
     with default_server.client() as c:
         st = c.get("/status").json()
     assert st["scheme"] == "xnn" and st["extractor"]["name"] == "dlib" and st["mode"] == "images"

@@ -28,7 +28,7 @@ def settings(tmp_path_factory) -> Settings:
 
 @pytest.fixture(scope="module")
 def protection(settings: Settings) -> Protection:
-    return Protection.from_settings(settings)  # creates the key file the workers read
+    return Protection.from_settings(settings, create_key=True)  # the key file the workers read
 
 
 @pytest.fixture(scope="module")
