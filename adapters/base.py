@@ -90,13 +90,18 @@ class Extractor(ABC):
     def extract(
         self, image: np.ndarray, *, max_faces: int | None = None, largest_only: bool = False
     ) -> Faces:
-        """Detect and embed faces in an RGB uint8 image; at most `max_faces`, largest first."""
+        """Detect and embed faces in an RGB uint8 image; at most `max_faces`, largest first.
+
+        The one place faces are ordered for every caller (both APIs' identify, recognize,
+        detect, verify and enrol answers): by box area, largest first, as CompreFace
+        documents, ties in the detector's order. Detectors return their own order (dlib's:
+        by score), which put a group photo's largest face fourth."""
         image = check_image_array(image)
         det = self.detect(image)
         if largest_only:
             det = det.largest()
-        elif max_faces is not None and len(det) > max_faces:
-            det = det.select(np.argsort(-det.areas())[:max_faces])
+        elif len(det) > 1:
+            det = det.select(np.argsort(-det.areas(), kind="stable")[:max_faces])
         emb = self.embed(image, det) if len(det) else np.zeros((0, self.dim), np.float32)
         return Faces(det, emb)
 

@@ -195,6 +195,10 @@ class Settings(BaseSettings):
     blind_threads: int = Field(1, ge=1)
 
     max_upload_bytes: int = 10 * 1024 * 1024
+    #: Seconds from a request's headers to the end of its body; a body still incomplete then
+    #: (never sent, or trickled) is answered 408 and the connection closed, instead of holding
+    #: a connection and its request open without limit.
+    body_timeout_s: float = Field(30.0, gt=0)
     max_pixels: int = 25_000_000
     max_faces: int = 20
     max_templates_per_request: int = 1000

@@ -55,10 +55,13 @@ class ValidationReport:
     examples: list[tuple[str, str]] = field(default_factory=list)
     subjects: int = 0
     duplicate_ids: int = 0
+    #: canonical name -> the source's spellings of it (2 or more): two names that only look
+    #: different (NFC/NFD, padding) would become ONE subject in the gallery.
+    name_collisions: dict[str, list[str]] = field(default_factory=dict)
 
     @property
     def ok(self) -> bool:
-        return self.bad == 0 and len(self.dims) <= 1 and self.duplicate_ids == 0
+        return self.bad == 0 and len(self.dims) <= 1 and self.duplicate_ids == 0 and not self.name_collisions
 
     def problems(self) -> list[str]:
         out = []
@@ -69,6 +72,16 @@ class ValidationReport:
             out.append(f"{self.bad} invalid rows (first: {shown})")
         if self.duplicate_ids:
             out.append(f"{self.duplicate_ids} duplicate ids")
+        if self.name_collisions:
+            shown = "; ".join(
+                f"{c!r} from {', '.join(map(repr, forms))}"
+                for c, forms in list(self.name_collisions.items())[:MAX_EXAMPLES]
+            )
+            out.append(
+                f"{len(self.name_collisions)} subject names differ only in Unicode form or blanks, "
+                f"so each group would be merged into one subject (first: {shown}); rename them in "
+                "the source (names are stored canonical: NFC, trimmed)"
+            )
         return out
 
 
@@ -79,6 +92,8 @@ def validate_source(
     values, duplicate ids, number of subjects."""
     report = ValidationReport(source=source.describe())
     subjects: set[str] = set()
+    spellings: dict[str, set[str]] = {}  # canonical -> the source's other spellings of it
+    as_is: set[str] = set()  # canonical names the source also spells that way
     seen_ids: set[str] = set()
     check_ids = not hasattr(source, "distinct_ids")  # SQL counts distinct ids itself
     with _progress(source.count(), 0, "validate", progress) as bar:
@@ -91,6 +106,11 @@ def validate_source(
             report.bad += len(chunk.bad)
             report.examples.extend(chunk.bad[: MAX_EXAMPLES - len(report.examples)])
             subjects.update(chunk.subjects)
+            for given, c in zip(chunk.names_given, chunk.subjects, strict=True):
+                if given == c:
+                    as_is.add(c)
+                else:
+                    spellings.setdefault(c, set()).add(given)
             if check_ids:
                 for i in chunk.ids:
                     if i in seen_ids:
@@ -100,6 +120,10 @@ def validate_source(
     if not check_ids and after is None:
         report.duplicate_ids = source.count() - source.distinct_ids()  # type: ignore[attr-defined]
     report.subjects = len(subjects)
+    for c, forms in spellings.items():  # spelled two ways: two names, one subject
+        given = forms | ({c} if c in as_is else set())
+        if len(given) > 1:
+            report.name_collisions[c] = sorted(given)
     if report.dims:
         report.dim = max(report.dims, key=report.dims.__getitem__)
     return report

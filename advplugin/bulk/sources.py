@@ -17,11 +17,13 @@ import os
 import zipfile
 from abc import ABC, abstractmethod
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO, Literal
 
 import numpy as np
+
+from advplugin.gallery.templates import canonical_name
 
 Cursor = int | str | None
 VectorFormat = Literal["auto", "float32", "float64", "array", "json"]
@@ -36,6 +38,9 @@ class Chunk:
     vectors: np.ndarray  # float32 [n, dim]
     cursor: Cursor  # resume point after this chunk
     bad: list[tuple[str, str]]  # (id, reason) for rows that could not be decoded
+    #: the subject names as the source spells them, parallel to `subjects` (their
+    #: canonical forms, `make_chunk`)
+    names_given: list[str] = field(default_factory=list)
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -190,11 +195,24 @@ def make_chunk(
     cursor: Cursor,
     bad: list[tuple[str, str]],
 ) -> Chunk:
+    """A chunk of the rows whose vectors and subject names are usable; the others in `bad`
+    by id. Names take their canonical form (`canonical_name`), the one the gallery stores;
+    the source's spellings stay in `names_given`, so validation can tell when two of the
+    source's names would become one subject."""
     good, value_bad = check_values(ids, vectors)
-    if value_bad:
+    canonical: list[str] = []
+    for i, name in enumerate(subjects):
+        try:
+            canonical.append(canonical_name(name))
+        except ValueError as e:
+            good[i] = False
+            value_bad.append((ids[i], str(e)))
+            canonical.append("")
+    if not good.all():
         keep = np.flatnonzero(good)
-        ids, subjects, vectors = [ids[i] for i in keep], [subjects[i] for i in keep], vectors[keep]
-    return Chunk(ids, subjects, np.ascontiguousarray(vectors, np.float32), cursor, bad + value_bad)
+        ids, vectors = [ids[i] for i in keep], vectors[keep]
+        canonical, subjects = [canonical[i] for i in keep], [subjects[i] for i in keep]
+    return Chunk(ids, canonical, np.ascontiguousarray(vectors, np.float32), cursor, bad + value_bad, list(subjects))
 
 
 def _page(

@@ -58,34 +58,50 @@ def build_settings(args: argparse.Namespace):  # type: ignore[no-untyped-def]
     return Settings(**overrides)
 
 
+def _refuse(message: str, fmt: str) -> int:
+    """A start refused: one line, in the log format (a JSON line when it is JSON)."""
+    if fmt == "json":
+        logging.getLogger("advplugin.serve").error("advplugin serve: error: %s", message)
+    else:
+        print(f"advplugin serve: error: {message}", file=sys.stderr)
+    return 2
+
+
 def run(args: argparse.Namespace) -> int:
+    # Logging first, before the settings, the start-up checks and uvicorn log anything (and
+    # before the imports below can warn): in the JSON format every line is JSON from the first.
+    from advplugin.service.logs import configure_logging, log_format_from_env
+
+    fmt = log_format_from_env()
+    configure_logging(args.log_level, fmt)
+
     import uvicorn
     from pydantic import ValidationError
 
     from advplugin.gallery.schema import NotMigratedError
     from advplugin.service.app import create_app
+    from advplugin.service.server import JsonErrorsProtocol
     from advplugin.service.state import ConfigurationError, ServiceState
 
-    logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
     try:
         settings = build_settings(args)
     except ValidationError as e:  # e.g. an unknown index backend: say which exist, no traceback
-        print(f"advplugin serve: error: {e}", file=sys.stderr)
-        return 2
+        return _refuse(str(e), fmt)
+    if settings.log_format != fmt:
+        fmt = settings.log_format
+        configure_logging(args.log_level, fmt)
     # Check the configuration before binding the port, so a bad start fails with one line.
     try:
         state = ServiceState.start(settings)
     except (NotMigratedError, ConfigurationError) as e:
-        print(f"advplugin serve: error: {e}", file=sys.stderr)
-        return 2
-    from advplugin.service.logs import configure_logging
+        return _refuse(str(e), fmt)
 
     app = create_app(state=state)
-    configure_logging(args.log_level, settings.log_format)
     # access_log off, log_config None: the service writes its own access log (route templates,
-    # never paths or query strings) and uvicorn's lines go through the handler just configured.
+    # never paths or query strings) and uvicorn's lines go through the handler configured
+    # above. JsonErrorsProtocol: uvicorn's own 400s in the service's error shape.
     uvicorn.run(app, host=settings.host, port=settings.port, log_level=args.log_level,
-                access_log=False, log_config=None)
+                access_log=False, log_config=None, http=JsonErrorsProtocol)
     return 0
 
 

@@ -184,6 +184,25 @@ class PendingErasure(Base):
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
 
 
+class SubjectRename(Base):
+    """A subject whose stored name is not in the canonical form (`canonical_name`: NFC,
+    trimmed, no control characters), found by the upgrade to revision 0011, with the name it
+    is to take. The service completes each at start-up (`complete_subject_renames`), through
+    the same serialised rename as the API's, because a sealed subject's key is bound to its
+    name and only an unlocked gallery can re-seal it; then the row goes.
+
+    `new_name` is the canonical form, or, where that is taken (two names that only look
+    different), the canonical form plus " (subject <id>)": never a silent merge."""
+
+    __tablename__ = "subject_renames"
+
+    subject_id: Mapped[int] = mapped_column(BigId, primary_key=True)
+    collection_id: Mapped[int] = mapped_column(Integer)
+    old_name: Mapped[str] = mapped_column(String(255))
+    new_name: Mapped[str] = mapped_column(String(255))
+    collision: Mapped[bool] = mapped_column(Boolean)
+
+
 class ApiKey(Base):
     """An API key of one collection, stored as SHA-256 only (the key is 256 random bits, so
     a plain hash is enough; no slow KDF is needed as for passwords)."""

@@ -24,6 +24,7 @@ from __future__ import annotations
 import json
 import logging
 import re
+import unicodedata
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from datetime import datetime
@@ -53,7 +54,7 @@ from advplugin.gallery.database import (
     pg_text,
     pg_timestamptz,
 )
-from advplugin.gallery.models import PendingErasure, Subject, Template, utcnow
+from advplugin.gallery.models import PendingErasure, Subject, SubjectRename, Template, utcnow
 from advplugin.gallery.sealing import (
     ERASABLE_SUBJECT_KEY_BYTES,
     SUBJECT_KEY_BYTES,
@@ -199,6 +200,71 @@ def check_text(value: object, what: str, max_length: int) -> str:
 
 #: Longest strings the columns hold (PostgreSQL enforces them; `check_text` does on both).
 SUBJECT_NAME_MAX = Subject.__table__.c.name.type.length
+#: Unicode categories refused in a subject name: control characters (newline, tab, NEL, ...)
+#: and the line and paragraph separators. A name is a path segment and a log field: one
+#: holding a newline enrolled, and then no route could address it.
+_NAME_REFUSED = frozenset({"Cc", "Zl", "Zp"})
+
+
+def canonical_name(value: object, what: str = "subject name") -> str:
+    """The one form of a subject name that is stored and looked up: Unicode NFC, without
+    leading or trailing white space. Names with control characters are refused (ValueError,
+    the service's 422), as are those `check_text` refuses.
+
+    Why: names that look the same must be the same subject. "é" typed as one code point and
+    as "e" + combining accent were two subjects, so deleting one left the other; a padded
+    name enrolled trimmed and then could not be found untrimmed. Every route (both APIs, the
+    CLI, bulk migrations) passes names through here, and the gallery stores only names
+    already in this form (`add_templates`, `add_subject` refuse others)."""
+    text = check_text(value, what, SUBJECT_NAME_MAX)
+    if any(unicodedata.category(c) in _NAME_REFUSED for c in text):
+        raise ValueError(f"{what} must not contain control characters (newline, tab, ...)")
+    name = unicodedata.normalize("NFC", text).strip()
+    return check_text(name, what, SUBJECT_NAME_MAX)
+
+
+def is_canonical_name(name: str) -> bool:
+    try:
+        return canonical_name(name) == name
+    except ValueError:
+        return False
+
+
+def _repaired_name(name: str, subject_id: int) -> str:
+    """The canonical form of a name stored before names had one: its control characters
+    (refused since, but stored then) become spaces."""
+    text = "".join(" " if unicodedata.category(c) in _NAME_REFUSED else c for c in name.replace("\x00", ""))
+    try:
+        return canonical_name(text[:SUBJECT_NAME_MAX])
+    except ValueError:  # blank once repaired
+        return f"subject {subject_id}"
+
+
+def planned_renames(subjects: Sequence[tuple[int, int, str]]) -> list[dict[str, Any]]:
+    """For the stored (subject id, collection id, name) of a gallery: the subjects whose
+    names are not canonical, each with the name it is to take (`SubjectRename`). Where the
+    canonical form is another subject's name already (or another rename's), the later
+    subject takes "<canonical> (subject <id>)" instead: two people are never merged."""
+    taken = {(cid, name) for _, cid, name in subjects if is_canonical_name(name)}
+    out = []
+    for sid, cid, name in subjects:
+        if is_canonical_name(name):
+            continue
+        new = _repaired_name(name, sid)
+        collision = (cid, new) in taken
+        n = 0
+        while (cid, new) in taken:
+            n += 1
+            suffix = f" (subject {sid})" if n == 1 else f" (subject {sid}, {n})"
+            new = canonical_name(_repaired_name(name, sid)[: SUBJECT_NAME_MAX - len(suffix)] + suffix)
+        taken.add((cid, new))
+        out.append({"subject_id": sid, "collection_id": cid, "old_name": name, "new_name": new, "collision": collision})
+    return out
+
+
+def _check_canonical(name: object) -> None:
+    if canonical_name(name, "subject names") != name:
+        raise ValueError("subject names must be in canonical form (NFC, trimmed): pass them through canonical_name")
 EXTRACTOR_NAME_MAX = Template.__table__.c.extractor_name.type.length
 EXTRACTOR_VERSION_MAX = Template.__table__.c.extractor_version.type.length
 
@@ -337,7 +403,7 @@ class TemplateRepository(ChangeLog, GalleryKeys):
             if extra is not None and len(extra) != len(vectors):
                 raise ValueError(f"{what} has {len(extra)} entries for {len(vectors)} templates")
         for name in set(subjects):
-            check_text(name, "subject names", SUBJECT_NAME_MAX)
+            _check_canonical(name)
         check_text(extractor_name, "extractor_name", EXTRACTOR_NAME_MAX)
         check_text(extractor_version, "extractor_version", EXTRACTOR_VERSION_MAX)
         if not len(vectors):
@@ -742,7 +808,7 @@ class TemplateRepository(ChangeLog, GalleryKeys):
     def add_subject(self, name: str, *, collection: str = DEFAULT_COLLECTION) -> bool:
         """Create a subject without templates (CompreFace's "add a subject"); False when it
         exists. No change-log row: an index holds templates, and this adds none."""
-        check_text(name, "subject names", SUBJECT_NAME_MAX)
+        _check_canonical(name)
         cid = self.collection_id(collection)
         with self._write() as conn:
             if self._find_subjects(conn, cid, [name]):
@@ -998,6 +1064,17 @@ class TemplateRepository(ChangeLog, GalleryKeys):
         )
         with self._read() as conn:
             return [SubjectInfo(r[0], int(r[3]), r[1], r[2]) for r in conn.execute(q)]
+
+    def subject_renames(self) -> list[Any]:
+        """The renames to canonical names the upgrade to revision 0011 planned, not yet done,
+        in subject id order: rows with `SubjectRename`'s columns."""
+        t = SubjectRename.__table__
+        with self._read() as conn:
+            return list(conn.execute(select(t).order_by(t.c.subject_id)).all())
+
+    def forget_subject_rename(self, subject_id: int) -> None:
+        with self._write() as conn:
+            conn.execute(delete(SubjectRename).where(SubjectRename.subject_id == subject_id))
 
     def get_subject(self, name: str, *, collection: str = DEFAULT_COLLECTION) -> SubjectInfo:
         name = _stored_name(name, collection)

@@ -97,8 +97,19 @@ class NoConfig:
     """Options of a scheme that has none."""
 
 
+#: The largest L2 norm of an embedding or template any check accepts. Every keyed scheme
+#: outputs unit vectors (xnn, advface, xnn-d: 1 +- 1e-7, `tests/protectors/test_contract.py`);
+#: the unkeyed `none` baseline outputs the extractor's raw embedding (dlib: 1.27-1.65 on
+#: LFW; unnormalised ArcFace-style ONNX embeddings: tens). 1e4 leaves orders of magnitude
+#: over all of them, yet refuses what can never match: a template of 128 values of 1e38 is
+#: finite but its squared norm overflows float32, normalises to a zero vector and scored 0
+#: against everything while it sat in the gallery.
+MAX_NORM = 1e4
+
+
 def validate_embeddings(raw: object, dim: int, *, what: str = "embeddings") -> np.ndarray:
-    """Check a batch of raw embeddings and return it as float32 [N, dim].
+    """Check a batch of raw embeddings and return it as float32 [N, dim]: finite, non-zero,
+    and of L2 norm at most `MAX_NORM` (magnitude, not only finiteness: see `MAX_NORM`).
 
     Errors name the problem but never echo values: the input is biometric data.
     """
@@ -115,9 +126,15 @@ def validate_embeddings(raw: object, dim: int, *, what: str = "embeddings") -> n
     if not np.isfinite(raw).all():
         bad = int((~np.isfinite(raw).all(axis=1)).sum())
         raise ValueError(f"{what} contain NaN or infinite values ({bad} of {len(raw)} rows)")
-    norms = np.linalg.norm(raw, axis=1)
+    with np.errstate(over="ignore"):  # an overflowing square is refused below, not warned about
+        norms = np.linalg.norm(raw, axis=1)
     if (norms < 1e-12).any():
         raise ValueError(f"{what} contain zero vectors ({int((norms < 1e-12).sum())} rows)")
+    if (norms > MAX_NORM).any():
+        raise ValueError(
+            f"{what} contain vectors of L2 norm above {MAX_NORM:g} ({int((norms > MAX_NORM).sum())} "
+            f"of {len(raw)} rows): not an embedding or protected template"
+        )
     return np.ascontiguousarray(raw, dtype=np.float32)
 
 

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
-from fastapi import FastAPI
+from fastapi import Depends, FastAPI
 from fastapi_offline import FastAPIOffline
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -20,7 +21,8 @@ from advplugin.service import (
     routes_system,
 )
 from advplugin.service.blind_service import max_request_bytes
-from advplugin.service.errors import CatchAll, envelope, install_error_handlers
+from advplugin.service.deps import single_form_values
+from advplugin.service.errors import CatchAll, error_response, install_error_handlers
 from advplugin.service.metrics import Metrics, RequestMetrics, metrics_endpoint
 from advplugin.service.state import ServiceState
 from advplugin.settings import Settings
@@ -31,7 +33,8 @@ protected template with the server's secret key (or on the client, in template m
 it is stored or searched; responses carry names, boxes and similarities, never vectors.
 
 Authenticate with the `x-api-key` header (`advplugin db create-api-key`).
-Errors share one envelope: `{"error": {"code": "...", "message": "..."}}`.
+Errors share one envelope: `{"error": {"code": "...", "message": "..."}}` (on the CompreFace
+routes under `/api/v1`: CompreFace's `{"message", "code"}`, with that `error` object beside).
 """
 
 # multipart framing around the largest allowed file
@@ -91,7 +94,7 @@ class BodySizeLimit:
         length = headers.get(b"content-length")
         too_large = f"request body is larger than {limit} bytes"
         if length is not None and (not length.isdigit() or int(length) > limit):
-            await envelope(413, "too_large", too_large)(scope, receive, send)
+            await error_response(scope["path"], 413, "too_large", too_large)(scope, receive, send)
             return
         seen = 0
 
@@ -107,6 +110,45 @@ class BodySizeLimit:
             return message
 
         await self.app(scope, counting_receive, send)
+
+
+class BodyTimeout:
+    """Bounds the time from a request's headers to the end of its body by
+    `settings.body_timeout_s`: a client that sends headers with a Content-Length and then
+    nothing (or trickles the body) held its connection and request open for ever, the
+    server waiting in `receive()`. Past the deadline the waiting `receive()` raises an
+    HTTPException 408 with `Connection: close`, which the app answers in the API family's
+    error shape, and the server closes the connection. Only the body is timed: a receive
+    after it (waiting for a disconnect) is left alone."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        timeout = float(scope["app"].state.service.settings.body_timeout_s)
+        deadline = asyncio.get_running_loop().time() + timeout
+        body_done = False
+
+        async def timed_receive() -> Message:
+            nonlocal body_done
+            if body_done:
+                return await receive()
+            try:
+                async with asyncio.timeout_at(deadline):
+                    message = await receive()
+            except TimeoutError:
+                # Raised inside the body parsing, like BodySizeLimit's 413 (see there).
+                raise StarletteHTTPException(
+                    408, f"the request body did not arrive within {timeout:g} s",
+                    headers={"connection": "close"},
+                ) from None
+            body_done = message["type"] != "http.request" or not message.get("more_body", False)
+            return message
+
+        await self.app(scope, timed_receive, send)
 
 
 def create_app(settings: Settings | None = None, *, state: ServiceState | None = None) -> FastAPI:
@@ -126,6 +168,8 @@ def create_app(settings: Settings | None = None, *, state: ServiceState | None =
     # assets shipped in the package, not from a CDN (blank pages on an offline deployment).
     app = FastAPIOffline(
         title="advplugin", version=__version__, description=DESCRIPTION, lifespan=lifespan,
+        # Every route of both APIs: a form field given twice is refused (`deps`).
+        dependencies=[Depends(single_form_values)],
     )
     install_error_handlers(app)
     app.include_router(routes_system.router)
@@ -136,6 +180,7 @@ def create_app(settings: Settings | None = None, *, state: ServiceState | None =
     # Prometheus text format; not in the OpenAPI schema (not part of the API clients use).
     app.state.metrics = Metrics()
     app.add_route("/metrics", metrics_endpoint, include_in_schema=False)
+    app.add_middleware(BodyTimeout)
     app.add_middleware(BodySizeLimit)
     app.add_middleware(RequestMetrics, metrics=app.state.metrics)
     app.add_middleware(CatchAll)  # added last: the outermost of ours

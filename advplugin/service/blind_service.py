@@ -24,7 +24,7 @@ from advplugin.gallery.blind_store import (
     SlotConflict,
 )
 from advplugin.gallery.store import Gallery
-from advplugin.gallery.templates import SUBJECT_NAME_MAX, check_text
+from advplugin.gallery.templates import canonical_name
 from advplugin.he import CiphertextError, HEParams, ServerContext, WireError, unpack
 from advplugin.he import pack as pack_message
 from advplugin.service.errors import ServiceError
@@ -134,11 +134,9 @@ class BlindService:
         if len(subjects) > self.params.slots:
             raise ServiceError(413, "too_many_templates", f"at most {self.params.slots} templates per request")
         try:
-            names = [check_text(s, "subject name", SUBJECT_NAME_MAX).strip() for s in subjects]
+            names = [canonical_name(s) for s in subjects]
         except ValueError as err:
             raise ServiceError(422, "invalid_subject", str(err)) from None
-        if not all(names):
-            raise ServiceError(422, "invalid_subject", "subject must not be blank")
         block, offset = header.get("block"), header.get("offset")
         if not (block is None or (isinstance(block, int) and block > 0)) or not isinstance(offset, int):
             raise ServiceError(422, "invalid_message", "block must be null or a block id, offset an integer")

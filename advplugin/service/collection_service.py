@@ -23,7 +23,8 @@ from advplugin.gallery.audit import Actor
 from advplugin.gallery.budgets import AnswerBudgets
 from advplugin.gallery.index import IndexFollower, TemplateIndex
 from advplugin.gallery.matcher import Match, Matcher, ProbeSet
-from advplugin.gallery.store import Gallery
+from advplugin.gallery.store import Gallery, SubjectNotFound
+from advplugin.gallery.templates import SUBJECT_NAME_MAX
 from advplugin.service.errors import ServiceError
 from advplugin.service.protection import KeyView, Protection
 from advplugin.settings import Settings
@@ -179,6 +180,34 @@ class CollectionService:
         self._erased(collection)
         return True
 
+    def complete_subject_renames(self) -> None:
+        """The renames to canonical names that the upgrade to revision 0011 planned
+        (`SubjectRename`), each through `rename_subject`: one serialised transaction that
+        re-seals the templates under the new name (a sealed subject's key is bound to its
+        name), audited as the service's. Idempotent: a rename done before a crash finds the old
+        name gone. A name taken since the upgrade is not merged into: the subject takes
+        "<name> (subject <id>)". During a key rotation the rename waits for the next start."""
+        renames = self.gallery.subject_renames()
+        if not renames:
+            return
+        names = {self.gallery.collection_id(c, create=False): c for c in self.gallery.collections()}
+        for r in renames:
+            collection, new = names[r.collection_id], r.new_name
+            if _exists(self.gallery, collection, new):
+                new = f"{new[: SUBJECT_NAME_MAX - 24]} (subject {r.subject_id})"
+            try:
+                self.rename_subject(collection, r.old_name, new, actor=Actor("service"))
+            except SubjectNotFound:
+                pass  # renamed before a crash, or deleted since
+            except ServiceError as e:
+                print(f"advplugin: WARNING: subject {r.subject_id} keeps its non-canonical name for now: {e.message}",
+                      flush=True)
+                continue
+            else:
+                print(f"advplugin: renamed subject {r.subject_id} of collection {collection!r} from "
+                      f"{r.old_name!r} to its canonical name {new!r}", flush=True)
+            self.gallery.forget_subject_rename(r.subject_id)
+
     @staticmethod
     def _delete_in(g: Gallery, collection: str, name: str) -> int:
         """Delete a subject inside the caller's transaction `g`, with every key's record of
@@ -268,3 +297,11 @@ class CollectionService:
 
     def verify(self, view: KeyView, collection: str, probes: ProbeSet, subject: str) -> Match:
         return self.matcher(view, collection).verify(probes, subject)
+
+
+def _exists(gallery: Gallery, collection: str, name: str) -> bool:
+    try:
+        gallery.get_subject(name, collection=collection)
+    except SubjectNotFound:
+        return False
+    return True

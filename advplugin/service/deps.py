@@ -65,6 +65,39 @@ def _require(needed: str) -> Callable[[Caller], Coroutine[Any, Any, Caller]]:
     return check
 
 
+#: Form content types (`request.form()` parses both); every route with form fields takes a
+#: file, so only multipart reaches a route, but a urlencoded body is checked the same way.
+_FORM_TYPES = ("multipart/form-data", "application/x-www-form-urlencoded")
+#: Parts of one form, at most: no route reads more than two files (CompreFace's
+#: verification) nor more than three fields (/verify: file, subject, threshold).
+MAX_FORM_FILES, MAX_FORM_FIELDS = 2, 8
+
+
+async def single_form_values(request: Request) -> None:
+    """Refuses a form that gives one field twice (two `file` parts, two `subject` fields):
+    the routes read one value per field, and Starlette's form keeps the LAST of repeated
+    ones, so a second `file` or `subject` was used silently (422 `invalid_request`; on
+    CompreFace's routes its 400 with code 26, by the app's error shapes).
+
+    One app-level dependency for every route of both APIs, not a check per route: FastAPI
+    parses a route's declared form (the native routes') before any dependency runs, and
+    this reads that same parsed form; CompreFace's routes read their files with
+    `request.form()` in a dependency of their own, which runs after this one and gets the
+    form parsed here (the request caches it), with this service-wide bound on its parts."""
+    content_type = request.headers.get("content-type", "").split(";", 1)[0].strip().lower()
+    if content_type not in _FORM_TYPES:
+        return
+    form = await request.form(max_files=MAX_FORM_FILES, max_fields=MAX_FORM_FIELDS)
+    names = [name for name, _ in form.multi_items()]
+    repeated = sorted({name for name in names if names.count(name) > 1})
+    if repeated:
+        # Named only when it looks like a field name (a client chose it: never echo content).
+        shown = repr(repeated[0]) if repeated[0].isidentifier() and len(repeated[0]) <= 32 else "a field"
+        raise ServiceError(
+            422, "invalid_request", f"form field {shown} is given {names.count(repeated[0])} times: send each once"
+        )
+
+
 async def get_answers(state: State, caller: IdentifyCaller) -> Answers:
     """The answer policy bound to the caller: every route that answers a similarity or a
     match decision takes this and gets its matches through it (`advplugin.service.answers`)."""

@@ -28,6 +28,7 @@ from advplugin.adapters import Detections
 from advplugin.gallery.matcher import ProbeSet
 from advplugin.images import load_image
 from advplugin.service.errors import ServiceError
+from advplugin.service.logs import configure_logging
 from advplugin.service.protection import KeyView, Protection
 from advplugin.settings import Settings
 
@@ -56,7 +57,7 @@ class Extraction:
         # spawn: forking a process that runs threads (uvicorn's, FAISS's) is unsafe.
         pool = ProcessPoolExecutor(
             max_workers=self.workers, mp_context=multiprocessing.get_context("spawn"),
-            initializer=_init_worker, initargs=(self.settings,),
+            initializer=_init_worker, initargs=(self.settings, logging.getLogger().getEffectiveLevel()),
         )
         for _ in range(self.workers):  # start them now: the models load before the first image
             pool.submit(_ready)
@@ -130,8 +131,12 @@ def _warm(protection: Protection) -> None:
             protector.protect(np.ones((1, protector.dim), np.float32))
 
 
-def _init_worker(settings: Settings) -> None:
+def _init_worker(settings: Settings, log_level: int) -> None:
+    """A worker's start: the service's log format and level first (a spawned process starts
+    with Python's defaults, which printed its warnings, Pillow's among them, as plain text
+    into a JSON log), then its own protection and extractor."""
     global _worker
+    configure_logging(log_level, settings.log_format)
     _worker = Protection.from_settings(settings)
     if _worker.extractor is not None:
         _warm(_worker)

@@ -49,8 +49,14 @@ router = APIRouter(tags=["recognition"], responses=ERRORS)
 
 # -- helpers ---------------------------------------------------------------------------------------
 def _read_upload(state: ServiceState, file: UploadFile) -> bytes:
+    return check_upload(state, file.file.read(state.settings.max_upload_bytes + 1))
+
+
+def check_upload(state: ServiceState, data: bytes) -> bytes:
+    """The one bound of an image's bytes, however it came (multipart file, CompreFace's
+    base64 JSON): at most `max_upload_bytes` decoded bytes (413), not empty (422). Base64
+    once had a bound of its own, on the string, that let 2 bytes more through."""
     limit = state.settings.max_upload_bytes
-    data = file.file.read(limit + 1)
     if len(data) > limit:
         raise ServiceError(413, "too_large", f"upload is larger than {limit} bytes")
     if not data:
@@ -99,14 +105,6 @@ def _box(state: ServiceState, det: Detections, i: int) -> Box:
     return Box(x_min=x1, y_min=y1, x_max=x2, y_max=y2, probability=probability, score=score)
 
 
-def _check_subject(name: str) -> str:
-    """The name as stored: without surrounding blanks (the schema bounded its length and
-    refused NUL; `SubjectName`)."""
-    name = name.strip()
-    if not name:
-        raise ServiceError(422, "invalid_subject", "subject must not be blank")
-    return name
-
 
 def _client_templates(state: ServiceState, protection: Protection, rows: list[list[float]]) -> np.ndarray:
     """Check that client templates were made by the gallery's scheme, key and extractor."""
@@ -131,7 +129,9 @@ def _client_templates(state: ServiceState, protection: Protection, rows: list[li
     if any(len(r) != e.output_dim for r in rows):
         raise ServiceError(422, "wrong_dimension", f"templates must have dimension {e.output_dim}")
     try:
-        return validate_embeddings(np.asarray(rows, dtype=np.float32), e.output_dim, what="templates")
+        # float64 first: a value past float32's range (1e39) is refused by its magnitude
+        # (`validate_embeddings`), not cast to inf with a RuntimeWarning in the log.
+        return validate_embeddings(np.asarray(rows, dtype=np.float64), e.output_dim, what="templates")
     except ValueError as err:
         raise ServiceError(422, "invalid_template", str(err)) from None
 
@@ -149,7 +149,7 @@ def enroll(
 ) -> EnrollResponse:
     """Enrol the face(s) of an image as protected templates of `subject` (created if new)."""
     collection = caller.collection
-    name = _check_subject(subject)
+    name = subject
     data = _read_upload(state, file)
     # Enrolments use the current key only (during a rotation: the new key).
     view = KeyView(current=state.protection.expected.key_id, previous=None, unknown=[])
@@ -213,7 +213,7 @@ def verify(
     """Whether the image's largest face is the subject (its best template): the decision,
     with the band of a match; the exact similarity only for keys granted exact scores."""
     collection = answers.caller.collection
-    name = _check_subject(subject)
+    name = subject
     data = _read_upload(state, file)
     try:
         state.gallery.get_subject(name, collection=collection)
@@ -235,7 +235,7 @@ def enroll_templates(
 ) -> EnrollTemplatesResponse:
     """Enrol templates protected on the client with the gallery's scheme and key (the
     service needs no key for this and never sees an image or a raw embedding)."""
-    names = [_check_subject(it.subject) for it in body.items]
+    names = [it.subject for it in body.items]
     templates = _client_templates(state, body.protection, [it.template for it in body.items])
     ids = state.collections.enroll(
         caller.collection, names, templates, extractor_version=body.protection.extractor_version,

@@ -20,7 +20,7 @@ from advplugin.service.schemas import (
     SubjectPage,
 )
 
-#: `{name:path}`: a subject named `a/b` (or `../x`), which /enroll accepts, is reached with
+#: `{name:subject}` (`schemas._SubjectPathConvertor`): a subject named `a/b` (or `../x`), which /enroll accepts, is reached with
 #: its `/` percent-encoded or not; with a plain `{name}` it could never be read or erased.
 NamePath = Annotated[SubjectName, Path(description="the subject's name (`/` may be percent-encoded)")]
 
@@ -44,7 +44,7 @@ def list_subjects(
     )
 
 
-@router.get("/{name:path}", response_model=SubjectOut)
+@router.get("/{name:subject}", response_model=SubjectOut)
 def get_subject(state: State, collection: CollectionName, name: NamePath) -> SubjectOut:
     try:
         r = state.gallery.get_subject(name, collection=collection)
@@ -53,7 +53,7 @@ def get_subject(state: State, collection: CollectionName, name: NamePath) -> Sub
     return SubjectOut(subject=r.name, template_count=r.template_count, created_at=r.created_at)
 
 
-@router.delete("/{name:path}", response_model=DeleteSubjectResponse, responses=FORBIDDEN)
+@router.delete("/{name:subject}", response_model=DeleteSubjectResponse, responses=FORBIDDEN)
 def delete_subject(state: State, caller: EnrolCaller, name: NamePath) -> DeleteSubjectResponse:
     """Delete the subject and every template of it (needs an `enrol` or `admin` key). SQL
     commits first (with the change-log rows and the audit event), then the index applies

@@ -8,11 +8,13 @@ from datetime import UTC, datetime
 from typing import Annotated, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StrictFloat, StringConstraints
+from starlette.convertors import PathConvertor, register_url_convertor
 
 from advplugin.gallery.templates import (
     EXTRACTOR_NAME_MAX,
     EXTRACTOR_VERSION_MAX,
     SUBJECT_NAME_MAX,
+    canonical_name,
     check_text,
 )
 
@@ -30,8 +32,24 @@ def _stored_text(max_length: int, what: str) -> tuple[StringConstraints, AfterVa
     )
 
 
-#: A subject's name: 1 to 255 characters, not blank, no NUL (form field, JSON and path).
-SubjectName = Annotated[str, *_stored_text(SUBJECT_NAME_MAX, "subject")]
+#: A subject's name: 1 to 255 characters, not blank, no control characters, in its one
+#: canonical form (NFC, trimmed: `canonical_name`), in a form field, JSON or a path alike;
+#: so "é" as one or two code points, and " Ann " and "Ann", name one subject on every route.
+SubjectName = Annotated[
+    str,
+    StringConstraints(min_length=1, max_length=SUBJECT_NAME_MAX, pattern=NO_NUL),
+    AfterValidator(lambda v: canonical_name(v, "subject")),
+]
+class _SubjectPathConvertor(PathConvertor):
+    """`{name:subject}` in a route's path: as `path` (a subject named `a/b` is reached with
+    its `/` plain or percent-encoded), and matching every character, newline included, so a
+    name holding one reaches `SubjectName`'s check (422) instead of matching no route (404)."""
+
+    regex = "(?s:.*)"
+
+
+register_url_convertor("subject", _SubjectPathConvertor())
+
 #: Short identifiers compared with the served ones (never stored): bounded all the same.
 ShortText = Annotated[str, StringConstraints(max_length=128, pattern=NO_NUL)]
 #: A template value: a JSON number (not a string such as "0.1", not a boolean), finite.

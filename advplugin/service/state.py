@@ -92,6 +92,11 @@ class ServiceState:
                 collections.open_all()
             except ErasedError as e:  # a restored backup: one clear line, not a traceback
                 raise ConfigurationError(str(e)) from None
+            if settings.mode != "blind":  # blind templates are not moved by a rename
+                collections.complete_subject_renames()
+            elif pending := gallery.subject_renames():
+                print(f"advplugin: WARNING: {len(pending)} subjects keep names that are not canonical "
+                      "(blind mode does not rename them; docs/gallery.md, \"Subject names\")", flush=True)
             blind = BlindService(gallery, protection, settings) if settings.mode == "blind" else None
             state = cls(settings, gallery, protection, collections, ApiKeyAuth(gallery))
         except BaseException:

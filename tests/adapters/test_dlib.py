@@ -46,6 +46,8 @@ def test_many_faces_and_selection(dlib_extractor: Extractor, packaged_images: Pa
     assert d[~np.eye(n, dtype=bool)].min() > 0.3
     boxes = faces.detections.boxes
     areas = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
+    # Largest first (CompreFace's order): dlib's own order, by score, put the largest fourth.
+    assert (np.diff(areas) <= 0).all(), areas
     largest = dlib_extractor.extract(image, largest_only=True)
     assert len(largest.detections) == 1
     np.testing.assert_allclose(largest.detections.boxes[0], boxes[np.argmax(areas)])

@@ -336,6 +336,9 @@ def test_extractor_gives_the_deployments_raw_embeddings_even_from_a_protected_ap
     faces = extractor.extract(img)
     raw_faces = plain.get(bgr(img))
     assert len(faces.detections) == len(raw_faces)
+    # Extractors answer faces largest first (CompreFace's order), stable among equal areas.
+    area = [-(f.bbox[2] - f.bbox[0]) * (f.bbox[3] - f.bbox[1]) for f in raw_faces]
+    raw_faces = [raw_faces[j] for j in np.argsort(area, kind="stable")]
     for i, raw_face in enumerate(raw_faces):
         np.testing.assert_allclose(faces.detections.boxes[i], raw_face.bbox, atol=1e-4)
         np.testing.assert_allclose(faces.detections.landmarks[i], raw_face.kps, atol=1e-4)

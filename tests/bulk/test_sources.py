@@ -4,6 +4,7 @@ exactly at their cursor, and invalid rows are named by id without echoing values
 from __future__ import annotations
 
 import json
+import unicodedata
 from pathlib import Path
 
 import faiss
@@ -118,3 +119,26 @@ def test_npz_npy_and_faiss_sources(lfw_rows, tmp_path: Path) -> None:
         open_source(str(tmp_path / "vecs.npy"), mapping=str(tmp_path / "short.csv"))
     with pytest.raises(ValueError, match="needs --mapping"):
         open_source(str(tmp_path / "feat.faiss"))
+
+
+def test_names_take_their_canonical_form_and_lookalikes_are_reported(tmp_path: Path) -> None:
+    """Names are migrated in the gallery's canonical form (NFC, trimmed). Two of the
+    source's names that only look different would become ONE subject: validation names
+    them and refuses (nothing is merged silently); a name with a control character is an
+    invalid row, named by id."""
+    nfc = unicodedata.normalize("NFC", "Zoë")
+    nfd = unicodedata.normalize("NFD", nfc)
+    names = [nfc, nfd, " Ann ", "Bo", "Line\nBreak", " Cy"]
+    vecs = np.random.default_rng(0).normal(size=(len(names), 8)).astype(np.float32)
+    path = tmp_path / "set.npz"
+    np.savez(path, embedding=vecs, identity=np.array(names), path=np.array([f"r{i}" for i in range(len(names))]))
+    source = open_source(str(path))
+    chunks = list(source.chunks(4, None))
+    assert [s for c in chunks for s in c.subjects] == [nfc, nfc, "Ann", "Bo", "Cy"]
+    report = validate_source(source, chunk_size=4)
+    assert report.name_collisions == {nfc: sorted([nfc, nfd])}  # " Ann " alone is no collision
+    assert report.bad == 1 and report.examples[0][0] == "r4" and "control" in report.examples[0][1]
+    assert not report.ok and any("merged into one subject" in p for p in report.problems())
+    np.savez(path, embedding=vecs[2:4], identity=np.array(names[2:4]), path=np.array(["a", "b"]))
+    clean = validate_source(open_source(str(path)), chunk_size=4)
+    assert clean.ok and clean.subjects == 2

@@ -11,6 +11,7 @@ import pytest
 from advplugin.evaluation.pairs_report import cosine_scores, verification_report
 from advplugin.keys import Key
 from advplugin.protectors import Protector, create_protector, list_schemes, scheme_info
+from advplugin.protectors.base import MAX_NORM
 
 DIM = 128
 SCHEMES = list_schemes()
@@ -123,13 +124,16 @@ class TestContract:
             (lambda r: np.where(np.arange(DIM) == 3, np.nan, r).astype(np.float32), "NaN"),
             (lambda r: np.where(np.arange(DIM) == 3, np.inf, r).astype(np.float32), "infinite"),
             (lambda r: np.zeros_like(r), "zero"),
+            # finite but absurd: 1e38 is a float32, its square is not (the norm overflows)
+            (lambda r: np.full_like(r, 1e38), "norm above"),
+            (lambda r: r.astype(np.float64) * 1e6, "norm above"),
             (lambda r: r[:, :-1], "dimension"),
             (lambda r: (r * 1000).astype(np.int32), "dtype"),
             (lambda r: r.astype(np.float16), "dtype"),
             (lambda r: r[None], "shape"),
             (lambda r: r.tolist(), "numpy array"),
         ],
-        ids=["nan", "inf", "zero", "wrong-dim", "int", "float16", "3d", "list"],
+        ids=["nan", "inf", "zero", "1e38", "norm-1e5", "wrong-dim", "int", "float16", "3d", "list"],
     )
     def test_bad_input_is_a_clear_value_error(
         self, scheme: str, key: Key, raw: np.ndarray, bad, message: str
@@ -137,6 +141,21 @@ class TestContract:
         p = make(scheme, key)
         with pytest.raises(ValueError, match=message):
             p.protect(bad(raw[:4]))
+
+    def test_the_magnitude_bound_accepts_every_template_the_scheme_makes(
+        self, scheme: str, key: Key, raw: np.ndarray
+    ) -> None:
+        """`MAX_NORM` is sound for the scheme: raw embeddings up to the bound (1,000 times
+        the largest dlib norm and beyond) give templates that the same check accepts, so a
+        client's templates are never refused for their magnitude; the ones past it are."""
+        p = make(scheme, key)
+        unit = raw / np.linalg.norm(raw, axis=1, keepdims=True)
+        for norm in (1e-3, 1.0, 50.0, 0.999 * MAX_NORM):
+            t = p.protect((unit * norm).astype(np.float32))
+            assert np.linalg.norm(t, axis=1).max() <= MAX_NORM, norm
+            np.testing.assert_array_equal(p.validate_templates(t), t)
+        with pytest.raises(ValueError, match="norm above"):
+            p.protect((unit * 1.01 * MAX_NORM).astype(np.float32))
 
     def test_nothing_kept_or_returned_holds_the_raw_vector(
         self, scheme: str, key: Key, raw: np.ndarray

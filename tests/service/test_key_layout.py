@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from advplugin.cli.main import main
 from advplugin.gallery import Gallery
 from advplugin.gallery.erasure import ErasureKeyStore
 from advplugin.gallery.sealing import ErasedError, LocalKeyProvider
@@ -127,7 +128,9 @@ def test_a_missing_key_refuses_start_and_makes_nothing(default_layout: Settings,
     assert _keys_and_data(settings) == before  # no new key, no empty store beside the gallery
 
 
-def test_keys_beside_the_data_or_in_a_backup_path_are_warned_about(default_layout: Settings, tmp_path, capsys) -> None:
+def test_keys_beside_the_data_or_in_a_backup_path_are_warned_about(
+    default_layout: Settings, capsys, monkeypatch
+) -> None:
     settings = default_layout
     assert key_location_warnings(settings) == []
     # An install of an earlier release: its keys in `.advplugin/`, beside the data folder.
@@ -140,6 +143,10 @@ def test_keys_beside_the_data_or_in_a_backup_path_are_warned_about(default_layou
     ServiceState.start(settings).close()  # it keeps working, loudly
     out = capsys.readouterr().out
     assert out.count("WARNING") >= 3 and "master key" in out
+    monkeypatch.setenv("ADVPLUGIN_DATA_DIR", str(settings.data_dir))
+    assert main(["db", "status"]) == 0
+    out = capsys.readouterr().out
+    assert out.count("WARNING") == 3 and "storage: sealed" in out
     # The new layout with a declared backup path that covers the key folder.
     for name in ("key", "master.key", "erasure-keys.db"):
         shutil.move(install / name, settings.resolved_key_dir / name)

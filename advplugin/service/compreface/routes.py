@@ -10,6 +10,8 @@ kept), no `calculator` face plugin (a raw embedding never leaves the extracting 
 Errors keep CompreFace's shape, `{"message": ..., "code": <number>}` with CompreFace's
 numbers (28: no face, 42: subject not found, ...), and carry the native envelope's `error`
 object too; CompreFace answers validation problems with 400 where the native API says 422.
+The app builds every error answer by path (`advplugin.service.errors.error_response`), so
+this holds for every status, the 413s and 500s answered outside these routes included.
 """
 
 from __future__ import annotations
@@ -19,19 +21,14 @@ import binascii
 import json
 import math
 import time
-from collections.abc import Callable, Coroutine
-from typing import Annotated, Any
+from typing import Annotated
 
 import numpy as np
-from fastapi import APIRouter, Body, Depends, Path, Query, Request, Response
-from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
-from fastapi.routing import APIRoute
+from fastapi import APIRouter, Body, Depends, Path, Query, Request
 from pydantic import StringConstraints
 from sqlalchemy import func, select
 from starlette.convertors import StringConvertor, register_url_convertor
 from starlette.datastructures import UploadFile
-from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from advplugin.adapters import Detections
 from advplugin.bulk.models import MigrationItem, MigrationJob
@@ -61,18 +58,18 @@ from advplugin.service.compreface.schemas import (
     CfVerifyResponse,
 )
 from advplugin.service.deps import AnswersFor, CollectionName, EnrolCaller, State
-from advplugin.service.errors import ServiceError
+from advplugin.service.errors import COMPREFACE_PREFIX, ServiceError
 from advplugin.service.routes_recognition import (
     _box,
-    _check_subject,
     _keys,
     _protected_faces,
     _read_upload,
+    check_upload,
 )
 from advplugin.service.schemas import MAX_PAGE, SubjectName
 from advplugin.service.state import KeyView, ServiceState, image_sha256
 
-PREFIX = "/api/v1"
+PREFIX = COMPREFACE_PREFIX
 #: Paths that take images, and how many each takes (request body bounds, `body_limit`).
 _IMAGE_PATHS = {
     PREFIX + "/recognition/faces": 1, PREFIX + "/recognition/recognize": 1,
@@ -85,12 +82,6 @@ ID_MAX = 64
 MAX_IDS = 1000
 _DELETE_MANY_BYTES = MAX_IDS * (ID_MAX * 6 + 4) + 1024
 
-#: CompreFace's numeric error codes (its `ExceptionCode`), by the native error code.
-_CF_CODES = {
-    "no_face": 28, "unknown_subject": 42, "image_not_found": 11, "subject_exists": 43,
-    "invalid_request": 26, "invalid_image": 21, "unsupported_plugin": 36, "unauthorized": 20,
-    "too_large": 0, "busy": 0, "forbidden": 0, "budget_exceeded": 0,
-}
 #: Face plugins CompreFace offers; `calculator` is refused for privacy, the others are not built.
 _PLUGINS = {"calculator", "age", "gender", "landmarks", "mask", "pose"}
 
@@ -111,46 +102,16 @@ def body_limit(path: str, upload_bytes: int, multipart_overhead: int) -> int | N
     return images * (4 * math.ceil(upload_bytes / 3)) + multipart_overhead
 
 
-# -- errors in CompreFace's shape -------------------------------------------------------------------
-def _compreface_error(response: Response) -> JSONResponse:
-    """The app's error envelope rewritten as CompreFace's `{"message", "code"}` (the envelope's
-    `error` object kept beside it); 422 becomes CompreFace's 400."""
-    body = json.loads(bytes(response.body))
-    error = body.get("error", {})
-    status = 400 if response.status_code == 422 else response.status_code
-    headers = {k: v for k, v in response.headers.items() if k in ("retry-after", "allow")}
-    content = {"message": error.get("message", ""), "code": _CF_CODES.get(error.get("code", ""), 0), "error": error}
-    return JSONResponse(content, status_code=status, headers=headers or None)
-
-
-class CompreFaceRoute(APIRoute):
-    """Answers this router's failures (the app's handlers build the answer, so the messages
-    stay the audited ones: no request content echoed) in CompreFace's error shape."""
-
-    def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
-        handler = super().get_route_handler()
-
-        async def route(request: Request) -> Response:
-            try:
-                return await handler(request)
-            except (ServiceError, RequestValidationError, StarletteHTTPException) as e:
-                for cls in type(e).__mro__:
-                    app_handler = request.app.exception_handlers.get(cls)
-                    if app_handler is not None:
-                        return _compreface_error(await app_handler(request, e))
-                raise
-
-        return route
-
-
 #: Every status a CompreFace route may answer besides its success (CompreFace's 400 for what the
 #: native routes answer 422; 429: too many images in progress, with Retry-After).
 _ERRORS = {s: {"model": CfError} for s in (400, 401, 403, 404, 413, 429, 503)}
-router = APIRouter(prefix=PREFIX, tags=["compreface"], route_class=CompreFaceRoute, responses=_ERRORS)
+router = APIRouter(prefix=PREFIX, tags=["compreface"], responses=_ERRORS)
 
 
 # -- request parts ----------------------------------------------------------------------------------
 def _b64(state: ServiceState, value: object, field: str) -> bytes:
+    """The image of a base64 field, bounded like a multipart upload: by its decoded bytes
+    (`check_upload`; the string's length only spares decoding one far too long)."""
     limit = state.settings.max_upload_bytes
     if not isinstance(value, str) or not value:
         raise ServiceError(422, "invalid_request", f"{field}: a base64 string is required")
@@ -159,9 +120,10 @@ def _b64(state: ServiceState, value: object, field: str) -> bytes:
     if value.startswith("data:") and "," in value:  # a data URL, as browsers make them
         value = value.split(",", 1)[1]
     try:
-        return base64.b64decode(value, validate=True)
+        data = base64.b64decode(value, validate=True)
     except (binascii.Error, ValueError):
         raise ServiceError(422, "invalid_image", f"{field} is not valid base64") from None
+    return check_upload(state, data)
 
 
 async def _images(request: Request, fields: tuple[str, ...]) -> list[bytes]:
@@ -178,7 +140,10 @@ async def _images(request: Request, fields: tuple[str, ...]) -> list[bytes]:
         if not isinstance(body, dict):
             raise ServiceError(422, "invalid_request", "the JSON body must be an object")
         return [_b64(state, body.get(f), f) for f in fields]
-    form = await request.form(max_files=len(fields), max_fields=len(fields) + 4)
+    # Parsed already, by the app's `single_form_values` (bounded parts, no repeated field).
+    form = await request.form()
+    if sum(isinstance(v, UploadFile) for _, v in form.multi_items()) > len(fields):
+        raise ServiceError(422, "invalid_request", f"at most {len(fields)} file(s) per request")
     out = []
     for f in fields:
         upload = form.get(f)
@@ -292,7 +257,7 @@ def add_example(
 ) -> CfFace:
     """Add an example of `subject` (created if new): its largest face becomes a protected
     template; the image itself is not kept. image_id is the template id."""
-    name = _check_subject(subject)
+    name = subject
     view = KeyView(current=state.protection.expected.key_id, previous=None, unknown=[])
     _, probes, keep = _faces(state, image, view, largest_only=True, limit=1, det_prob=det_prob_threshold)
     templates = probes[view.current][keep[:1]]
@@ -314,7 +279,7 @@ def list_examples(
     cid = state.gallery.collection_id(collection)
     where = [Template.collection_id == cid]
     if subject is not None:
-        where.append(Subject.name == subject.strip())
+        where.append(Subject.name == subject)
     base = select(Template.id, Subject.name).join(Subject, Subject.id == Template.subject_id).where(*where)
     with state.gallery.engine.connect() as conn:
         total = int(conn.scalar(select(func.count()).select_from(base.subquery())) or 0)
@@ -333,7 +298,7 @@ def delete_examples(
     """Delete every example of `subject` (the subject stays, as in CompreFace), or, without
     `subject`, every example of the collection."""
     actor = Actor.api_key(caller.api_key_id)
-    names = [subject.strip()] if subject is not None else _all_subjects(state, caller.collection)
+    names = [subject] if subject is not None else _all_subjects(state, caller.collection)
     deleted = 0
     for name in names:
         ids = state.gallery.subject_template_ids(name, collection=caller.collection)  # [] if absent
@@ -479,13 +444,13 @@ def list_subjects(state: State, collection: CollectionName) -> CfSubjectList:
 @router.post("/recognition/subjects", response_model=CfSubjectOut, status_code=201)
 def add_subject(state: State, caller: EnrolCaller, body: CfSubjectBody) -> CfSubjectOut:
     """A subject without examples yet; 400/43 when it exists."""
-    name = _check_subject(body.subject)
+    name = body.subject
     if not state.collections.add_subject(caller.collection, name, actor=Actor.api_key(caller.api_key_id)):
         raise ServiceError(422, "subject_exists", f"subject {name!r} already exists")
     return CfSubjectOut(subject=name)
 
 
-@router.put("/recognition/subjects/{subject:path}", response_model=CfUpdated)
+@router.put("/recognition/subjects/{subject:subject}", response_model=CfUpdated)
 def rename_subject(
     state: State, caller: EnrolCaller, subject: Annotated[SubjectName, Path()], body: CfSubjectBody
 ) -> CfUpdated:
@@ -495,7 +460,7 @@ def rename_subject(
     (`CollectionService.rename_subject`), so a delete, enrolment or other rename of it never
     interleaves. No raw embedding is involved; the examples get new image ids. 503 while a
     key rotation has templates of it under the previous key."""
-    old, new = _check_subject(subject), _check_subject(body.subject)
+    old, new = subject, body.subject
     try:
         renamed = state.collections.rename_subject(
             caller.collection, old, new, actor=Actor.api_key(caller.api_key_id)
@@ -505,9 +470,9 @@ def rename_subject(
     return CfUpdated(updated=renamed)
 
 
-@router.delete("/recognition/subjects/{subject:path}", response_model=CfSubjectOut)
+@router.delete("/recognition/subjects/{subject:subject}", response_model=CfSubjectOut)
 def delete_subject(state: State, caller: EnrolCaller, subject: Annotated[SubjectName, Path()]) -> CfSubjectOut:
-    name = _check_subject(subject)
+    name = subject
     try:
         state.collections.delete_subject(caller.collection, name, actor=Actor.api_key(caller.api_key_id))
     except SubjectNotFound:

@@ -16,8 +16,7 @@ class CfError(BaseModel):
 
     message: str | None = None
     code: int | None = Field(None, description="CompreFace's error number (28: no face, 42: subject not found, ...)")
-    error: dict[str, str] = Field(description="the native envelope: its `code` and `message`; a body refused "
-                                  "before routing (413 by Content-Length) carries only this")
+    error: dict[str, str] = Field(description="the native envelope: its `code` and `message`")
 
 
 class CfBox(BaseModel):
