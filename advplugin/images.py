@@ -36,6 +36,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+from advplugin.errors import InvalidInputError
+
 DEFAULT_MAX_PIXELS = 40_000_000
 #: The formats a face service needs (Pillow's names); `load_image(formats=)` may widen them
 #: for trusted files.
@@ -54,7 +56,7 @@ _DECODE_ERRORS = (
 )
 
 
-class ImageError(ValueError):
+class ImageError(InvalidInputError):
     """The input is not a usable image; the message says why (never echoes content)."""
 
 

@@ -126,7 +126,7 @@ def child(args: argparse.Namespace) -> int:
     from advplugin.bulk import migrate
     from advplugin.gallery import Gallery
     from advplugin.gallery.erasure import ErasureKeyStore
-    from advplugin.gallery.sealing import LocalKeyProvider
+    from advplugin.gallery.master_keys import LocalKeyProvider
 
     source, protector = _source_and_protector(args)
     gallery = Gallery.open(args.gallery_url, upgrade=True)

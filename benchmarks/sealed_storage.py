@@ -44,8 +44,8 @@ from advplugin.gallery import Gallery
 from advplugin.gallery.backends import IndexConfig
 from advplugin.gallery.erasure import ErasureKeyStore
 from advplugin.gallery.index import TemplateIndex
+from advplugin.gallery.master_keys import LocalKeyProvider
 from advplugin.gallery.matcher import Matcher
-from advplugin.gallery.sealing import LocalKeyProvider
 from advplugin.keys import Key
 from advplugin.protectors import create_protector
 from advplugin.protectors.base import l2_normalize

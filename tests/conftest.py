@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 
 from advplugin.gallery.erasure import ErasureKeyStore
-from advplugin.gallery.sealing import LocalKeyProvider
+from advplugin.gallery.master_keys import LocalKeyProvider
 from advplugin.keys import Key
 
 REPO = Path(__file__).resolve().parents[1]

@@ -7,10 +7,12 @@ Each check runs in a fresh interpreter: this test process has long imported torc
 
 from __future__ import annotations
 
+import ast
 import json
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 
 def loaded_after(code: str) -> set[str]:
@@ -63,3 +65,30 @@ def test_advface_refinement_uses_nets_not_training() -> None:
     )
     assert "advplugin.nets.advface" in modules
     assert not {m for m in modules if m.startswith(("advplugin.training", "advplugin.evaluation"))}
+
+
+PACKAGE = Path(__file__).resolve().parents[1] / "advplugin"
+
+
+def test_gallery_modules_stay_small() -> None:
+    """Issue 23: the gallery is composed of parts a reader can take in one sitting; a module
+    over 500 lines is a part that grew a second concern."""
+    sizes = {p.name: len(p.read_text().splitlines()) for p in (PACKAGE / "gallery").glob("*.py")}
+    assert {name: n for name, n in sizes.items() if n > 500} == {}
+
+
+def test_no_class_has_more_than_two_bases() -> None:
+    """Parts are composed and handed in, not inherited: a class with three bases (or an
+    inheritance chain standing in for composition) is what the gallery was."""
+    wide = []
+    for path in PACKAGE.rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, ast.ClassDef) and len(node.bases) > 2:
+                wide.append(f"{path.relative_to(PACKAGE.parent)}:{node.lineno} {node.name}")
+    assert wide == []
+
+
+def test_the_gallery_is_composed_not_inherited() -> None:
+    from advplugin.gallery import Gallery
+
+    assert Gallery.__mro__ == (Gallery, object)

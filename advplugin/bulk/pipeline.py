@@ -34,8 +34,8 @@ from sqlalchemy import insert, select, text, update
 
 from advplugin.bulk.models import MigrationChunk, MigrationJob
 from advplugin.bulk.sources import Chunk, Cursor, Source
+from advplugin.gallery import DEFAULT_COLLECTION, Gallery
 from advplugin.gallery.models import utcnow
-from advplugin.gallery.store import DEFAULT_COLLECTION, Gallery
 from advplugin.protectors import Protector
 
 MAX_EXAMPLES = 10  # bad rows named in a report

@@ -29,8 +29,8 @@ from typing import Any
 import sqlalchemy as sa
 
 from advplugin.bulk.sources import SqlTableSource, VectorFormat
+from advplugin.gallery import Gallery
 from advplugin.gallery.apikeys import hash_api_key
-from advplugin.gallery.store import Gallery
 
 #: Scope of the advplugin API key made from a CompreFace key: its clients add and delete.
 COMPREFACE_KEY_SCOPE = "enrol"

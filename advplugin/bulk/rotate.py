@@ -26,8 +26,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from advplugin.bulk.pipeline import _progress
+from advplugin.gallery import Gallery
 from advplugin.gallery.audit import CLI
-from advplugin.gallery.store import Gallery
 from advplugin.keys import Key
 from advplugin.protectors import KeyRotation, create_protector
 

@@ -23,7 +23,7 @@ from typing import Any, BinaryIO, Literal
 
 import numpy as np
 
-from advplugin.gallery.templates import canonical_name
+from advplugin.gallery.names import canonical_name
 
 Cursor = int | str | None
 VectorFormat = Literal["auto", "float32", "float64", "array", "json"]

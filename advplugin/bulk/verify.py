@@ -22,8 +22,8 @@ from sqlalchemy import select
 from advplugin.bulk.models import MigrationChunk, MigrationItem
 from advplugin.bulk.pipeline import unpack_source_ids
 from advplugin.bulk.sources import Source
+from advplugin.gallery import Gallery
 from advplugin.gallery.models import Template
-from advplugin.gallery.store import Gallery
 from advplugin.protectors import Protector
 from advplugin.protectors.base import l2_normalize
 

@@ -20,21 +20,20 @@ from typing import Any
 
 
 def _service_errors(run: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
-    """The service's error answers and an unreachable service as one line (`main` prints
-    ValueErrors without a traceback)."""
+    """An unreachable service as advplugin's `RemoteError`, like the service's error answers
+    (`BlindServiceError`): `main` prints one line and exits with the remote kind's code. httpx
+    is not an advplugin error, hence this one translation at the edge of the command."""
 
     @functools.wraps(run)
     def wrapped(args: argparse.Namespace) -> int:
         import httpx
 
-        from advplugin.he.client import BlindServiceError
+        from advplugin.errors import RemoteError
 
         try:
             return run(args)
-        except BlindServiceError as e:
-            raise ValueError(str(e)) from None
         except httpx.TransportError as e:
-            raise ValueError(f"cannot reach {args.url}: {type(e).__name__}") from None
+            raise RemoteError(f"cannot reach {args.url}: {type(e).__name__}") from None
 
     return wrapped
 

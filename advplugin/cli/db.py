@@ -20,7 +20,8 @@ import argparse
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from advplugin.gallery import Gallery
+    from advplugin.gallery.erasure import ErasureKeyStore
+    from advplugin.gallery.master_keys import KeyProvider
 
 #: Mirrors `advplugin.gallery.apikeys.SCOPES` (not imported: the CLI parser loads nothing heavy).
 SCOPES = ("identify", "enrol", "admin")
@@ -164,36 +165,16 @@ def _settings(args: argparse.Namespace):  # type: ignore[no-untyped-def]
 def _url(args: argparse.Namespace) -> str:
     if args.database_url:
         return args.database_url
-    from advplugin.service.startup import prepare_data_dir
+    from advplugin.install import prepare_data_dir
 
     settings = _settings(args)
     prepare_data_dir(settings.data_dir)
     return settings.resolved_database_url
 
 
-def open_gallery(url: str, *, upgrade: bool = False, seal_new: bool = True) -> Gallery:
-    """A gallery for a command that reads or writes vectors: unlocked with the master key of
-    the settings when sealed, sealed when new (as the service does). Configuration errors
-    become ValueError: one clear line from the CLI, no traceback."""
-    from advplugin.gallery import Gallery
-    from advplugin.service.protection import ConfigurationError
-    from advplugin.service.startup import unlock_gallery
-
-    gallery = Gallery.open(url, upgrade=upgrade)
-    try:
-        unlock_gallery(gallery, _settings(argparse.Namespace()), seal_new=seal_new)
-    except ConfigurationError as e:
-        gallery.close()
-        raise ValueError(str(e)) from None
-    except BaseException:
-        gallery.close()
-        raise
-    return gallery
-
-
 def run_upgrade(args: argparse.Namespace) -> int:
+    from advplugin.gallery import make_engine
     from advplugin.gallery.schema import current_revision, upgrade
-    from advplugin.gallery.store import make_engine
 
     engine = make_engine(_url(args))
     try:
@@ -208,7 +189,7 @@ def run_upgrade(args: argparse.Namespace) -> int:
 
 def run_status(args: argparse.Namespace) -> int:
     from advplugin.gallery import Gallery
-    from advplugin.service.startup import key_location_warnings
+    from advplugin.install import key_location_warnings
 
     for warning in key_location_warnings(_settings(args)):
         print(f"WARNING: {warning}")
@@ -279,6 +260,7 @@ def _fmr(text: str) -> float | None:
 
 
 def run_set_api_key(args: argparse.Namespace) -> int:
+    from advplugin.errors import NotFoundError
     from advplugin.gallery import Gallery
     from advplugin.gallery.apikeys import UNSET
     from advplugin.gallery.audit import CLI
@@ -293,7 +275,7 @@ def run_set_api_key(args: argparse.Namespace) -> int:
     with Gallery.open(_url(args)) as g:
         keys = [k for k in g.list_api_keys(collection=args.collection) if k.name == args.name and k.revoked_at is None]
         if not keys:
-            raise ValueError(f"no active API key named {args.name!r} in collection {args.collection!r}")
+            raise NotFoundError(f"no active API key named {args.name!r} in collection {args.collection!r}")
         if changes:
             g.configure_api_key(args.name, collection=args.collection, exact_scores=args.exact_scores,
                                 budget_unmatched=unmatched, budget_lookalikes=lookalikes)
@@ -319,13 +301,13 @@ def run_set_collection(args: argparse.Namespace) -> int:
 
 
 def run_audit(args: argparse.Namespace) -> int:
+    from advplugin.errors import NotFoundError
     from advplugin.gallery import Gallery
 
     with Gallery.open(_url(args)) as g:
-        try:
-            events = g.audit_events(collection=args.collection, offset=args.offset, limit=args.limit)
-        except KeyError:
-            raise ValueError(f"no collection named {args.collection!r}") from None
+        if args.collection is not None and args.collection not in g.collections():
+            raise NotFoundError(f"no collection named {args.collection!r}")
+        events = g.audit_events(collection=args.collection, offset=args.offset, limit=args.limit)
     for e in events:
         who = f"api-key:{e.api_key_id}" if e.api_key_id is not None else e.actor
         count = f" templates={e.template_count}" if e.template_count is not None else ""
@@ -343,17 +325,14 @@ def run_revoke_api_key(args: argparse.Namespace) -> int:
     return 0
 
 
-def _provider(args: argparse.Namespace, *, create: bool):  # type: ignore[no-untyped-def]
-    from advplugin.service.protection import ConfigurationError
-    from advplugin.service.startup import master_key_provider
+def _provider(args: argparse.Namespace, *, create: bool) -> KeyProvider:
+    from advplugin.errors import ConfigurationError
+    from advplugin.install import master_key_provider
 
     settings = _settings(args)
-    try:
-        provider = master_key_provider(settings, create=create)
-    except ConfigurationError as e:
-        raise ValueError(str(e)) from None
+    provider = master_key_provider(settings, create=create)
     if provider is None:
-        raise ValueError(
+        raise ConfigurationError(
             f"no master key: {settings.resolved_master_key_file} does not exist; pass "
             "--master-key-file or set ADVPLUGIN_MASTER_KEY_FILE / ADVPLUGIN_MASTER_KEY"
         )
@@ -362,7 +341,6 @@ def _provider(args: argparse.Namespace, *, create: bool):  # type: ignore[no-unt
 
 def run_seal(args: argparse.Namespace) -> int:
     from advplugin.gallery import Gallery
-    from advplugin.gallery.sealing import MasterKeyError
 
     if args.chunk_size < 1:
         raise ValueError("--chunk-size must be positive")
@@ -370,18 +348,15 @@ def run_seal(args: argparse.Namespace) -> int:
     with Gallery.open(url) as g:
         before = g.seal_info()
         provider = _provider(args, create=not before.sealed)
-        try:
-            g.unlock(provider, erasure=_erasure(args), seal_if_empty=True)
-            done = 0
-            for n in g.seal_templates(chunk_size=args.chunk_size):
-                done += n
-                print(f"sealed {done} templates", flush=True)
-            erasable = 0
-            for n in g.make_subjects_erasable(chunk_size=args.chunk_size):
-                erasable += n
-                print(f"gave {erasable} subjects erasure keys (templates re-sealed)", flush=True)
-        except MasterKeyError as e:
-            raise ValueError(str(e)) from None
+        g.unlock(provider, erasure=_erasure(args), seal_if_empty=True)
+        done = 0
+        for n in g.seal_templates(chunk_size=args.chunk_size):
+            done += n
+            print(f"sealed {done} templates", flush=True)
+        erasable = 0
+        for n in g.make_subjects_erasable(chunk_size=args.chunk_size):
+            erasable += n
+            print(f"gave {erasable} subjects erasure keys (templates re-sealed)", flush=True)
         info = g.seal_info()
     print(f"gallery sealed: {done} templates converted now, {erasable} subjects given erasure keys "
           f"({info.erasure_store}); data key wrapped by master key id {', '.join(info.master_key_ids)} "
@@ -390,61 +365,47 @@ def run_seal(args: argparse.Namespace) -> int:
 
 
 def run_purge_erased(args: argparse.Namespace) -> int:
-    from advplugin.gallery.sealing import MasterKeyError
+    from advplugin.install import open_configured_gallery
 
-    with open_gallery(_url(args), seal_new=False) as g:
-        try:
-            gone = g.purge_erased()
-        except MasterKeyError as e:
-            raise ValueError(str(e)) from None
+    with open_configured_gallery(_settings(args), _url(args), seal_new=False) as g:
+        gone = g.purge_erased()
     print(f"purged {len(gone)} subjects whose erasure keys were shredded (deleted after this copy was made)")
     return 0
 
 
-def _erasure(args: argparse.Namespace):  # type: ignore[no-untyped-def]
-    from advplugin.service.protection import ConfigurationError
-    from advplugin.service.startup import erasure_key_store
+def _erasure(args: argparse.Namespace) -> ErasureKeyStore | None:
+    from advplugin.install import erasure_key_store
 
-    try:
-        return erasure_key_store(_settings(args))
-    except ConfigurationError as e:
-        raise ValueError(str(e)) from None
+    return erasure_key_store(_settings(args))
 
 
 def run_rewrap(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from advplugin.gallery import Gallery
-    from advplugin.gallery.sealing import LocalKeyProvider, MasterKeyError
+    from advplugin.gallery.master_keys import LocalKeyProvider
 
     if args.chunk_size < 1:
         raise ValueError("--chunk-size must be positive")
-    new_path = Path(args.new_master_key)
-    try:
-        new = LocalKeyProvider.from_file(new_path, create=True)
-    except MasterKeyError as e:
-        raise ValueError(str(e)) from None
+    new = LocalKeyProvider.from_file(Path(args.new_master_key), create=True)
     url = _url(args)
     with Gallery.open(url) as g:
-        try:
-            info = g.seal_info()
-            if not info.sealed:
-                raise ValueError("this gallery is not sealed; run `advplugin db seal` first")
-            if info.master_key_ids == [new.key_id]:
-                print(f"data keys already wrapped by master key id {new.key_id}")
-            else:
-                g.unlock(_provider(args, create=False), erasure=_erasure(args), seal_if_empty=False)
-                n = g.rewrap(new)
-                print(f"re-wrapped {n} data key(s) under master key id {new.key_id} ({new.description})")
-            if args.new_data_key:
-                g.unlock(new, erasure=_erasure(args), seal_if_empty=False)
-                serial = g.begin_rekey()
-                moved = 0
-                for n in g.rekey_subjects(chunk_size=args.chunk_size):
-                    moved += n
-                    print(f"moved {moved} subject keys to data key #{serial}", flush=True)
-                print(f"re-keyed: every subject key is under data key #{serial}; older data keys deleted")
-        except MasterKeyError as e:
-            raise ValueError(str(e)) from None
+        info = g.seal_info()
+        if not info.sealed:
+            raise ValueError("this gallery is not sealed; run `advplugin db seal` first")
+        if info.master_key_ids == [new.key_id]:
+            print(f"data keys already wrapped by master key id {new.key_id}")
+        else:
+            g.unlock(_provider(args, create=False), erasure=_erasure(args), seal_if_empty=False)
+            n = g.rewrap(new)
+            print(f"re-wrapped {n} data key(s) under master key id {new.key_id} ({new.description})")
+        if args.new_data_key:
+            g.unlock(new, erasure=_erasure(args), seal_if_empty=False)
+            serial = g.begin_rekey()
+            moved = 0
+            for n in g.rekey_subjects(chunk_size=args.chunk_size):
+                moved += n
+                print(f"moved {moved} subject keys to data key #{serial}", flush=True)
+            print(f"re-keyed: every subject key is under data key #{serial}; older data keys deleted")
     print("keep the new master key; destroy the old one once backups made before are to become unreadable")
     return 0

@@ -102,14 +102,18 @@ def register(sub: argparse._SubParsersAction) -> None:
     r.set_defaults(func=run_rotate)
 
 
-def _open_gallery(url: str, *, upgrade: bool, seal_new: bool = True):
-    from advplugin.cli.db import open_gallery
+def _gallery(url: str, *, upgrade: bool, seal_new: bool = True) -> Gallery:
+    """The gallery at `url`, opened as the service opens one (`advplugin.install`): unlocked
+    with the settings' master key when sealed, sealed when new (not on a dry run)."""
     from advplugin.gallery import NotMigratedError
+    from advplugin.install import open_configured_gallery
+    from advplugin.settings import Settings
 
-    try:  # unlocked with the master key when sealed; a new gallery is sealed (not on a dry run)
-        return open_gallery(url, upgrade=upgrade, seal_new=seal_new)
+    try:
+        return open_configured_gallery(Settings(), url, upgrade=upgrade, seal_new=seal_new)
     except NotMigratedError as e:
-        raise ValueError(f"{e} (or pass --upgrade)") from None
+        e.add_note("(or pass --upgrade)")  # this command's own way out; `main` prints notes
+        raise
 
 
 def _open_sources(args: argparse.Namespace) -> tuple[list[tuple[Source, str]], Engine | None]:
@@ -147,7 +151,7 @@ def run_migrate(args: argparse.Namespace) -> int:
         raise ValueError("--purge-source needs --verify: raw vectors are deleted only after it passes")
     sources, engine = _open_sources(args)
     try:
-        gallery = _open_gallery(args.gallery, upgrade=args.upgrade and not args.dry_run, seal_new=not args.dry_run)
+        gallery = _gallery(args.gallery, upgrade=args.upgrade and not args.dry_run, seal_new=not args.dry_run)
         try:
             status = 0
             for source, collection in sources:
@@ -264,7 +268,7 @@ def run_rotate(args: argparse.Namespace) -> int:
     from advplugin.keys import load_key
 
     old, new = load_key(args.old_key), load_key(args.new_key)
-    gallery = _open_gallery(args.gallery, upgrade=False)
+    gallery = _gallery(args.gallery, upgrade=False)
     try:
         options = parse_options(args.option)
         plan, already_new = plan_rotation(gallery, old, new, options)

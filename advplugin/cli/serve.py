@@ -78,10 +78,10 @@ def run(args: argparse.Namespace) -> int:
     import uvicorn
     from pydantic import ValidationError
 
-    from advplugin.gallery.schema import NotMigratedError
+    from advplugin.errors import AdvpluginError
     from advplugin.service.app import create_app
     from advplugin.service.server import JsonErrorsProtocol
-    from advplugin.service.state import ConfigurationError, ServiceState
+    from advplugin.service.state import ServiceState
 
     try:
         settings = build_settings(args)
@@ -90,10 +90,11 @@ def run(args: argparse.Namespace) -> int:
     if settings.log_format != fmt:
         fmt = settings.log_format
         configure_logging(args.log_level, fmt)
-    # Check the configuration before binding the port, so a bad start fails with one line.
+    # Check the configuration before binding the port, so a bad start fails with one line (in
+    # the log format, hence here and not in `cli.main`; always 2, as services have relied on).
     try:
         state = ServiceState.start(settings)
-    except (NotMigratedError, ConfigurationError) as e:
+    except AdvpluginError as e:  # a ConfigurationError (schema, keys, scheme) nearly always
         return _refuse(str(e), fmt)
 
     app = create_app(state=state)

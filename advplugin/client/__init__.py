@@ -1,10 +1,11 @@
 """Typed Python client of the advplugin REST service: `Client` (sync) and `AsyncClient`.
 
-Depends on httpx only, nothing of the server (an application embeds it without FastAPI,
-FAISS or dlib). Results are `TypedDict`s: typed for a checker, plain dicts at run time, so
-code written against the JSON keeps working. Errors raise `AdvpluginError` with the
-envelope's status, code and message. A `429 busy` or `503` with `Retry-After` is retried
-(`retries` times, sleeping what the server asks, at most `max_retry_wait` seconds).
+Depends on httpx only (and `advplugin.errors`, which imports nothing), nothing of the server
+(an application embeds it without FastAPI, FAISS or dlib). Results are `TypedDict`s: typed
+for a checker, plain dicts at run time, so code written against the JSON keeps working.
+Errors raise `AdvpluginError` with the envelope's status, code and message. A `429 busy` or
+`503` with `Retry-After` is retried (`retries` times, sleeping what the server asks, at most
+`max_retry_wait` seconds).
 
 Templates (client-side protection) are sequences of float sequences, or anything with
 `tolist()` such as numpy arrays: protect them with the gallery's key first
@@ -21,6 +22,8 @@ from typing import Any, Literal, TypedDict
 from urllib.parse import quote
 
 import httpx
+
+from advplugin.errors import RemoteError
 
 
 # -- results ---------------------------------------------------------------------------------------
@@ -108,8 +111,10 @@ Status = dict[str, Any]  # mode, scheme, key id, counts, index, keys: see docs/s
 Templates = Sequence[Sequence[float]] | Any  # or an array with tolist()
 
 
-class AdvpluginError(RuntimeError):
-    """An error answer of the service (`{"error": {"code", "message"}}`)."""
+class AdvpluginError(RemoteError):
+    """An error answer of the service (`{"error": {"code", "message"}}`). The client's kind of
+    `advplugin.errors.AdvpluginError` (a `RemoteError`, a `RuntimeError`): catching the base
+    catches it too."""
 
     def __init__(self, status: int, code: str, message: str, retry_after: float | None = None) -> None:
         super().__init__(f"{status} {code}: {message}")

@@ -32,6 +32,7 @@ from typing import Protocol
 
 import numpy as np
 
+from advplugin.errors import AdvpluginError, RemoteError
 from advplugin.evaluation.metrics import threshold_at_far
 
 __all__ = [
@@ -70,7 +71,7 @@ FMR = 1e-3
 IDENTIFICATION_MARGIN = 0.01
 
 
-class BudgetExhausted(Exception):
+class BudgetExhausted(RemoteError):
     """The service answered 429: the key is stopped after `queries_done` answered queries."""
 
     def __init__(self, queries_done: int) -> None:
@@ -258,7 +259,7 @@ class _Ledger:
 Estimate = tuple[dict[str, np.ndarray], dict[str, np.ndarray] | None]
 
 
-class _Stopped(Exception):
+class _Stopped(AdvpluginError):
     pass
 
 

@@ -1,6 +1,6 @@
 """`ApiKeyStore`: API keys of the collections, stored as SHA-256 only.
 
-Why a room of its own: authentication needs these four operations and must not be able to
+Why a part of its own: authentication needs these four operations and must not be able to
 touch templates; a component typed with `ApiKeyStore` gets exactly that. A key is 256
 random bits, so a plain SHA-256 suffices (no slow KDF as for passwords); the key itself is
 returned once at creation and cannot be recovered from the database.
@@ -19,7 +19,7 @@ from datetime import datetime
 from sqlalchemy import insert, select, update
 
 from advplugin.gallery.audit import CLI, Actor, AuditLog, as_utc
-from advplugin.gallery.database import DEFAULT_COLLECTION
+from advplugin.gallery.database import DEFAULT_COLLECTION, Database
 from advplugin.gallery.models import ApiKey, Collection, utcnow
 
 
@@ -79,7 +79,13 @@ def hash_api_key(api_key: str) -> str:
     return hashlib.sha256(api_key.encode()).hexdigest()
 
 
-class ApiKeyStore(AuditLog):
+class ApiKeyStore:
+    """API keys of one gallery handle; each key operation writes its audit event in its
+    own transaction."""
+
+    def __init__(self, db: Database) -> None:
+        self.db = db
+
     def create_api_key(
         self, name: str = "default", *, collection: str = DEFAULT_COLLECTION, scope: str = "admin",
         actor: Actor = CLI,
@@ -96,14 +102,14 @@ class ApiKeyStore(AuditLog):
     ) -> None:
         """Register an API key chosen elsewhere (e.g. ADVPLUGIN_API_KEY) by its SHA-256."""
         check_scope(scope)
-        with self.transaction() as g:
+        with self.db.transaction() as g:
             cid = g.collection_id(collection)
             g.connection.execute(
                 insert(ApiKey).values(
                     collection_id=cid, name=name, key_sha256=key_sha256, scope=scope, created_at=utcnow()
                 )
             )
-            g.record_audit(actor, "create_api_key", collection=collection, subject=f"{name} ({scope})")
+            AuditLog(g).record_audit(actor, "create_api_key", collection=collection, subject=f"{name} ({scope})")
 
     def active_api_keys(self) -> list[ActiveKey]:
         """Every active API key: hash, collection, row id and scope."""
@@ -114,7 +120,7 @@ class ApiKeyStore(AuditLog):
             .join(Collection, Collection.id == k.collection_id)
             .where(k.revoked_at.is_(None))
         )
-        with self._read() as conn:
+        with self.db.read() as conn:
             return [ActiveKey(h, c, int(i), s, bool(x), bu, bl) for h, c, i, s, x, bu, bl in conn.execute(q)]
 
     def list_api_keys(self, *, collection: str | None = None) -> list[ApiKeyInfo]:
@@ -128,7 +134,7 @@ class ApiKeyStore(AuditLog):
         )
         if collection is not None:
             q = q.where(Collection.name == collection)
-        with self._read() as conn:
+        with self.db.read() as conn:
             return [
                 ApiKeyInfo(int(i), c, n, s, as_utc(cr), as_utc(rv) if rv is not None else None, bool(x), bu, bl)
                 for i, c, n, s, cr, rv, x, bu, bl in conn.execute(q)
@@ -153,7 +159,7 @@ class ApiKeyStore(AuditLog):
                 values[column] = value
         if not values:
             raise ValueError("nothing to change: give exact_scores or a budget")
-        with self.transaction() as g:
+        with self.db.transaction() as g:
             cid = g.collection_id(collection)
             result = g.connection.execute(
                 update(ApiKey)
@@ -163,7 +169,7 @@ class ApiKeyStore(AuditLog):
             n = int(result.rowcount or 0)
             if n:
                 what = ", ".join(f"{k}={v}" for k, v in values.items())
-                g.record_audit(actor, "set_api_key", collection=collection, subject=f"{name}: {what}"[:255])
+                AuditLog(g).record_audit(actor, "set_api_key", collection=collection, subject=f"{name}: {what}"[:255])
         return n
 
     def api_key_hashes(self) -> list[tuple[str, str]]:
@@ -173,14 +179,14 @@ class ApiKeyStore(AuditLog):
             .join(Collection, Collection.id == ApiKey.collection_id)
             .where(ApiKey.revoked_at.is_(None))
         )
-        with self._read() as conn:
+        with self.db.read() as conn:
             return [(h, c) for h, c in conn.execute(q)]
 
     def revoke_api_keys(
         self, name: str, *, collection: str = DEFAULT_COLLECTION, actor: Actor = CLI
     ) -> int:
         """Revoke every active key of that name in the collection; returns how many."""
-        with self.transaction() as g:
+        with self.db.transaction() as g:
             cid = g.collection_id(collection)
             result = g.connection.execute(
                 update(ApiKey)
@@ -189,5 +195,5 @@ class ApiKeyStore(AuditLog):
             )
             n = int(result.rowcount or 0)
             if n:
-                g.record_audit(actor, "revoke_api_key", collection=collection, subject=name, template_count=None)
+                AuditLog(g).record_audit(actor, "revoke_api_key", collection=collection, subject=name, template_count=None)
         return n

@@ -1,6 +1,6 @@
 """`AuditLog`: the `audit_events` trail (who changed what, when), and `Actor` (the who).
 
-Why a room of its own: the trail is written from two other rooms (enrolments and deletions
+Why a part of its own: the trail is written from two other parts (enrolments and deletions
 by the service, API-key operations by the CLI) and read by an admin, and it must commit in
 the transaction of the change it records: `record_audit` runs in the caller's connection
 (inside `Gallery.transaction()`, the change's own), so a crash can leave neither a change
@@ -53,7 +53,12 @@ class AuditRecord:
     template_count: int | None
 
 
-class AuditLog(Database):
+class AuditLog:
+    """The audit trail of one gallery handle (in a transaction's: written in it)."""
+
+    def __init__(self, db: Database) -> None:
+        self.db = db
+
     def record_audit(
         self,
         actor: Actor,
@@ -65,8 +70,8 @@ class AuditLog(Database):
     ) -> None:
         """Append one event, in the current `transaction()` when there is one (call it there:
         that is what makes the event and the change commit together)."""
-        cid = self.collection_id(collection)
-        with self._write() as conn:
+        cid = self.db.collection_id(collection)
+        with self.db.write() as conn:
             conn.execute(
                 insert(AuditEvent).values(
                     created_at=utcnow(), collection_id=cid, api_key_id=actor.api_key_id,
@@ -86,8 +91,8 @@ class AuditLog(Database):
             .order_by(e.id).offset(offset).limit(limit)
         )
         if collection is not None:
-            q = q.where(e.collection_id == self.collection_id(collection, create=False))
-        with self._read() as conn:
+            q = q.where(e.collection_id == self.db.collection_id(collection, create=False))
+        with self.db.read() as conn:
             rows = conn.execute(q).all()
         return [
             AuditRecord(
@@ -102,8 +107,8 @@ class AuditLog(Database):
     def count_audit_events(self, *, collection: str | None = None) -> int:
         q = select(func.count()).select_from(AuditEvent)
         if collection is not None:
-            q = q.where(AuditEvent.collection_id == self.collection_id(collection, create=False))
-        with self._read() as conn:
+            q = q.where(AuditEvent.collection_id == self.db.collection_id(collection, create=False))
+        with self.db.read() as conn:
             return int(conn.scalar(q) or 0)
 
 

@@ -22,12 +22,13 @@ from dataclasses import dataclass
 import numpy as np
 from sqlalchemy import func, insert, select, update
 
+from advplugin.errors import InvalidInputError
 from advplugin.gallery.database import DEFAULT_COLLECTION
 from advplugin.gallery.models import BlindBlock, BlindTemplate, Subject, utcnow
-from advplugin.gallery.templates import TemplateRepository
+from advplugin.gallery.store import Gallery
 
 
-class BlindError(ValueError):
+class BlindError(InvalidInputError):
     """A blind write that cannot be applied; `code` names the reason for the service."""
 
     code = "blind_error"
@@ -77,13 +78,13 @@ class Provenance:
 class BlindStore:
     """Blind blocks and templates of a gallery (thread-safe: one connection per call)."""
 
-    def __init__(self, gallery: TemplateRepository) -> None:
+    def __init__(self, gallery: Gallery) -> None:
         self.gallery = gallery
 
     def bound_key(self, collection: str = DEFAULT_COLLECTION) -> tuple[str, str] | None:
         """(HE key id, params digest) the collection's blocks are under; None when empty."""
         cid = self.gallery.collection_id(collection)
-        with self.gallery._read() as conn:
+        with self.gallery.db.read() as conn:
             row = conn.execute(
                 select(BlindBlock.he_key_id, BlindBlock.params_digest).where(BlindBlock.collection_id == cid).limit(1)
             ).first()
@@ -91,7 +92,7 @@ class BlindStore:
 
     def open_block(self, collection: str, capacity: int) -> OpenBlock:
         cid = self.gallery.collection_id(collection)
-        with self.gallery._read() as conn:
+        with self.gallery.db.read() as conn:
             row = conn.execute(
                 select(BlindBlock.id, BlindBlock.fill, BlindBlock.capacity)
                 .where(BlindBlock.collection_id == cid, BlindBlock.fill < BlindBlock.capacity)
@@ -123,7 +124,7 @@ class BlindStore:
             raise BlindError(f"slots {offset}..{offset + n - 1} do not fit a block of {capacity}")
         cid = self.gallery.collection_id(collection)
         now = utcnow()
-        with self.gallery._write() as conn:
+        with self.gallery.db.write() as conn:
             bound = conn.execute(
                 select(BlindBlock.he_key_id, BlindBlock.params_digest).where(BlindBlock.collection_id == cid).limit(1)
             ).first()
@@ -160,7 +161,7 @@ class BlindStore:
                         updated_at=now,
                     )
                 )
-            sids = self.gallery._subject_ids(conn, cid, subjects, create=True)
+            sids = self.gallery.subjects.ids_for(conn, cid, subjects, create=True)
             rows = [
                 {
                     "collection_id": cid, "subject_id": sids[name].id, "block_id": block_id,
@@ -180,7 +181,7 @@ class BlindStore:
     # -- what the encrypted index follows ---------------------------------------------------------
     def block_versions(self, collection: str) -> dict[int, int]:
         cid = self.gallery.collection_id(collection)
-        with self.gallery._read() as conn:
+        with self.gallery.db.read() as conn:
             rows = conn.execute(
                 select(BlindBlock.id, BlindBlock.version).where(BlindBlock.collection_id == cid)
             ).all()
@@ -188,7 +189,7 @@ class BlindStore:
 
     def block_data(self, block_id: int) -> tuple[int, bytes] | None:
         """(version, data) of a block, read together; None if it is gone."""
-        with self.gallery._read() as conn:
+        with self.gallery.db.read() as conn:
             row = conn.execute(
                 select(BlindBlock.version, BlindBlock.data).where(BlindBlock.id == block_id)
             ).first()
@@ -198,7 +199,7 @@ class BlindStore:
         """(count, max id) of the collection's blind templates: changes with every insert
         (ids only grow) and delete, so a cached layout is re-read only when it changed."""
         cid = self.gallery.collection_id(collection)
-        with self.gallery._read() as conn:
+        with self.gallery.db.read() as conn:
             n, top = conn.execute(
                 select(func.count(BlindTemplate.id), func.max(BlindTemplate.id)).where(BlindTemplate.collection_id == cid)
             ).one()
@@ -206,7 +207,7 @@ class BlindStore:
 
     def layout(self, collection: str) -> dict[int, BlockLayout]:
         cid = self.gallery.collection_id(collection)
-        with self.gallery._read() as conn:
+        with self.gallery.db.read() as conn:
             rows = conn.execute(
                 select(BlindTemplate.block_id, BlindTemplate.slot, BlindTemplate.id, Subject.name)
                 .join(Subject, Subject.id == BlindTemplate.subject_id)

@@ -22,7 +22,7 @@ The counters live in the gallery's database (`key_usage`, `key_disclosures`), wr
 serialised write transaction per answer. Replicas therefore share them, and a restart keeps
 them. That transaction does not wait for the disk (`transaction(durable=False)`), so only a
 crash of the machine can undo its last counts. A key can overshoot by one request (at most `max_faces` faces), because a request is
-admitted on the counts before it. Composed over an `AuditLog`, not inherited: the first
+admitted on the counts before it. Composed over the `Gallery`, not inherited: the first
 refusal of each hour writes an audit event in the same transaction.
 """
 
@@ -37,8 +37,9 @@ from sqlalchemy import delete, func, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Connection
 
-from advplugin.gallery.audit import Actor, AuditLog
+from advplugin.gallery.audit import Actor
 from advplugin.gallery.models import Collection, KeyDisclosure, KeyUsage
+from advplugin.gallery.store import Gallery
 
 HOUR = 3600
 
@@ -110,8 +111,8 @@ def _upsert(conn: Connection, table: Any, values: dict[str, Any], keys: Sequence
 
 
 class AnswerBudgets:
-    def __init__(self, db: AuditLog) -> None:
-        self.db = db
+    def __init__(self, gallery: Gallery) -> None:
+        self.gallery = gallery
 
     # -- reading --------------------------------------------------------------------------------
     def _usage(self, conn: Connection, api_key_id: int, start: int) -> Usage:
@@ -130,7 +131,7 @@ class AnswerBudgets:
     def usage(self, api_key_id: int, limits: BudgetLimits, *, now: float | None = None) -> Usage:
         """The key's counters within the window ending now (a read, no lock)."""
         start = _hour(now) - limits.window_hours + 1
-        with self.db._read() as conn:
+        with self.gallery.db.read() as conn:
             return self._usage(conn, api_key_id, start)
 
     def _retry_after(self, conn: Connection, api_key_id: int, limits: BudgetLimits, usage: Usage,
@@ -172,7 +173,7 @@ class AnswerBudgets:
         start = hour - limits.window_hours + 1
         # Not durable: a crash of the machine may undo the last counts (a few probes' worth);
         # waiting for the disk doubled a template request's time (benchmarks/answer_policy.py).
-        with self.db.transaction(durable=False) as g:
+        with self.gallery.transaction(durable=False) as g:
             conn = g.connection
             usage = self._usage(conn, api_key_id, start)
             over = usage.over(limits)
@@ -232,13 +233,13 @@ class AnswerBudgets:
     def forget_subject(self, collection: str, name: str) -> None:
         """Drop every key's record of a subject (call it in the subject's delete
         transaction: a deleted person's name must not outlive it here)."""
-        with self.db._write() as conn:
-            cid = self.db.collection_id(collection)
+        with self.gallery.db.write() as conn:
+            cid = self.gallery.collection_id(collection)
             conn.execute(delete(KeyDisclosure).where(KeyDisclosure.collection_id == cid, KeyDisclosure.subject == name))
 
     def reset(self, api_key_id: int) -> None:
         """Forget a key's counters (an admin's `advplugin db api-key set --reset-budget`)."""
-        with self.db._write() as conn:
+        with self.gallery.db.write() as conn:
             conn.execute(delete(KeyUsage).where(KeyUsage.api_key_id == api_key_id))
             conn.execute(delete(KeyDisclosure).where(KeyDisclosure.api_key_id == api_key_id))
 
@@ -250,18 +251,18 @@ class OperatingPoints:
     (`collections.decision_fmr`; None: the service's default). Kept in the database so that
     every replica decides alike; changing it is audited."""
 
-    def __init__(self, db: AuditLog) -> None:
-        self.db = db
+    def __init__(self, gallery: Gallery) -> None:
+        self.gallery = gallery
 
     def get(self, collection: str) -> float | None:
-        with self.db._read() as conn:
+        with self.gallery.db.read() as conn:
             value = conn.scalar(select(Collection.decision_fmr).where(Collection.name == collection))
         return None if value is None else float(value)
 
     def set(self, collection: str, fmr: float | None, *, actor: Actor) -> None:
         if fmr is not None and not 0.0 < fmr < 1.0:
             raise ValueError("an operating point is a false match rate between 0 and 1")
-        with self.db.transaction() as g:
+        with self.gallery.transaction() as g:
             cid = g.collection_id(collection)
             g.connection.execute(update(Collection).where(Collection.id == cid).values(decision_fmr=fmr))
             g.record_audit(actor, "operating_point", collection=collection,

@@ -1,8 +1,8 @@
 """`ChangeLog`: the `template_changes` outbox that the FAISS index replays.
 
-Why a room of its own: the index (a cache of `templates`) depends on this contract and on
+Why a part of its own: the index (a cache of `templates`) depends on this contract and on
 nothing else of the write side. Every change of a template (insert, vector or key update,
-delete) writes its change row in the caller's transaction (`_log*` take the caller's
+delete) writes its change row in the caller's transaction (`log*` take the caller's
 connection), so the change and its log entry commit together or not at all: an index that
 replays every entry after the `seq` of its snapshot can never miss an enrolment or
 resurrect a deleted template, whatever crashed in between. Because gallery writes are
@@ -83,12 +83,15 @@ class ChangeWatch:
                 conn.close()
 
 
-class ChangeLog(Database):
+class ChangeLog:
     """Reading the change log (what the index follower needs), and writing entries inside
-    the transaction of the change they describe (what the templates room does)."""
+    the transaction of the change they describe (what the templates part does)."""
+
+    def __init__(self, db: Database) -> None:
+        self.db = db
 
     # -- writing, in the caller's transaction ------------------------------------------------
-    def _log(self, conn: Connection, cid: int, ids: Sequence[int], op: str, now: datetime) -> None:
+    def log(self, conn: Connection, cid: int, ids: Sequence[int], op: str, now: datetime) -> None:
         """One `op` entry per template id, in order, on the caller's connection."""
         if ids:
             conn.execute(
@@ -96,11 +99,11 @@ class ChangeLog(Database):
                 [{"collection_id": cid, "template_id": i, "op": op, "created_at": now} for i in ids],
             )
 
-    def _log_inserted(self, conn: Connection, cid: int, first_id: int, last_id: int, now: datetime) -> None:
+    def log_inserted(self, conn: Connection, cid: int, first_id: int, last_id: int, now: datetime) -> None:
         """`upsert` entries for every template of collection `cid` with an id in
         [first_id, last_id], in id order: ONE statement for a bulk insert. Only for a range
         that is exactly the rows the caller has just inserted (ids it allocated itself, one
-        contiguous block under the write lock: `TemplateRepository._next_ids`); SQLite reads
+        contiguous block under the write lock: `Database.next_ids`); SQLite reads
         them back in the server, PostgreSQL writes the range by COPY."""
         if conn.dialect.name == "postgresql" and last_id - first_id > _COPY_FROM:
             # A bulk insert's block: the entries as one binary COPY of the id range (cheaper
@@ -126,9 +129,9 @@ class ChangeLog(Database):
 
     # -- reading (what the FAISS index replays) ----------------------------------------------
     def last_change_seq(self, *, collection: str = DEFAULT_COLLECTION) -> int:
-        cid = self.collection_id(collection)
+        cid = self.db.collection_id(collection)
         q = select(func.max(TemplateChange.seq)).where(TemplateChange.collection_id == cid)
-        with self._read() as conn:
+        with self.db.read() as conn:
             return int(conn.scalar(q) or 0)
 
     def change_stamp(self, seq: int, *, collection: str = DEFAULT_COLLECTION) -> str | None:
@@ -136,29 +139,29 @@ class ChangeLog(Database):
         index snapshot records it beside its last change number, so that a gallery restored
         from a backup, whose numbers went back and were given again to other changes, is
         not mistaken for the one the snapshot was made from."""
-        cid = self.collection_id(collection)
+        cid = self.db.collection_id(collection)
         q = select(TemplateChange.template_id, TemplateChange.op, TemplateChange.created_at).where(
             TemplateChange.seq == seq, TemplateChange.collection_id == cid
         )
-        with self._read() as conn:
+        with self.db.read() as conn:
             row = conn.execute(q).first()
         return None if row is None else f"{row.template_id}:{row.op}:{row.created_at.isoformat()}"
 
     def watch_changes(self) -> ChangeWatch:
         """A cheap, repeated look at the newest change of any collection (`ChangeWatch`)."""
-        return ChangeWatch(self.engine)
+        return ChangeWatch(self.db.engine)
 
     def changes_since(
         self, seq: int, *, collection: str = DEFAULT_COLLECTION, limit: int = 10_000
     ) -> list[Change]:
-        cid = self.collection_id(collection)
+        cid = self.db.collection_id(collection)
         q = (
             select(TemplateChange.seq, TemplateChange.template_id, TemplateChange.op)
             .where(TemplateChange.collection_id == cid, TemplateChange.seq > seq)
             .order_by(TemplateChange.seq)
             .limit(limit)
         )
-        with self._read() as conn:
+        with self.db.read() as conn:
             return [Change(int(s), int(t), o) for s, t, o in conn.execute(q)]
 
     def key_ids_changed(
@@ -167,7 +170,7 @@ class ChangeLog(Database):
         """Key ids of the templates touched by changes `after_seq < seq <= upto_seq`. A
         running service reads only the changes since it last looked, so it notices a key
         rotation started by another process without scanning the gallery."""
-        cid = self.collection_id(collection)
+        cid = self.db.collection_id(collection)
         q = (
             select(Template.key_id)
             .distinct()
@@ -178,5 +181,5 @@ class ChangeLog(Database):
                 TemplateChange.seq <= upto_seq,
             )
         )
-        with self._read() as conn:
+        with self.db.read() as conn:
             return set(conn.scalars(q))

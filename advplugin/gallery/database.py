@@ -1,19 +1,18 @@
 """The gallery's database handle: engine, serialised write transactions, collections.
 
-Why a room of its own: every other part of the gallery (templates, the change log, API
-keys) needs exactly this and nothing else from the database, and each is a subclass of
-`Database` so that it can be opened and used alone (`ApiKeyStore.open(url)`), while
-`advplugin.gallery.store.Gallery` combines them over one engine.
+Why a module of its own: every other part of the gallery (templates, subjects, the change
+log, API keys, audit, sealing) needs exactly this and nothing else from the database; each
+part holds a `Database` handle (composition, not inheritance), and
+`advplugin.gallery.store.Gallery` builds them all over one.
 
 Write transactions are serialised (PostgreSQL: a transaction-scoped advisory lock; SQLite:
 `BEGIN IMMEDIATE`), which makes change sequence numbers commit in order: a reader that has
 seen change `n` has seen every change before it (see `advplugin.gallery.changelog`). It is
-also what lets the templates room allocate ids itself without ever reusing one.
+also what lets the gallery allocate ids itself (`next_ids`) without ever reusing one.
 """
 
 from __future__ import annotations
 
-import copy
 import os
 import stat
 import struct
@@ -35,6 +34,7 @@ from sqlalchemy import (
     insert,
     make_url,
     select,
+    text,
 )
 
 from advplugin.gallery.models import Collection, utcnow
@@ -236,14 +236,19 @@ def pg_copy_rows(conn: Connection, table: str, columns: Sequence[tuple[str, str]
 
 
 class Database:
-    """An open gallery database. Open with `.open(url)`; thread-safe (one engine, a
-    connection per call). Subclasses add the operations; they run their SQL through
-    `_read()` / `_write()`, which is what makes `transaction()` work for all of them."""
+    """An open gallery database: the engine, and, for a transaction's handle, its one
+    connection. Thread-safe (one engine, a connection per call). Every part of the gallery
+    (`advplugin.gallery.store.Gallery`) holds one and runs its SQL through `read()` /
+    `write()`; `transaction()` gives a handle bound to one write transaction, which the
+    gallery hands to its parts, so that all of them run in it."""
 
-    def __init__(self, engine: Engine) -> None:
+    def __init__(
+        self, engine: Engine, *, connection: Connection | None = None, collections: dict[str, int] | None = None
+    ) -> None:
         self.engine = engine
-        self._collections: dict[str, int] = {}
-        self._conn: Connection | None = None  # set on the view `transaction()` yields
+        #: collection ids by name, committed ones only (shared by the handles of one gallery)
+        self._collections: dict[str, int] = {} if collections is None else collections
+        self._conn = connection  # set on a transaction's handle
 
     # -- opening ---------------------------------------------------------------------------
     @classmethod
@@ -262,32 +267,34 @@ class Database:
             raise
         return cls(engine)
 
+    @property
+    def in_transaction(self) -> bool:
+        """Whether this handle is bound to a `transaction()` (whose owner commits it)."""
+        return self._conn is not None
+
     def close(self) -> None:
-        if self._conn is None:  # a transaction's view does not own the engine
+        if self._conn is None:  # a transaction's handle does not own the engine
             self.engine.dispose()
-
-    def __enter__(self) -> Self:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
 
     @property
     def dialect(self) -> str:
         return self.engine.dialect.name
 
+    def where(self) -> str:
+        """The database's URL without its password, to name it in messages."""
+        return self.engine.url.render_as_string(hide_password=True)
+
     def checkpoint(self) -> bool:
-        """`wal_checkpoint` of this gallery (not inside a `transaction()` view). Nothing to do
-        on PostgreSQL (its WAL and dead tuples are why sealing shreds)."""
+        """`wal_checkpoint` of this gallery (not inside a transaction). Nothing to do on
+        PostgreSQL (its WAL and dead tuples are why sealing shreds)."""
         return self._conn is not None or wal_checkpoint(self.engine)
 
     # -- transactions ----------------------------------------------------------------------
     @contextmanager
-    def transaction(self, *, durable: bool = True) -> Iterator[Self]:
-        """ONE serialised write transaction around several calls and the caller's own
-        statements: yields a view of this object (a shallow copy) whose methods
-        (`add_templates`, ...) all run in that one connection, and whose `connection` takes
-        the caller's SQL. Everything commits together or not at all. Why: a batch migration
+    def transaction(self, *, durable: bool = True) -> Iterator[Database]:
+        """ONE serialised write transaction: yields a handle bound to its connection, for
+        the parts that must all run in it and for the caller's own statements
+        (`connection`). Everything commits together or not at all. Why: a batch migration
         must commit a chunk's templates, their change-log rows and its own checkpoint
         atomically, or a crash could duplicate or lose a chunk. Inside a transaction,
         `transaction()` joins it.
@@ -301,10 +308,8 @@ class Database:
         if self._conn is not None:
             yield self
             return
-        with self._write(durable=durable) as conn:
-            view = copy.copy(self)
-            view._conn = conn
-            yield view
+        with self.write(durable=durable) as conn:
+            yield Database(self.engine, connection=conn, collections=self._collections)
 
     @property
     def connection(self) -> Connection:
@@ -314,9 +319,9 @@ class Database:
         return self._conn
 
     @contextmanager
-    def _write(self, *, durable: bool = True) -> Iterator[Connection]:
-        """One serialised write transaction (see the module docstring for why); inside a
-        `transaction()` view, that transaction. `durable`: see `transaction`."""
+    def write(self, *, durable: bool = True) -> Iterator[Connection]:
+        """One serialised write transaction (see the module docstring for why); on a
+        transaction's handle, that transaction. `durable`: see `transaction`."""
         if self._conn is not None:
             yield self._conn
             return
@@ -330,26 +335,50 @@ class Database:
                 yield conn
 
     @contextmanager
-    def _read(self) -> Iterator[Connection]:
-        """One read transaction (a consistent snapshot); inside a `transaction()` view, that
-        transaction, so a view reads its own uncommitted writes."""
+    def read(self) -> Iterator[Connection]:
+        """One read transaction (a consistent snapshot); on a transaction's handle, that
+        transaction, so it reads its own uncommitted writes."""
         if self._conn is not None:
             yield self._conn
             return
         with self.engine.connect() as conn, conn.begin():
             yield conn
 
+    def next_ids(self, conn: Connection, table: str, n: int) -> list[int]:
+        """`n` new contiguous ids of `table` (templates, subjects), in the caller's write
+        transaction. Allocating first and inserting with explicit ids lets a chunk go in as
+        one bulk statement without RETURNING (whose per-row fallback on SQLite and
+        client-side query parsing on psycopg dominated the insert time), and lets the change
+        log and a migration's chunk record name the chunk as one id range. Ids are never
+        reused. PostgreSQL: one block of the column's sequence in one statement (every
+        writer of these tables holds the write lock, so no other nextval lands inside it; a
+        rolled-back block is skipped, never reused: sequences are not transactional). SQLite:
+        inside the `BEGIN IMMEDIATE` write transaction, after both the largest id and
+        AUTOINCREMENT's high-water mark."""
+        if self.dialect == "postgresql":
+            q = text(
+                f"SELECT setval(pg_get_serial_sequence('{table}', 'id'), "
+                f"nextval(pg_get_serial_sequence('{table}', 'id')) + :n - 1)"
+            )
+            last = int(conn.scalar(q, {"n": n}))
+            return list(range(last - n + 1, last + 1))
+        last = conn.exec_driver_sql(
+            f"SELECT max(coalesce((SELECT seq FROM sqlite_sequence WHERE name = '{table}'), 0), "  # noqa: S608
+            f"coalesce((SELECT max(id) FROM {table}), 0))"
+        ).scalar()
+        return list(range(int(last) + 1, int(last) + 1 + n))
+
     # -- collections ---------------------------------------------------------------------------
     def collection_id(self, name: str = DEFAULT_COLLECTION, *, create: bool = True) -> int:
         """Id of a collection (tenant), creating it when missing and `create` is set."""
         if name in self._collections:
             return self._collections[name]
-        with self._read() as conn:
+        with self.read() as conn:
             cid = conn.scalar(select(Collection.id).where(Collection.name == name))
         if cid is None:
             if not create:
                 raise KeyError(f"no collection named {name!r}")
-            with self._write() as conn:
+            with self.write() as conn:
                 cid = conn.scalar(select(Collection.id).where(Collection.name == name))
                 if cid is None:
                     cid = conn.scalar(
@@ -363,5 +392,5 @@ class Database:
         return int(cid)
 
     def collections(self) -> list[str]:
-        with self._read() as conn:
+        with self.read() as conn:
             return list(conn.scalars(select(Collection.name).order_by(Collection.id)))

@@ -31,8 +31,8 @@ import numpy as np
 from advplugin.gallery.backends import Batch, IndexBackend, IndexConfig, create_index_backend
 from advplugin.gallery.database import DEFAULT_COLLECTION
 from advplugin.gallery.snapshot import UNREADABLE, read_snapshot, write_snapshot
+from advplugin.gallery.store import Gallery
 from advplugin.gallery.subject_map import SubjectMap
-from advplugin.gallery.templates import TemplateRepository
 from advplugin.protectors.base import l2_normalize
 
 __all__ = ["SNAPSHOT_VERSION", "IndexConfig", "IndexFollower", "TemplateIndex"]
@@ -47,12 +47,11 @@ _REBUILD_CHUNK = 20_000
 class TemplateIndex:
     """The search index of one collection. Thread-safe: a lock guards every operation.
 
-    `gallery` needs only template reads and the change log (a `TemplateRepository`; the
-    service passes its `Gallery`)."""
+    `gallery` is read for its templates, its change log and its snapshot sealer."""
 
     def __init__(
         self,
-        gallery: TemplateRepository,
+        gallery: Gallery,
         dim: int,
         *,
         collection: str = DEFAULT_COLLECTION,
@@ -347,7 +346,7 @@ class IndexFollower:
     nothing), and this process's own writes are applied when they commit, as before. One
     follower serves any number of collections: the service runs one."""
 
-    def __init__(self, gallery: TemplateRepository, interval: float) -> None:
+    def __init__(self, gallery: Gallery, interval: float) -> None:
         if interval <= 0:
             raise ValueError("a follower needs a positive interval")
         self.interval = interval

@@ -29,8 +29,9 @@ from typing import NamedTuple
 
 import numpy as np
 
+from advplugin.gallery.database import DEFAULT_COLLECTION
 from advplugin.gallery.index import TemplateIndex
-from advplugin.gallery.store import DEFAULT_COLLECTION, Gallery
+from advplugin.gallery.store import Gallery
 from advplugin.protectors.base import Protector
 
 ScoreFn = Callable[[np.ndarray, np.ndarray], np.ndarray]

@@ -16,11 +16,12 @@ from alembic.script import ScriptDirectory
 from sqlalchemy import Connection, Engine
 
 import advplugin.migrations
+from advplugin.errors import ConfigurationError
 
 MIGRATIONS_DIR = Path(advplugin.migrations.__file__).resolve().parent
 
 
-class NotMigratedError(RuntimeError):
+class NotMigratedError(ConfigurationError):
     """The database schema is missing or older than this version of advplugin."""
 
 

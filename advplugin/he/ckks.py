@@ -30,12 +30,13 @@ from typing import Any
 import numpy as np
 import tenseal as ts
 
+from advplugin.errors import InvalidInputError
 from advplugin.he.wire import WireError, pack, unpack
 
 _KEY_KIND = "advplugin-he-key"
 
 
-class CiphertextError(ValueError):
+class CiphertextError(InvalidInputError):
     """A ciphertext that is malformed, or made with other parameters than the server's.
     The message names what was wrong, never the bytes."""
 

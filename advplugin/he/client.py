@@ -14,6 +14,7 @@ from typing import Any
 import httpx
 import numpy as np
 
+from advplugin.errors import RemoteError
 from advplugin.he.ckks import BlindKey
 from advplugin.he.wire import MEDIA_TYPE, pack, unpack
 
@@ -21,7 +22,7 @@ from advplugin.he.wire import MEDIA_TYPE, pack, unpack
 MAX_SLOT_RETRIES = 8
 
 
-class BlindServiceError(RuntimeError):
+class BlindServiceError(RemoteError):
     """An error answer of the service: `status` and the envelope's `code`."""
 
     def __init__(self, status: int, code: str, message: str) -> None:

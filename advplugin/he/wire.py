@@ -18,6 +18,8 @@ import json
 import struct
 from typing import Any
 
+from advplugin.errors import InvalidInputError
+
 MAGIC = b"APHE"
 VERSION = 1
 #: Documented as plain binary (OpenAPI tools, fuzzers and proxies know it); the magic bytes
@@ -26,7 +28,7 @@ MEDIA_TYPE = "application/octet-stream"
 _U32 = struct.Struct("<I")
 
 
-class WireError(ValueError):
+class WireError(InvalidInputError):
     """A message that is not a well-formed blind message within the limits."""
 
 

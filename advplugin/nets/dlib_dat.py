@@ -29,11 +29,13 @@ from pathlib import Path
 
 import numpy as np
 
+from advplugin.errors import InvalidInputError
+
 #: dlib's float_details codes for the non-finite values.
 _SPECIAL_EXPONENTS = {32000: np.inf, 32001: -np.inf, 32002: np.nan}
 
 
-class DlibFormatError(ValueError):
+class DlibFormatError(InvalidInputError):
     """The bytes are not a dlib network this reader understands; says where and why."""
 
 

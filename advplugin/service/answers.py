@@ -34,9 +34,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import NamedTuple
 
+from advplugin.gallery import Gallery
 from advplugin.gallery.budgets import AnswerBudgets, BudgetLimits, Charge, OperatingPoints, Outcome
 from advplugin.gallery.matcher import ProbeSet
-from advplugin.gallery.store import Gallery
 from advplugin.protectors import Calibration, calibration_for
 from advplugin.service.auth import Caller
 from advplugin.service.collection_service import CollectionService

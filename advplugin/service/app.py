@@ -13,17 +13,11 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from advplugin import __version__
 from advplugin.he import HEParams
-from advplugin.service import (
-    compreface,
-    routes_blind,
-    routes_recognition,
-    routes_subjects,
-    routes_system,
-)
 from advplugin.service.blind_service import max_request_bytes
 from advplugin.service.deps import single_form_values
 from advplugin.service.errors import CatchAll, error_response, install_error_handlers
 from advplugin.service.metrics import Metrics, RequestMetrics, metrics_endpoint
+from advplugin.service.routes import blind, compreface, recognition, subjects, system
 from advplugin.service.state import ServiceState
 from advplugin.settings import Settings
 
@@ -172,10 +166,10 @@ def create_app(settings: Settings | None = None, *, state: ServiceState | None =
         dependencies=[Depends(single_form_values)],
     )
     install_error_handlers(app)
-    app.include_router(routes_system.router)
-    app.include_router(routes_recognition.router)
-    app.include_router(routes_subjects.router)
-    app.include_router(routes_blind.router)
+    app.include_router(system.router)
+    app.include_router(recognition.router)
+    app.include_router(subjects.router)
+    app.include_router(blind.router)
     app.include_router(compreface.router)  # CompreFace's API (docs/compreface.md)
     # Prometheus text format; not in the OpenAPI schema (not part of the API clients use).
     app.state.metrics = Metrics()

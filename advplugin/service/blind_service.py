@@ -15,6 +15,7 @@ from typing import Any
 
 import numpy as np
 
+from advplugin.gallery import Gallery
 from advplugin.gallery.backends.encrypted import EncryptedIndex
 from advplugin.gallery.blind_store import (
     BlindError,
@@ -23,8 +24,7 @@ from advplugin.gallery.blind_store import (
     Provenance,
     SlotConflict,
 )
-from advplugin.gallery.store import Gallery
-from advplugin.gallery.templates import canonical_name
+from advplugin.gallery.names import canonical_name
 from advplugin.he import CiphertextError, HEParams, ServerContext, WireError, unpack
 from advplugin.he import pack as pack_message
 from advplugin.service.errors import ServiceError

@@ -7,6 +7,10 @@ crash between the two, the restart replays the change log (nothing lost, nothing
 
 Key rotation is followed here too (`keys`): the service reads the change log the index
 replays, so it notices a rotation running in another process, and its end, without scans.
+
+The reads and scores that CompreFace's API needs beyond the native one (examples by image id,
+pages of examples, scores against one stored template or between two uploads) are here too,
+so that its routes, like the native ones, only parse, call this and shape the answer.
 """
 
 from __future__ import annotations
@@ -19,14 +23,17 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from advplugin.bulk.lookup import migrated_example
+from advplugin.gallery import Gallery, SubjectNotFound, reads
 from advplugin.gallery.audit import Actor
 from advplugin.gallery.budgets import AnswerBudgets
 from advplugin.gallery.index import IndexFollower, TemplateIndex
 from advplugin.gallery.matcher import Match, Matcher, ProbeSet
-from advplugin.gallery.store import Gallery, SubjectNotFound
-from advplugin.gallery.templates import SUBJECT_NAME_MAX
+from advplugin.gallery.names import SUBJECT_NAME_MAX
+from advplugin.gallery.reads import Example, ExamplePage
 from advplugin.service.errors import ServiceError
 from advplugin.service.protection import KeyView, Protection
+from advplugin.service.startup import key_mismatch_message
 from advplugin.settings import Settings
 
 log = logging.getLogger("advplugin.service")
@@ -249,6 +256,54 @@ class CollectionService:
         self._erased(collection)
         return n
 
+    def delete_examples(self, collection: str, subject: str | None, *, actor: Actor | None = None) -> int:
+        """Delete every template of `subject`, or, with None, of every subject of the collection;
+        the subjects stay, without templates (CompreFace's "delete all examples"). An absent
+        subject has nothing to delete: 0, not SubjectNotFound."""
+        names = [subject] if subject is not None else self.subject_names(collection)
+        deleted = 0
+        for name in names:
+            ids = self.gallery.subject_template_ids(name, collection=collection)  # [] if absent
+            if ids:
+                deleted += self.delete_templates(collection, dict.fromkeys(ids, name), actor=actor)
+        return deleted
+
+    def delete_all_subjects(self, collection: str, *, actor: Actor | None = None) -> int:
+        """Delete every subject of the collection, each in its own transaction like
+        `delete_subject`; one deleted meanwhile is skipped. How many this call deleted."""
+        deleted = 0
+        for name in self.subject_names(collection):
+            try:
+                self.delete_subject(collection, name, actor=actor)
+            except SubjectNotFound:  # deleted meanwhile
+                continue
+            deleted += 1
+        return deleted
+
+    # -- reads of examples (CompreFace's image ids) ------------------------------------------------
+    def subject_names(self, collection: str) -> list[str]:
+        """Every subject's name, in the gallery's order, read a page of 1000 at a time."""
+        names: list[str] = []
+        while True:
+            page = self.gallery.list_subjects(collection=collection, offset=len(names), limit=1000)
+            names += [r.name for r in page]
+            if len(page) < 1000:
+                return names
+
+    def example(self, collection: str, image_id: str) -> Example | None:
+        """The example an image id names in this collection: a template id, or the id a row had
+        in the database it was migrated from (`advplugin migrate --from-compreface` records it,
+        so image ids kept by clients still work). None when it names none."""
+        if not image_id or "\x00" in image_id:  # never stored (PostgreSQL refuses NUL in a query)
+            return None
+        if image_id.isascii() and image_id.isdigit() and len(image_id) < 19:  # fits a BIGINT
+            return reads.example(self.gallery, collection, int(image_id))
+        return migrated_example(self.gallery, collection, image_id)
+
+    def examples(self, collection: str, subject: str | None, *, offset: int, limit: int) -> ExamplePage:
+        """A page of the collection's examples (of one subject when given), by template id."""
+        return reads.list_examples(self.gallery, collection, subject, offset, limit)
+
     # -- keys of a collection (key rotation) -----------------------------------------------------
     def keys(self, collection: str) -> KeyView:
         """Which keys the collection's templates are under, up to what its index holds.
@@ -297,6 +352,25 @@ class CollectionService:
 
     def verify(self, view: KeyView, collection: str, probes: ProbeSet, subject: str) -> Match:
         return self.matcher(view, collection).verify(probes, subject)
+
+    def score_template(self, view: KeyView, probes: ProbeSet, template_id: int) -> list[float] | None:
+        """Scores of probes against one stored template (verification by image id), with the
+        scorer of the key it is under; None when it was deleted meanwhile. 503 `key_rotation`
+        when this service holds no scorer, or no probe, under that key."""
+        row = self.gallery.template_rows([template_id]).get(template_id)
+        if row is None:
+            return None
+        scorer = self.protection.scorers(view).get(row.key_id)
+        if scorer is None or row.key_id not in probes:
+            raise ServiceError(503, "key_rotation", key_mismatch_message(self.protection, self.settings, [row.key_id]))
+        return [float(s) for s in scorer(probes[row.key_id], np.asarray(row.vector, np.float32)[None, :])[:, 0]]
+
+    def compare(self, view: KeyView, targets: np.ndarray, source: np.ndarray) -> list[float]:
+        """Scores of each of `targets` against `source` ([1, dim]), both protected under the
+        view's current key, with the scorer identification uses: two uploaded images compared
+        (no stored template, hence no collection, is involved)."""
+        scorer = self.protection.scorers(view)[view.current]
+        return [float(s) for s in scorer(targets, source)[:, 0]]
 
 
 def _exists(gallery: Gallery, collection: str, name: str) -> bool:

@@ -27,12 +27,13 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from advplugin.errors import AdvpluginError
 from advplugin.service.logs import access_log, route_template
 
 log = logging.getLogger("advplugin.service")
 
 
-class ServiceError(Exception):
+class ServiceError(AdvpluginError):
     """An expected failure with an HTTP status, a stable code and a safe message."""
 
     def __init__(self, status: int, code: str, message: str, headers: dict[str, str] | None = None) -> None:
@@ -45,7 +46,7 @@ def envelope(status: int, code: str, message: str, headers: dict[str, str] | Non
     return JSONResponse({"error": {"code": code, "message": message}}, status_code=status, headers=headers)
 
 
-#: CompreFace's routes (`advplugin.service.compreface`), whose errors take CompreFace's shape.
+#: CompreFace's routes (`advplugin.service.routes.compreface`), whose errors take CompreFace's shape.
 COMPREFACE_PREFIX = "/api/v1"
 #: CompreFace's numeric error codes (its `ExceptionCode`), by the native error code; 0 (its
 #: "undefined") for what CompreFace has no number for.

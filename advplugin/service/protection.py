@@ -25,6 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from advplugin.adapters import Extractor
+from advplugin.errors import ConfigurationError  # raised here; imported from here by callers
 from advplugin.gallery.matcher import ProbeSet, ScoreFn
 from advplugin.keys import Key, load_key, make_private_dir, write_key
 from advplugin.protectors import (
@@ -40,10 +41,6 @@ from advplugin.settings import Settings
 log = logging.getLogger("advplugin.service")
 
 ROTATION_DOC = "docs/migration.md, 'Rotating a live service'"
-
-
-class ConfigurationError(RuntimeError):
-    """The service cannot start with this configuration; the message says how to fix it."""
 
 
 @dataclass(frozen=True)

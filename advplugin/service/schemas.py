@@ -10,7 +10,7 @@ from typing import Annotated, Literal
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StrictFloat, StringConstraints
 from starlette.convertors import PathConvertor, register_url_convertor
 
-from advplugin.gallery.templates import (
+from advplugin.gallery.names import (
     EXTRACTOR_NAME_MAX,
     EXTRACTOR_VERSION_MAX,
     SUBJECT_NAME_MAX,

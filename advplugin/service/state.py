@@ -16,8 +16,8 @@ import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 
+from advplugin.gallery import Gallery
 from advplugin.gallery.sealing import ErasedError
-from advplugin.gallery.store import Gallery
 from advplugin.service.answers import AnswerPolicy
 from advplugin.service.auth import ApiKeyAuth
 from advplugin.service.blind_service import BlindService
@@ -29,7 +29,7 @@ from advplugin.service.startup import (
     bootstrap_api_key,
     check_gallery_matches,
     key_mismatch_message,
-    open_gallery,
+    open_service_gallery,
     warn_key_locations,
 )
 from advplugin.settings import Settings
@@ -78,7 +78,7 @@ class ServiceState:
         import faiss
 
         faiss.omp_set_num_threads(max(1, settings.search_threads))
-        gallery = open_gallery(settings)
+        gallery = open_service_gallery(settings)
         try:
             protection = Protection.from_settings(
                 settings, create_key=gallery.count_templates(collection=None) == 0
@@ -98,7 +98,7 @@ class ServiceState:
                 print(f"advplugin: WARNING: {len(pending)} subjects keep names that are not canonical "
                       "(blind mode does not rename them; docs/gallery.md, \"Subject names\")", flush=True)
             blind = BlindService(gallery, protection, settings) if settings.mode == "blind" else None
-            state = cls(settings, gallery, protection, collections, ApiKeyAuth(gallery))
+            state = cls(settings, gallery, protection, collections, ApiKeyAuth(gallery.api_keys))
         except BaseException:
             gallery.close()
             raise

@@ -20,7 +20,7 @@ import logging
 import sqlalchemy as sa
 from alembic import op
 
-from advplugin.gallery.templates import planned_renames
+from advplugin.gallery.names import planned_renames
 
 revision = "0011_canonical_names"
 down_revision = "0010_answer_policy"

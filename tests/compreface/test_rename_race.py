@@ -24,8 +24,7 @@ import httpx
 import numpy as np
 import pytest
 
-from advplugin.gallery import Gallery
-from advplugin.gallery.templates import SubjectNotFound
+from advplugin.gallery import Gallery, SubjectNotFound
 from advplugin.protectors import create_protector
 from tests.service.conftest import migrated_database
 from tests.service.helpers import protection_of

@@ -11,7 +11,7 @@ from sqlalchemy import text
 
 from advplugin.gallery import Gallery, make_engine
 from advplugin.gallery.erasure import ErasureKeyStore
-from advplugin.gallery.sealing import LocalKeyProvider
+from advplugin.gallery.master_keys import LocalKeyProvider
 
 
 def _empty_postgres(url: str) -> None:

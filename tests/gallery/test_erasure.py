@@ -20,12 +20,12 @@ from sqlalchemy.exc import IntegrityError
 from advplugin.gallery import Gallery, make_engine
 from advplugin.gallery.erasure import POOL, ErasureKeyStore
 from advplugin.gallery.index import TemplateIndex
+from advplugin.gallery.master_keys import LocalKeyProvider
 from advplugin.gallery.sealing import (
     ERASABLE_SUBJECT_KEY_BYTES,
     SUBJECT_KEY_BYTES,
     ErasedError,
     ErasureStoreMissing,
-    LocalKeyProvider,
     MasterKeyError,
     Sealer,
     template_ad,

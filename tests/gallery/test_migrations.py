@@ -25,6 +25,7 @@ from advplugin.bulk.sources import Chunk, Cursor, Source
 from advplugin.bulk.verify import job_items
 from advplugin.gallery import Gallery, make_engine
 from advplugin.gallery.erasure import ErasureKeyStore
+from advplugin.gallery.master_keys import LocalKeyProvider
 from advplugin.gallery.models import Base
 from advplugin.gallery.schema import (
     MIGRATIONS_DIR,
@@ -33,7 +34,6 @@ from advplugin.gallery.schema import (
     head_revision,
     upgrade,
 )
-from advplugin.gallery.sealing import LocalKeyProvider
 from advplugin.protectors import create_protector, scheme_info
 from tests.bulk.conftest import fill_table
 

@@ -23,7 +23,8 @@ from sqlalchemy import text
 from advplugin.embedding_files import load_embedding_set
 from advplugin.gallery import Gallery, make_engine
 from advplugin.gallery.index import TemplateIndex
-from advplugin.gallery.sealing import NONCE_BYTES, LocalKeyProvider, TamperedError
+from advplugin.gallery.master_keys import LocalKeyProvider
+from advplugin.gallery.sealing import NONCE_BYTES, TamperedError
 from advplugin.protectors import create_protector
 from tests.service.helpers import vectors_in_blob
 

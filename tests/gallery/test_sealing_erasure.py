@@ -21,7 +21,8 @@ from sqlalchemy import text
 
 from advplugin.cli.main import main
 from advplugin.gallery import Gallery, make_engine
-from advplugin.gallery.sealing import ErasedError, LocalKeyProvider, MasterKeyError, TamperedError
+from advplugin.gallery.master_keys import LocalKeyProvider
+from advplugin.gallery.sealing import ErasedError, MasterKeyError, TamperedError
 from advplugin.protectors import create_protector
 from tests.conftest import env_erasure_store
 from tests.service.conftest import Server, migrated_database

@@ -273,7 +273,7 @@ def test_cli_sets_exact_scores_budgets_and_operating_point_audited(tmp_path, cap
     assert "budget_lookalikes=7" in capsys.readouterr().out
     # Clear failures: nothing to set, an unknown key, a bad budget.
     assert main(base) == 2 and "nothing to set" in capsys.readouterr().err
-    assert main([*base[:-1], "ghost", "--exact-scores"]) == 2 and "no active API key" in capsys.readouterr().err
+    assert main([*base[:-1], "ghost", "--exact-scores"]) == 4 and "no active API key" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main([*base, "--budget-unmatched", "-1"])
     assert main(["db", "collection", "set", "--database-url", url, "--fmr", "1e-4"]) == 0

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from advplugin.gallery import Database
 from advplugin.gallery.apikeys import ApiKeyStore
 from advplugin.service import auth as auth_module
 from advplugin.service.auth import STALE, ApiKeyAuth
@@ -16,9 +17,10 @@ from advplugin.service.auth import STALE, ApiKeyAuth
 
 @pytest.fixture
 def store(tmp_path: Path) -> Iterator[ApiKeyStore]:
-    s = ApiKeyStore.open(f"sqlite:///{tmp_path / 'g.db'}", upgrade=True)
-    yield s
-    s.close()
+    """The API-key part alone, over its own database handle: what authentication depends on."""
+    db = Database.open(f"sqlite:///{tmp_path / 'g.db'}", upgrade=True)
+    yield ApiKeyStore(db)
+    db.close()
 
 
 class CountingStore:

@@ -20,7 +20,8 @@ import pytest
 from advplugin.cli.main import main
 from advplugin.gallery import Gallery
 from advplugin.gallery.erasure import ErasureKeyStore
-from advplugin.gallery.sealing import ErasedError, LocalKeyProvider
+from advplugin.gallery.master_keys import LocalKeyProvider
+from advplugin.gallery.sealing import ErasedError
 from advplugin.service.protection import ConfigurationError
 from advplugin.service.startup import key_location_warnings
 from advplugin.service.state import ServiceState

@@ -23,8 +23,8 @@ import pytest
 from alembic import command
 
 from advplugin.gallery import Gallery, make_engine
+from advplugin.gallery.names import canonical_name, planned_renames
 from advplugin.gallery.schema import alembic_config, upgrade
-from advplugin.gallery.templates import canonical_name, planned_renames
 from advplugin.protectors import create_protector
 from advplugin.service.state import ServiceState
 from advplugin.settings import Settings
@@ -148,7 +148,7 @@ def test_an_older_gallery_is_renamed_to_canonical_names_at_start(tmp_path: Path,
     import advplugin.gallery.templates as templates
 
     with monkeypatch.context() as m:  # an earlier release stored names as given
-        m.setattr(templates, "_check_canonical", lambda name: None)
+        m.setattr(templates, "check_canonical", lambda name: None)
         for seed, (name, n) in enumerate(legacy.items()):
             state.collections.enroll("default", [name] * n, np.asarray(_templates(key, n, seed), np.float32))
     state.close()

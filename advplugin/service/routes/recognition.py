@@ -9,14 +9,19 @@ import numpy as np
 from fastapi import APIRouter, File, Form, Query, UploadFile
 
 from advplugin.adapters import Detections
+from advplugin.gallery import SubjectNotFound
 from advplugin.gallery.audit import Actor
-from advplugin.gallery.matcher import ProbeSet
-from advplugin.gallery.store import SubjectNotFound
-from advplugin.images import ImageError
 from advplugin.protectors.base import validate_embeddings
 from advplugin.service.answers import Disclosed
 from advplugin.service.deps import AnswersFor, EnrolCaller, State
 from advplugin.service.errors import ServiceError
+from advplugin.service.recognition import (
+    current_key,
+    face_box,
+    key_view,
+    protected_faces,
+    read_upload,
+)
 from advplugin.service.schemas import (
     FORBIDDEN,
     Box,
@@ -35,7 +40,7 @@ from advplugin.service.schemas import (
     Threshold,
     VerifyResponse,
 )
-from advplugin.service.state import KeyView, ServiceState, image_sha256
+from advplugin.service.state import ServiceState, image_sha256
 
 ERRORS = {s: {"model": ErrorResponse} for s in (401, 404, 413, 422, 503)}
 #: Enrolment routes need an `enrol` or `admin` key (`advplugin.service.deps`).
@@ -48,62 +53,9 @@ router = APIRouter(tags=["recognition"], responses=ERRORS)
 
 
 # -- helpers ---------------------------------------------------------------------------------------
-def _read_upload(state: ServiceState, file: UploadFile) -> bytes:
-    return check_upload(state, file.file.read(state.settings.max_upload_bytes + 1))
-
-
-def check_upload(state: ServiceState, data: bytes) -> bytes:
-    """The one bound of an image's bytes, however it came (multipart file, CompreFace's
-    base64 JSON): at most `max_upload_bytes` decoded bytes (413), not empty (422). Base64
-    once had a bound of its own, on the string, that let 2 bytes more through."""
-    limit = state.settings.max_upload_bytes
-    if len(data) > limit:
-        raise ServiceError(413, "too_large", f"upload is larger than {limit} bytes")
-    if not data:
-        raise ServiceError(422, "invalid_image", "the uploaded file is empty")
-    return data
-
-
-def _keys(state: ServiceState, collection: str) -> KeyView:
-    """The keys to match this collection with; 503 when some templates are under a key this
-    service does not hold (a key rotation it was not started for): answers would be wrong."""
-    view = state.collections.keys(collection)
-    if view.unknown:
-        raise ServiceError(503, "key_rotation", state.key_mismatch_message(view.unknown))
-    return view
-
-
-def _protected_faces(
-    state: ServiceState, data: bytes, view: KeyView, *, largest_only: bool, max_faces: int
-) -> tuple[Detections, ProbeSet]:
-    """Detect, embed and protect under every key of `view` (during a key rotation: the new
-    and the previous key), admitted under the per-process cap; the raw embeddings never
-    leave `state.extraction` (nor, with worker processes, the worker)."""
-    if state.protection.extractor is None:
-        raise ServiceError(
-            422, "images_disabled",
-            "this service runs in template mode (it holds no key): send protected templates "
-            "to /enroll/templates or /identify/templates",
-        )
-    with state.extraction_slot():
-        try:
-            detections, probes = state.extraction.faces(
-                data, view, largest_only=largest_only, max_faces=max_faces
-            )
-        except ImageError as e:
-            raise ServiceError(422, "invalid_image", str(e)) from None
-    if len(detections) == 0:
-        raise ServiceError(422, "no_face", "no face found in the image")
-    return detections, probes
-
-
 def _box(state: ServiceState, det: Detections, i: int) -> Box:
-    x1, y1, x2, y2 = (round(float(v)) for v in det.boxes[i])
-    score = float(det.scores[i])
-    assert state.protection.extractor is not None  # boxes exist only in images mode
-    probability = float(state.protection.extractor.confidence(det.scores[i : i + 1])[0])
-    return Box(x_min=x1, y_min=y1, x_max=x2, y_max=y2, probability=probability, score=score)
-
+    """Face `i`'s box in the native answer's shape (CompreFace's routes shape their own)."""
+    return Box(**face_box(state, det, i)._asdict())
 
 
 def _client_templates(state: ServiceState, protection: Protection, rows: list[list[float]]) -> np.ndarray:
@@ -150,10 +102,10 @@ def enroll(
     """Enrol the face(s) of an image as protected templates of `subject` (created if new)."""
     collection = caller.collection
     name = subject
-    data = _read_upload(state, file)
+    data = read_upload(state, file)
     # Enrolments use the current key only (during a rotation: the new key).
-    view = KeyView(current=state.protection.expected.key_id, previous=None, unknown=[])
-    det, protected = _protected_faces(
+    view = current_key(state)
+    det, protected = protected_faces(
         state, data, view, largest_only=faces == "largest", max_faces=state.settings.max_faces
     )
     templates = protected[view.current]
@@ -189,11 +141,11 @@ def identify(
     """For every face (up to `limit`): its box and the subjects the answer policy lets this
     key be told (docs/service.md, "What an answer reveals")."""
     collection = answers.caller.collection
-    data = _read_upload(state, file)
+    data = read_upload(state, file)
     answers.admit()
     max_faces = min(limit or state.settings.max_faces, state.settings.max_faces)
-    view = _keys(state, collection)
-    det, probes = _protected_faces(state, data, view, largest_only=False, max_faces=max_faces)
+    view = key_view(state, collection)
+    det, probes = protected_faces(state, data, view, largest_only=False, max_faces=max_faces)
     found = answers.identify(view, collection, probes, prediction_count=prediction_count, threshold=threshold)
     return IdentifyResponse(
         result=[FaceResult(box=_box(state, det, i), subjects=_subjects(ds)) for i, ds in enumerate(found)]
@@ -214,14 +166,14 @@ def verify(
     with the band of a match; the exact similarity only for keys granted exact scores."""
     collection = answers.caller.collection
     name = subject
-    data = _read_upload(state, file)
+    data = read_upload(state, file)
     try:
         state.gallery.get_subject(name, collection=collection)
     except SubjectNotFound as e:
         raise ServiceError(404, "unknown_subject", str(e)) from None
     answers.admit()
-    view = _keys(state, collection)
-    det, probes = _protected_faces(state, data, view, largest_only=True, max_faces=1)
+    view = key_view(state, collection)
+    det, probes = protected_faces(state, data, view, largest_only=True, max_faces=1)
     m = state.collections.verify(view, collection, probes, name)
     verdict = answers.verify(collection, name, [m.similarity], threshold=threshold)[0]
     return VerifyResponse(subject=name, similarity=verdict.similarity, verified=verdict.verified,
@@ -252,7 +204,7 @@ def identify_templates(state: State, answers: AnswersFor, body: IdentifyTemplate
     lets this key be told."""
     collection = answers.caller.collection
     templates = _client_templates(state, body.protection, body.templates)
-    view = _keys(state, collection)
+    view = key_view(state, collection)
     probes = state.protection.convert_for(view, templates)
     found = answers.identify(view, collection, probes, prediction_count=body.prediction_count,
                              threshold=body.threshold)

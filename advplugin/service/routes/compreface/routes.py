@@ -1,11 +1,12 @@
 """CompreFace's REST API (`/api/v1/...`) over the same service, gallery and API keys as the
 native routes, so that CompreFace's SDKs work by changing the base URL (docs/compreface.md).
 
-Every route here is a thin translation: images go through the native routes' own helpers
-(`routes_recognition`: upload bounds, extraction slot, protection under the key view, boxes),
-writes through `state.collections` (index caught up before the answer). What CompreFace does
-and privacy forbids is refused with a message saying why: no image download (images are not
-kept), no `calculator` face plugin (a raw embedding never leaves the extracting process).
+Every route here is a thin translation: images go through the same recognition steps as the
+native routes (`advplugin.service.recognition`: upload bounds, extraction slot, protection
+under the key view, boxes); writes, reads of examples and scores through `state.collections`
+(index caught up before the answer; no SQL here). What CompreFace does and privacy forbids is
+refused with a message saying why: no image download (images are not kept), no `calculator`
+face plugin (a raw embedding never leaves the extracting process).
 
 Errors keep CompreFace's shape, `{"message": ..., "code": <number>}` with CompreFace's
 numbers (28: no face, 42: subject not found, ...), and carry the native envelope's `error`
@@ -26,17 +27,25 @@ from typing import Annotated
 import numpy as np
 from fastapi import APIRouter, Body, Depends, Path, Query, Request
 from pydantic import StringConstraints
-from sqlalchemy import func, select
 from starlette.convertors import StringConvertor, register_url_convertor
 from starlette.datastructures import UploadFile
 
 from advplugin.adapters import Detections
-from advplugin.bulk.models import MigrationItem, MigrationJob
+from advplugin.gallery import SubjectNotFound
 from advplugin.gallery.audit import Actor
-from advplugin.gallery.models import Subject, Template
-from advplugin.gallery.store import SubjectNotFound
+from advplugin.gallery.reads import Example
 from advplugin.service.answers import Verdict
-from advplugin.service.compreface.schemas import (
+from advplugin.service.deps import AnswersFor, CollectionName, EnrolCaller, State
+from advplugin.service.errors import COMPREFACE_PREFIX, ServiceError
+from advplugin.service.recognition import (
+    check_upload,
+    current_key,
+    face_box,
+    key_view,
+    protected_faces,
+    read_upload,
+)
+from advplugin.service.routes.compreface.schemas import (
     CfBox,
     CfDeleted,
     CfDetectedFace,
@@ -56,15 +65,6 @@ from advplugin.service.compreface.schemas import (
     CfVerificationResponse,
     CfVerifiedFace,
     CfVerifyResponse,
-)
-from advplugin.service.deps import AnswersFor, CollectionName, EnrolCaller, State
-from advplugin.service.errors import COMPREFACE_PREFIX, ServiceError
-from advplugin.service.routes_recognition import (
-    _box,
-    _keys,
-    _protected_faces,
-    _read_upload,
-    check_upload,
 )
 from advplugin.service.schemas import MAX_PAGE, SubjectName
 from advplugin.service.state import KeyView, ServiceState, image_sha256
@@ -149,7 +149,7 @@ async def _images(request: Request, fields: tuple[str, ...]) -> list[bytes]:
         upload = form.get(f)
         if not isinstance(upload, UploadFile):
             raise ServiceError(422, "invalid_request", f"{f}: a multipart file (or a JSON base64 string) is required")
-        out.append(_read_upload(state, upload))  # type: ignore[arg-type]
+        out.append(read_upload(state, upload))
     return out
 
 
@@ -192,7 +192,7 @@ def _faces(
     """Detected faces (largest first, at most `limit`, 0: the service's maximum) with their
     protected templates, keeping only faces of confidence >= `det_prob`; 400/28 if none."""
     max_faces = min(limit or state.settings.max_faces, state.settings.max_faces)
-    det, probes = _protected_faces(state, data, view, largest_only=largest_only, max_faces=max_faces)
+    det, probes = protected_faces(state, data, view, largest_only=largest_only, max_faces=max_faces)
     keep = np.arange(len(det))
     if det_prob is not None:
         assert state.protection.extractor is not None
@@ -204,7 +204,8 @@ def _faces(
 
 
 def _cf_box(state: ServiceState, det: Detections, i: int) -> CfBox:
-    b = _box(state, det, i)
+    """Face `i`'s box in CompreFace's shape (no detector score: CompreFace has none)."""
+    b = face_box(state, det, i)
     return CfBox(probability=b.probability, x_max=b.x_max, y_max=b.y_max, x_min=b.x_min, y_min=b.y_min)
 
 
@@ -225,27 +226,13 @@ def _no_subject(name: str) -> ServiceError:
 
 
 # -- image ids --------------------------------------------------------------------------------------
-def _template_of(state: ServiceState, collection: str, image_id: str) -> tuple[int, str]:
-    """(template id, subject) of an image id in this collection: a template id, or the id a
-    row had in the database it was migrated from (`advplugin migrate --from-compreface`
-    records it, so image ids kept by clients still work). 404/11 otherwise."""
-    not_found = ServiceError(404, "image_not_found", "no face example with this image_id")
-    if not image_id or "\x00" in image_id:  # never stored (PostgreSQL refuses NUL in a query)
-        raise not_found
-    cid = state.gallery.collection_id(collection)
-    q = select(Template.id, Subject.name).join(Subject, Subject.id == Template.subject_id)
-    if image_id.isascii() and image_id.isdigit() and len(image_id) < 19:
-        q = q.where(Template.id == int(image_id), Template.collection_id == cid)
-    else:
-        q = (q.join(MigrationItem, MigrationItem.template_id == Template.id)
-             .join(MigrationJob, MigrationJob.id == MigrationItem.job_id)
-             .where(MigrationItem.source_id == image_id, MigrationJob.collection_id == cid,
-                    Template.collection_id == cid))
-    with state.gallery.engine.connect() as conn:
-        row = conn.execute(q.limit(1)).first()
-    if row is None:
-        raise not_found
-    return int(row[0]), str(row[1])
+def _example(state: ServiceState, collection: str, image_id: str) -> Example:
+    """The example an image id names in this collection (`CollectionService.example`: a
+    template id, or the id a migrated row had); 404/11 otherwise."""
+    found = state.collections.example(collection, image_id)
+    if found is None:
+        raise ServiceError(404, "image_not_found", "no face example with this image_id")
+    return found
 
 
 # -- recognition service: examples (faces) ----------------------------------------------------------
@@ -258,7 +245,7 @@ def add_example(
     """Add an example of `subject` (created if new): its largest face becomes a protected
     template; the image itself is not kept. image_id is the template id."""
     name = subject
-    view = KeyView(current=state.protection.expected.key_id, previous=None, unknown=[])
+    view = current_key(state)
     _, probes, keep = _faces(state, image, view, largest_only=True, limit=1, det_prob=det_prob_threshold)
     templates = probes[view.current][keep[:1]]
     ids = state.collections.enroll(
@@ -276,17 +263,10 @@ def list_examples(
     subject: Annotated[SubjectName | None, Query(description="only this subject's examples")] = None,
 ) -> CfFacePage:
     """Examples (templates) of the collection, by image id; never their vectors."""
-    cid = state.gallery.collection_id(collection)
-    where = [Template.collection_id == cid]
-    if subject is not None:
-        where.append(Subject.name == subject)
-    base = select(Template.id, Subject.name).join(Subject, Subject.id == Template.subject_id).where(*where)
-    with state.gallery.engine.connect() as conn:
-        total = int(conn.scalar(select(func.count()).select_from(base.subquery())) or 0)
-        rows = conn.execute(base.order_by(Template.id).offset(page * size).limit(size)).all()
+    found = state.collections.examples(collection, subject, offset=page * size, limit=size)
     return CfFacePage(
-        faces=[CfFace(image_id=str(i), subject=n) for i, n in rows],
-        page_number=page, page_size=size, total_pages=math.ceil(total / size), total_elements=total,
+        faces=[CfFace(image_id=str(e.template_id), subject=e.subject) for e in found.examples],
+        page_number=page, page_size=size, total_pages=math.ceil(found.total / size), total_elements=found.total,
     )
 
 
@@ -297,13 +277,7 @@ def delete_examples(
 ) -> CfDeleted:
     """Delete every example of `subject` (the subject stays, as in CompreFace), or, without
     `subject`, every example of the collection."""
-    actor = Actor.api_key(caller.api_key_id)
-    names = [subject] if subject is not None else _all_subjects(state, caller.collection)
-    deleted = 0
-    for name in names:
-        ids = state.gallery.subject_template_ids(name, collection=caller.collection)  # [] if absent
-        if ids:
-            deleted += state.collections.delete_templates(caller.collection, dict.fromkeys(ids, name), actor=actor)
+    deleted = state.collections.delete_examples(caller.collection, subject, actor=Actor.api_key(caller.api_key_id))
     return CfDeleted(deleted=deleted)
 
 
@@ -321,7 +295,7 @@ register_url_convertor("cf_image_id", _ImageIdConvertor())
 def delete_example(
     state: State, caller: EnrolCaller, image_id: Annotated[str, Path(max_length=ID_MAX)]
 ) -> CfFace:
-    tid, name = _template_of(state, caller.collection, image_id)
+    tid, name = _example(state, caller.collection, image_id)
     state.collections.delete_templates(caller.collection, {tid: name}, actor=Actor.api_key(caller.api_key_id))
     return CfFace(image_id=image_id, subject=name)
 
@@ -336,12 +310,11 @@ def delete_many_examples(
     found: dict[int, str] = {}
     out = []
     for image_id in image_ids:
-        try:
-            tid, name = _template_of(state, caller.collection, image_id)
-        except ServiceError:
+        example = state.collections.example(caller.collection, image_id)
+        if example is None:
             continue
-        found[tid] = name
-        out.append(CfFace(image_id=image_id, subject=name))
+        found[example.template_id] = example.subject
+        out.append(CfFace(image_id=image_id, subject=example.subject))
     if found:
         state.collections.delete_templates(caller.collection, found, actor=Actor.api_key(caller.api_key_id))
     return out
@@ -373,18 +346,14 @@ def verify_example(
     start = time.perf_counter()
     collection = answers.caller.collection
     _check_plugins(face_plugins)
-    tid, subject = _template_of(state, collection, image_id)
+    tid, subject = _example(state, collection, image_id)
     answers.admit()
-    view = _keys(state, collection)
+    view = key_view(state, collection)
     det, probes, keep = _faces(state, image, view, largest_only=False, limit=limit, det_prob=det_prob_threshold)
-    row = state.gallery.template_rows([tid]).get(tid)
-    if row is None:  # deleted meanwhile
+    sims = state.collections.score_template(view, {k: v[keep] for k, v in probes.items()}, tid)
+    if sims is None:  # deleted meanwhile
         raise ServiceError(404, "image_not_found", "no face example with this image_id")
-    scorer = state.protection.scorers(view).get(row.key_id)
-    if scorer is None or row.key_id not in probes:
-        raise ServiceError(503, "key_rotation", state.key_mismatch_message([row.key_id]))
-    sims = scorer(probes[row.key_id][keep], np.asarray(row.vector, np.float32)[None, :])[:, 0]
-    verdicts = answers.verify(collection, subject, [float(s) for s in sims])
+    verdicts = answers.verify(collection, subject, sims)
     elapsed = _elapsed(start, status)
     return CfVerifyResponse(
         result=[CfVerifiedFace(box=_cf_box(state, det, int(i)), similarity=_cf_similarity(v), execution_time=elapsed)
@@ -408,7 +377,7 @@ def recognize(
     collection = answers.caller.collection
     _check_plugins(face_plugins)
     answers.admit()
-    view = _keys(state, collection)
+    view = key_view(state, collection)
     det, probes, keep = _faces(state, image, view, largest_only=False, limit=limit, det_prob=det_prob_threshold)
     kept = {k: v[keep] for k, v in probes.items()}
     found = answers.identify(view, collection, kept, prediction_count=prediction_count, threshold=None)
@@ -427,18 +396,9 @@ def recognize(
 
 
 # -- recognition service: subjects ------------------------------------------------------------------
-def _all_subjects(state: ServiceState, collection: str) -> list[str]:
-    names: list[str] = []
-    while True:
-        page = state.gallery.list_subjects(collection=collection, offset=len(names), limit=1000)
-        names += [r.name for r in page]
-        if len(page) < 1000:
-            return names
-
-
 @router.get("/recognition/subjects", response_model=CfSubjectList)
 def list_subjects(state: State, collection: CollectionName) -> CfSubjectList:
-    return CfSubjectList(subjects=_all_subjects(state, collection))
+    return CfSubjectList(subjects=state.collections.subject_names(collection))
 
 
 @router.post("/recognition/subjects", response_model=CfSubjectOut, status_code=201)
@@ -482,13 +442,7 @@ def delete_subject(state: State, caller: EnrolCaller, subject: Annotated[Subject
 
 @router.delete("/recognition/subjects", response_model=CfDeleted)
 def delete_all_subjects(state: State, caller: EnrolCaller) -> CfDeleted:
-    deleted = 0
-    for name in _all_subjects(state, caller.collection):
-        try:
-            state.collections.delete_subject(caller.collection, name, actor=Actor.api_key(caller.api_key_id))
-        except SubjectNotFound:  # deleted meanwhile
-            continue
-        deleted += 1
+    deleted = state.collections.delete_all_subjects(caller.collection, actor=Actor.api_key(caller.api_key_id))
     return CfDeleted(deleted=deleted)
 
 
@@ -501,7 +455,7 @@ def detect(
     """Boxes of the faces (the same pipeline as recognition; nothing is stored)."""
     start = time.perf_counter()
     _check_plugins(face_plugins)
-    view = KeyView(current=state.protection.expected.key_id, previous=None, unknown=[])
+    view = current_key(state)
     det, _, keep = _faces(state, image, view, largest_only=False, limit=limit, det_prob=det_prob_threshold)
     elapsed = _elapsed(start, status)
     return CfDetectResponse(
@@ -522,14 +476,13 @@ def verify_images(
     the key was granted exact scores."""
     start = time.perf_counter()
     _check_plugins(face_plugins)
-    view = KeyView(current=state.protection.expected.key_id, previous=None, unknown=[])
+    view = current_key(state)
     src_det, src, src_keep = _faces(state, images[0], view, largest_only=True, limit=1, det_prob=det_prob_threshold)
     tgt_det, tgt, tgt_keep = _faces(
         state, images[1], view, largest_only=False, limit=limit, det_prob=det_prob_threshold
     )
-    scorer = state.protection.scorers(view)[view.current]
-    sims = scorer(tgt[view.current][tgt_keep], src[view.current][src_keep[:1]])[:, 0]
-    verdicts = answers.compare(answers.caller.collection, [float(s) for s in sims])
+    sims = state.collections.compare(view, tgt[view.current][tgt_keep], src[view.current][src_keep[:1]])
+    verdicts = answers.compare(answers.caller.collection, sims)
     elapsed = _elapsed(start, status)
     return CfVerificationResponse(result=[CfVerificationItem(
         source_image_face=CfSourceFace(box=_cf_box(state, src_det, int(src_keep[0]))),

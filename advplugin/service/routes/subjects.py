@@ -6,8 +6,8 @@ from typing import Annotated
 
 from fastapi import APIRouter, Path, Query
 
+from advplugin.gallery import SubjectNotFound
 from advplugin.gallery.audit import Actor
-from advplugin.gallery.store import SubjectNotFound
 from advplugin.service.deps import CollectionName, EnrolCaller, State
 from advplugin.service.errors import ServiceError
 from advplugin.service.schemas import (
