@@ -42,7 +42,7 @@ from advplugin.embedding_files import load_embedding_set
 from advplugin.evaluation.data import identity_in_test, split_identities
 from advplugin.keys import Key
 from advplugin.protectors import create_protector
-from advplugin.training.advface import heldout_accuracy
+from advplugin.training.common import pair_accuracy
 
 COMMAND = ".venv/bin/python benchmarks/advface_v2.py"
 #: label -> (scheme, options) of each row.
@@ -124,13 +124,13 @@ def heldout(data: Path, labels: list[str]) -> dict[str, dict[str, float]]:
     test = np.array([identity_in_test(str(i), 0.5) for i in emb.identity])
     raw, paths = emb.embedding[test].astype(np.float32), emb.path[test]
     pairs = data / "lfw-dev-pairs.txt"
-    acc_raw, n = heldout_accuracy(raw, paths, pairs)
+    acc_raw, n = pair_accuracy(raw, paths, pairs)
     out = {"raw": {"accuracy": acc_raw, "pairs": n}}
     key = Key.generate()
     for label in labels:
         scheme, options = RUNS[label]
         t = create_protector(scheme, key=key, dim=raw.shape[1], **options).protect(raw)
-        acc, _ = heldout_accuracy(t, paths, pairs)
+        acc, _ = pair_accuracy(t, paths, pairs)
         out[label] = {"accuracy": acc, "vs_raw_pp": 100 * (acc - acc_raw)}
     return out
 

@@ -31,7 +31,7 @@ from common import FACE_DATA, ms, table, write_results
 from advplugin.embedding_files import load_embedding_set
 from advplugin.gallery import Gallery
 from advplugin.gallery.backends import IndexConfig
-from advplugin.gallery.index import TemplateIndex
+from advplugin.gallery.index import IndexFollower, TemplateIndex
 from advplugin.gallery.matcher import DEFAULT_CANDIDATES, Matcher
 from advplugin.keys import Key
 from advplugin.protectors import Protector, create_protector
@@ -61,7 +61,9 @@ def measure(
                         extractor_name="dlib", extractor_version="bench")  # fmt: skip
     index = TemplateIndex(g, base.shape[1], config=IndexConfig(use_gpu=False))
     index.rebuild()
-    index.follow()  # as the service runs it: the change log is followed off the request path
+    # As the service runs it: the change log is followed off the request path.
+    follower = IndexFollower(g, index.config.sync_interval)
+    follower.add(index)
     matcher = Matcher(g, index, protector.score_fn)  # as the service builds it
     bare = faiss.IndexFlatIP(base.shape[1])
     bare.add(vectors)
@@ -100,7 +102,7 @@ def measure(
             # sensitive to the machine's load changing during the run than the ratio of p50s.
             "paired_ratio_p50": float(np.median(paired)),
         })
-    index.stop_following()
+    follower.close()
     g.close()
     return rows
 

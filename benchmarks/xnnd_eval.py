@@ -53,14 +53,11 @@ from advplugin.evaluation.decoder import (
 from advplugin.evaluation.metrics import rank1_identification, read_pairs
 from advplugin.keys import Key
 from advplugin.protectors import create_protector
+from advplugin.protectors.base import l2_normalize
 from advplugin.protectors.xnnd import XNNDProtector
 from advplugin.protectors.xnnd import mlp as numpy_mlp
-from advplugin.training.xnnd import (
-    fit_linear_student,
-    split_masks,
-    train_matcher_head,
-    unit,
-)
+from advplugin.training.common import split_masks
+from advplugin.training.xnnd import fit_linear_student, train_matcher_head
 
 #: (row name, scheme, options): `xnn-d` is release 2 (the default); release 1 beside it.
 SCHEMES: tuple[tuple[str, str, dict[str, object]], ...] = (
@@ -76,13 +73,13 @@ def reidentify(estimates: np.ndarray, search: np.ndarray, identity: np.ndarray) 
     """Rank-1 of leaked probes (one photo per person) among the other photos, both already in
     the attacker's space (the harness's `leak_probes` protocol)."""
     probes, rest = attacks.leak_probes(identity)
-    s = unit(estimates[probes]) @ unit(search[rest]).T
+    s = l2_normalize(estimates[probes], np.float32) @ l2_normalize(search[rest], np.float32).T
     return rank1_identification(s, identity[probes], identity[rest])
 
 
 def head_features(head: torch.nn.Module, x: np.ndarray) -> np.ndarray:
     with torch.no_grad():
-        return head(torch.from_numpy(unit(x))).numpy()
+        return head(torch.from_numpy(l2_normalize(x, np.float32))).numpy()
 
 
 def throughput(p, raw: np.ndarray, repeats: int = 3) -> dict[str, float]:
@@ -186,7 +183,7 @@ def main(argv: list[str] | None = None) -> int:
     def head_on(train_x: np.ndarray) -> torch.nn.Module:
         return train_matcher_head(train_x, ident[tr], steps=steps, seed=seed)
 
-    u_tr, u_te = unit(raw[tr]), unit(raw[te])
+    u_tr, u_te = l2_normalize(raw[tr], np.float32), l2_normalize(raw[te], np.float32)
     f_tr, f_te = p.nets.noisy(u_tr), p.nets.noisy(u_te)
     e_tr, e_te = p.matcher_embedding(raw[tr]), p.matcher_embedding(raw[te])
     templates_te = p.protect(raw[te])

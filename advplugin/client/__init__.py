@@ -3,9 +3,9 @@
 Depends on httpx only (and `advplugin.errors`, which imports nothing), nothing of the server
 (an application embeds it without FastAPI, FAISS or dlib). Results are `TypedDict`s: typed
 for a checker, plain dicts at run time, so code written against the JSON keeps working.
-Errors raise `AdvpluginError` with the envelope's status, code and message. A `429 busy` or
-`503` with `Retry-After` is retried (`retries` times, sleeping what the server asks, at most
-`max_retry_wait` seconds).
+Errors raise `ApiError` (an `advplugin.errors.RemoteError`) with the envelope's status, code
+and message. A `429 busy` or `503` with `Retry-After` is retried (`retries` times, sleeping
+what the server asks, at most `max_retry_wait` seconds).
 
 Templates (client-side protection) are sequences of float sequences, or anything with
 `tolist()` such as numpy arrays: protect them with the gallery's key first
@@ -97,8 +97,9 @@ class DeleteResult(TypedDict):
     deleted_templates: int
 
 
-class Protection(TypedDict):
-    """What made client templates: must match the gallery's (`status()` tells)."""
+class TemplateProvenance(TypedDict):
+    """What made client templates (the request's `protection` field): must match the
+    gallery's (`status()` tells)."""
 
     scheme: str
     scheme_version: int
@@ -111,7 +112,7 @@ Status = dict[str, Any]  # mode, scheme, key id, counts, index, keys: see docs/s
 Templates = Sequence[Sequence[float]] | Any  # or an array with tolist()
 
 
-class AdvpluginError(RemoteError):
+class ApiError(RemoteError):
     """An error answer of the service (`{"error": {"code", "message"}}`). The client's kind of
     `advplugin.errors.AdvpluginError` (a `RemoteError`, a `RuntimeError`): catching the base
     catches it too."""
@@ -119,6 +120,13 @@ class AdvpluginError(RemoteError):
     def __init__(self, status: int, code: str, message: str, retry_after: float | None = None) -> None:
         super().__init__(f"{status} {code}: {message}")
         self.status, self.code, self.message, self.retry_after = status, code, message, retry_after
+
+
+#: Earlier names, kept because the client is public API (docs/service.md): `AdvpluginError` was
+#: the client's error before `ApiError` (distinct from `advplugin.errors.AdvpluginError`, its
+#: base), `Protection` the provenance type before `TemplateProvenance`.
+AdvpluginError = ApiError
+Protection = TemplateProvenance
 
 
 # -- requests, shared by both clients ----------------------------------------------------------------
@@ -154,7 +162,7 @@ def _verify(subject: str, image: bytes, threshold: float | None) -> _Request:
     return _Request("POST", "/verify", {"files": {"file": ("image", image)}, "data": data})
 
 
-def _enroll_templates(subjects: Sequence[str], templates: Templates, protection: Protection) -> _Request:
+def _enroll_templates(subjects: Sequence[str], templates: Templates, protection: TemplateProvenance) -> _Request:
     rows = _rows(templates)
     if len(rows) != len(subjects):
         raise ValueError(f"{len(subjects)} subjects for {len(rows)} templates")
@@ -163,7 +171,7 @@ def _enroll_templates(subjects: Sequence[str], templates: Templates, protection:
 
 
 def _identify_templates(
-    templates: Templates, protection: Protection, prediction_count: int, threshold: float | None
+    templates: Templates, protection: TemplateProvenance, prediction_count: int, threshold: float | None
 ) -> _Request:
     body = {"protection": protection, "templates": _rows(templates),
             "prediction_count": prediction_count, "threshold": threshold}
@@ -178,13 +186,13 @@ def _result(response: httpx.Response) -> Any:
     except ValueError:
         err = {}
     retry = response.headers.get("retry-after")
-    raise AdvpluginError(
+    raise ApiError(
         response.status_code, str(err.get("code", "http_error")), str(err.get("message", response.reason_phrase)),
         float(retry) if retry and retry.isdigit() else None,
     )
 
 
-def _wait(error: AdvpluginError, attempt: int, retries: int, max_wait: float) -> float | None:
+def _wait(error: ApiError, attempt: int, retries: int, max_wait: float) -> float | None:
     """Seconds to wait before retrying, or None to give up."""
     if attempt >= retries or error.status not in (429, 503) or error.retry_after is None:
         return None
@@ -218,7 +226,7 @@ class Client(_Base):
         while True:
             try:
                 return _result(self.http.request(req.method, req.path, **req.kwargs))
-            except AdvpluginError as e:
+            except ApiError as e:
                 wait = _wait(e, attempt, self.retries, self.max_retry_wait)
                 if wait is None:
                     raise
@@ -238,10 +246,10 @@ class Client(_Base):
 
     # protected templates: protection happened on this side
     def enroll_templates(self, subjects: Sequence[str], templates: Templates,
-                         protection: Protection) -> EnrollTemplatesResult:
+                         protection: TemplateProvenance) -> EnrollTemplatesResult:
         return self._send(_enroll_templates(subjects, templates, protection))
 
-    def identify_templates(self, templates: Templates, protection: Protection, *, prediction_count: int = 1,
+    def identify_templates(self, templates: Templates, protection: TemplateProvenance, *, prediction_count: int = 1,
                            threshold: float | None = None) -> IdentifyResult:
         return self._send(_identify_templates(templates, protection, prediction_count, threshold))
 
@@ -284,7 +292,7 @@ class AsyncClient(_Base):
         while True:
             try:
                 return _result(await self.http.request(req.method, req.path, **req.kwargs))
-            except AdvpluginError as e:
+            except ApiError as e:
                 wait = _wait(e, attempt, self.retries, self.max_retry_wait)
                 if wait is None:
                     raise
@@ -303,10 +311,10 @@ class AsyncClient(_Base):
         return await self._send(_verify(subject, image, threshold))
 
     async def enroll_templates(self, subjects: Sequence[str], templates: Templates,
-                               protection: Protection) -> EnrollTemplatesResult:
+                               protection: TemplateProvenance) -> EnrollTemplatesResult:
         return await self._send(_enroll_templates(subjects, templates, protection))
 
-    async def identify_templates(self, templates: Templates, protection: Protection, *,
+    async def identify_templates(self, templates: Templates, protection: TemplateProvenance, *,
                                  prediction_count: int = 1, threshold: float | None = None) -> IdentifyResult:
         return await self._send(_identify_templates(templates, protection, prediction_count, threshold))
 
@@ -327,7 +335,7 @@ class AsyncClient(_Base):
 
 
 __all__ = [
-    "AdvpluginError", "AsyncClient", "Box", "Client", "DeleteResult", "EnrollResult",
+    "AdvpluginError", "ApiError", "AsyncClient", "Box", "Client", "DeleteResult", "EnrollResult",
     "EnrollTemplatesResult", "IdentifyResult", "Protection", "Status", "Subject", "SubjectPage",
-    "VerifyResult",
+    "TemplateProvenance", "VerifyResult",
 ]

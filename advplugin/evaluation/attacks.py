@@ -29,8 +29,7 @@ from advplugin.evaluation.metrics import (
     threshold_at_far,
 )
 from advplugin.evaluation.pairs_report import cosine_scores as cosine
-
-ScoreFn = Callable[[np.ndarray, np.ndarray], np.ndarray]
+from advplugin.protectors.base import ScoreFn, l2_normalize
 
 
 def score_matrix(score_fn: ScoreFn, a: np.ndarray, b: np.ndarray, block: int = 1024) -> np.ndarray:
@@ -136,7 +135,7 @@ def verification_success(
     operating point). NaN where the estimates are not in the references' space."""
     if estimates.shape[1] != references.shape[1]:
         return {k: float("nan") for k in thresholds}
-    s = np.sum(_unit(estimates) * _unit(references), axis=1)
+    s = np.sum(l2_normalize(estimates, np.float64) * l2_normalize(references, np.float64), axis=1)
     return {k: float((s > t).mean()) for k, t in thresholds.items()}
 
 
@@ -323,11 +322,6 @@ def known_pair_curve(
     return out
 
 
-def _unit(x: np.ndarray) -> np.ndarray:
-    x = np.asarray(x, np.float64)
-    return x / np.linalg.norm(x, axis=1, keepdims=True)
-
-
 def _procrustes(source: np.ndarray, target: np.ndarray) -> np.ndarray:
     """The orthogonal W minimising ||source W^T - target||_F (rows paired)."""
     u, _, vt = np.linalg.svd(target.T @ source)
@@ -341,7 +335,7 @@ def pca_alignment(leaked: np.ndarray, public: np.ndarray) -> np.ndarray:
 
     Uncentred moments: the dominant axis is then the shared mean direction, which every
     face embedding set has and an orthogonal key only rotates."""
-    g, p = _unit(leaked), _unit(public)
+    g, p = l2_normalize(leaked, np.float64), l2_normalize(public, np.float64)
 
     def axes(x: np.ndarray) -> np.ndarray:
         values, vectors = np.linalg.eigh(x.T @ x / len(x))
@@ -364,7 +358,7 @@ def icp_alignment(
     each with its nearest public embedding (cosine), refit the orthogonal map on the `keep`
     fraction of closest pairs (trimmed: most leaked people are not in the public set), and
     repeat until the pairing stops changing. Returns the map and the iterations run."""
-    g, p = _unit(leaked), _unit(public)
+    g, p = l2_normalize(leaked, np.float64), l2_normalize(public, np.float64)
     w = pca_alignment(g, p) if init is None else init
     n_keep = max(g.shape[1], int(keep * len(g)))
     previous = None
@@ -408,10 +402,14 @@ def unsupervised_alignment(
         out[label] = {
             "public": len(public),
             "pca_rank1": identification_rate(
-                (_unit(test_templates[probes]) @ w0.T).astype(np.float32), test_raw, test_identity
+                (l2_normalize(test_templates[probes], np.float64) @ w0.T).astype(np.float32),
+                test_raw,
+                test_identity,
             ),
             "icp_rank1": identification_rate(
-                (_unit(test_templates[probes]) @ w.T).astype(np.float32), test_raw, test_identity
+                (l2_normalize(test_templates[probes], np.float64) @ w.T).astype(np.float32),
+                test_raw,
+                test_identity,
             ),
             "icp_iterations": its,
         }

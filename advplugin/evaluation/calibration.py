@@ -17,16 +17,15 @@ pairs) impostor pairs are accepted; FMR and FNMR are then measured at the rounde
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
 
 from advplugin.evaluation.metrics import read_pairs, ten_fold_accuracy
 from advplugin.evaluation.pairs_report import pair_scores
+from advplugin.protectors.base import ScoreFn
 from advplugin.protectors.calibration import FMRS, Calibration, measured
-
-ScoreFn = Callable[[np.ndarray, np.ndarray], np.ndarray]
 
 
 def pair_counts(identity: np.ndarray) -> tuple[int, int]:

@@ -6,14 +6,10 @@ every protector (its own `score`) are measured by exactly the same code.
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import numpy as np
 
 from advplugin.evaluation.metrics import read_pairs, tar_at_far, ten_fold_accuracy
-from advplugin.protectors.base import l2_normalize
-
-ScoreFn = Callable[[np.ndarray, np.ndarray], np.ndarray]
+from advplugin.protectors.base import ScoreFn, l2_normalize
 
 
 def verification_report(

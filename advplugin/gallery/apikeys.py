@@ -7,6 +7,9 @@ returned once at creation and cannot be recovered from the database.
 
 Every key has a scope (`SCOPES`, least to most rights); creating and revoking a key writes
 an audit event in the same transaction (`advplugin.gallery.audit`).
+
+A part of the gallery (`gallery.api_keys`), in the gallery's own database, unlike the
+erasure key store (`advplugin.gallery.erasure`), which is kept outside it.
 """
 
 from __future__ import annotations

@@ -2,7 +2,7 @@
 
 SQL stays the truth, as for plaintext galleries: a block's ciphertexts and the map of which
 subject sits in which slot are committed together, and the in-memory encrypted index
-(`advplugin.gallery.backends.encrypted`) follows them by block version.
+(`advplugin.gallery.blind_index`) follows them by block version.
 
 Enrolment appends at a block's `fill` (the next free slot). The client encrypts its templates
 at the slots it was told are free, so two clients that raced for one block would overwrite
@@ -12,6 +12,10 @@ checks that `fill` is still what the client encrypted for and refuses otherwise
 
 Subjects are the gallery's own `subjects` rows, so listing and deleting subjects work as in
 the other modes: deleting a subject cascades to its blind templates (its slots go dead).
+
+`BlindStore` is a store of blind-collection rows in the gallery's database, built over a
+`Gallery` (`advplugin.gallery.store`, the facade); its in-memory follower is
+`advplugin.gallery.blind_index.EncryptedIndex`.
 """
 
 from __future__ import annotations

@@ -14,8 +14,8 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from advplugin.gallery.models import Subject, Template
+from advplugin.gallery.seal_state import SealKeys
 from advplugin.gallery.sealing import Sealer, TamperedError, sealed_size, template_ad
-from advplugin.gallery.sealkeys import GalleryKeys
 
 IN_CHUNK = 500  # ids per IN (...) clause, well under every driver's parameter limit
 
@@ -39,10 +39,10 @@ def to_bytes(vector: np.ndarray) -> bytes:
 
 
 class VectorCodec:
-    """Encodes and decodes the vectors of one gallery handle with its keys."""
+    """Encodes and decodes the vectors of one gallery handle with its sealers (`SealKeys`)."""
 
-    def __init__(self, keys: GalleryKeys) -> None:
-        self.keys = keys
+    def __init__(self, seal: SealKeys) -> None:
+        self.seal = seal
 
     def encode(
         self, sealer: Sealer | None, cid: int, ids: Sequence[int], subjects: Sequence[tuple[str, SealedSubject]],
@@ -84,7 +84,7 @@ class VectorCodec:
         `TamperedError` naming the template; a plaintext row in a gallery sealed to the end
         is refused the same way (someone wrote it around the gallery)."""
         out = []
-        refuse_plain = self.keys.state.sealed and not self.keys.state.converting
+        refuse_plain = self.seal.state.sealed and not self.seal.state.converting
         ciphers = self.row_ciphers(rows)
         for r in rows:
             # Positional unpacking: attribute access on rows cost more than the decryption.
@@ -109,9 +109,9 @@ class VectorCodec:
         items = {(r[1], r[2], r[3]) for r in rows if r[3] is not None and len(r[4]) != 4 * r[5]}
         if not items:
             return {}
-        sealer = self.keys.read_sealer()
+        sealer = self.seal.read_sealer()
         if any(Sealer.subject_key_serial(k) not in sealer.serials for _, _, k in items):
-            sealer = self.keys.read_sealer(refresh=True)  # re-keyed by another process
+            sealer = self.seal.read_sealer(refresh=True)  # re-keyed by another process
         return sealer.subject_ciphers(list(items), cache=len(rows) <= IN_CHUNK)  # type: ignore[return-value]
 
     def vector_columns(self) -> tuple:  # type: ignore[type-arg]

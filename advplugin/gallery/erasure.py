@@ -25,6 +25,9 @@ service replicas need one shared store: give them the URL of a small database of
 (e.g. PostgreSQL) that is NOT backed up with the gallery, or with a short retention: a
 backup of this store taken before a delete keeps that subject's erasure key (as a backup
 of the master key keeps the data key). docs/sealed-storage.md, "Erasure".
+
+Not the gallery (`advplugin.gallery.store.Gallery`, the template database) nor a part of it:
+a separate database that the gallery's `Sealer` reaches through `SealState.erasure`.
 """
 
 from __future__ import annotations

@@ -75,7 +75,6 @@ class TemplateIndex:
         # A removal since the last snapshot: the next one overwrites the old file first.
         self._removed_since_snapshot = False
         self._synced = 0.0  # monotonic time of the last catch-up
-        self._follower: IndexFollower | None = None
         self._subjects = SubjectMap()  # template id -> subject, kept with the backend
         # Whether the map names every template the backend holds (true after a rebuild; a
         # loaded snapshot starts with an empty map, filled from SQL as searches meet ids).
@@ -132,24 +131,18 @@ class TemplateIndex:
     def sync(self) -> None:
         """Catch up unless that was done less than `sync_interval` ago: the staleness bound
         searches promise for other processes' writes, without a SQL query per search. With
-        a follower running (`follow`) it has always looked recently: nothing to do here."""
+        a follower running (`IndexFollower`) it has always looked recently: nothing to do here."""
         if time.monotonic() - self._synced < self.config.sync_interval:
             return
         with self._lock:
             if time.monotonic() - self._synced >= self.config.sync_interval:
                 self._catch_up_locked()
 
-    def follow(self) -> None:
-        """Follow the change log in a background thread (`IndexFollower`) so that no search
-        waits for SQL; the service runs one follower for all its collections instead."""
-        if self._follower is None and self.config.sync_interval > 0:
-            self._follower = IndexFollower(self.gallery, self.config.sync_interval)
-            self._follower.add(self)
-
-    def stop_following(self) -> None:
-        if self._follower is not None:
-            self._follower.close()
-            self._follower = None
+    @property
+    def changes_since_snapshot(self) -> int:
+        """Changes applied since this index last saved a snapshot, or since it was made (after
+        `load`: the changes replayed on top of the snapshot, which the file lacks). Read-only."""
+        return self._changes_since_snapshot
 
     def looked(self, at: float) -> None:
         """A follower saw no change for this index as of monotonic time `at`."""

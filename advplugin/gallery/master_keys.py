@@ -110,8 +110,3 @@ class LocalKeyProvider(KeyProvider):
             )
         except InvalidTag:
             raise MasterKeyError(f"{self._description} (key id {self._key_id}) cannot unwrap this data key") from None
-
-
-def generate_master_key_base64() -> str:
-    """A new master key as base64 (for ADVPLUGIN_MASTER_KEY or a KMS import)."""
-    return base64.b64encode(secrets.token_bytes(KEY_BYTES)).decode()

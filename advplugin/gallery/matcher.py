@@ -24,7 +24,7 @@ any other scorer re-scores the candidates with their vectors from the index.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import NamedTuple
 
 import numpy as np
@@ -32,9 +32,8 @@ import numpy as np
 from advplugin.gallery.database import DEFAULT_COLLECTION
 from advplugin.gallery.index import TemplateIndex
 from advplugin.gallery.store import Gallery
-from advplugin.protectors.base import Protector
+from advplugin.protectors.base import Protector, ScoreFn
 
-ScoreFn = Callable[[np.ndarray, np.ndarray], np.ndarray]
 #: The same probes protected under each key the matcher serves: {key id: templates [P, d]}.
 ProbeSet = Mapping[str | None, np.ndarray]
 #: How many index candidates are re-scored per probe and key, unless configured.

@@ -19,8 +19,8 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from advplugin.gallery.database import Database
 from advplugin.gallery.models import PendingErasure, Subject
+from advplugin.gallery.seal_state import SealKeys
 from advplugin.gallery.sealing import ERASABLE_SUBJECT_KEY_BYTES, TamperedError
-from advplugin.gallery.sealkeys import GalleryKeys
 
 log = logging.getLogger(__name__)
 
@@ -28,9 +28,9 @@ log = logging.getLogger(__name__)
 class ErasureOutbox:
     """The erasure outbox of one gallery handle."""
 
-    def __init__(self, db: Database, keys: GalleryKeys) -> None:
+    def __init__(self, db: Database, seal: SealKeys) -> None:
         self.db = db
-        self.keys = keys
+        self.seal = seal
 
     def record(self, conn: Connection, cid: int, name: str, sealed_key: bytes, now: datetime) -> None:
         """A deleted subject's erasure key to shred after the delete commits (in its `conn`)."""
@@ -49,7 +49,7 @@ class ErasureOutbox:
         """The subjects whose erasure keys are gone from the store (rows with id,
         collection_id, name): what a gallery restored from a backup holds of people deleted
         since (unreadable, but still rows); `Templates.purge_erased` deletes them."""
-        sealer = self.keys.read_sealer(refresh=True)
+        sealer = self.seal.read_sealer(refresh=True)
         store = sealer.require_erasure("purging erased subjects")
         gone = []
         last = 0
@@ -72,7 +72,7 @@ class ErasureOutbox:
         """Shred the erasure keys of deleted subjects (the `pending_erasures` outbox) and
         forget their cached ciphers; returns how many subjects were completed. Runs after
         every delete and at unlock; a no-op while the gallery is locked (the outbox waits)."""
-        h = self.keys.state
+        h = self.seal.state
         if h.sealer is None:
             return 0
         with self.db.read() as conn:
@@ -82,7 +82,7 @@ class ErasureOutbox:
             ).all()
         if not rows:
             return 0
-        sealer = self.keys.read_sealer(refresh=True)
+        sealer = self.seal.read_sealer(refresh=True)
         refs = []
         for r in rows:
             try:

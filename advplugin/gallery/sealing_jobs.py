@@ -5,7 +5,7 @@ moving every subject key to a new data key (`begin_rekey`, `rekey_subjects`).
 
 Why a part of its own: these run from `advplugin db` (resumable, chunk by chunk), never on
 the service's request path, and each changes rows of several parts (sealing keys, subjects,
-templates) under the write lock; the state they change is `GalleryKeys`'.
+templates) under the write lock; the state they change is `SealKeys`'.
 """
 
 from __future__ import annotations
@@ -20,27 +20,27 @@ from advplugin.gallery.codec import SealedSubject, VectorCodec
 from advplugin.gallery.database import Database
 from advplugin.gallery.master_keys import KeyProvider
 from advplugin.gallery.models import SealingKey, Subject, Template
+from advplugin.gallery.seal_state import MASTER_KEY_HINT, SealInfo, SealKeys
 from advplugin.gallery.sealing import SUBJECT_KEY_BYTES, MasterKeyError, gallery_key_context
-from advplugin.gallery.sealkeys import MASTER_KEY_HINT, GalleryKeys, SealInfo
 from advplugin.gallery.subjects import Subjects
 
 
 class SealingJobs:
     """The key-changing jobs of one gallery handle."""
 
-    def __init__(self, db: Database, keys: GalleryKeys, codec: VectorCodec, subjects: Subjects) -> None:
-        self.db, self.keys, self.codec, self.subjects = db, keys, codec, subjects
+    def __init__(self, db: Database, seal: SealKeys, codec: VectorCodec, subjects: Subjects) -> None:
+        self.db, self.seal, self.codec, self.subjects = db, seal, codec, subjects
 
     def begin_sealing(self) -> SealInfo:
         """Seal an unsealed gallery: create its data key (marked converting while plaintext
         rows remain, see `seal_templates`). Idempotent."""
         with self.db.write() as conn:
-            self.keys.refresh(conn)
-            if not self.keys.state.sealed:
+            self.seal.refresh(conn)
+            if not self.seal.state.sealed:
                 has_rows = conn.scalar(select(Template.id).limit(1)) is not None
-                self.keys.create_key(conn, serial=1, converting=has_rows)
-                self.keys.refresh(conn)
-        return self.keys.seal_info()
+                self.seal.create_key(conn, serial=1, converting=has_rows)
+                self.seal.refresh(conn)
+        return self.seal.seal_info()
 
     def finish_converting(self, conn: Connection) -> None:
         conn.execute(update(SealingKey).values(converting=False))
@@ -52,13 +52,13 @@ class SealingJobs:
         the new). Needs the current master key (this gallery unlocked). Returns how many
         data keys were re-wrapped; afterwards only the new master key opens the gallery."""
         with self.db.write() as conn:
-            self.keys.refresh(conn)
-            if not self.keys.state.sealed:
+            self.seal.refresh(conn)
+            if not self.seal.state.sealed:
                 raise MasterKeyError(f"gallery {self.db.where()} is not sealed; run `advplugin db seal` first")
-            if self.keys.state.sealer is None:
-                raise self.keys.locked()
+            if self.seal.state.sealer is None:
+                raise self.seal.locked()
             n = 0
-            for serial, key in self.keys.state.sealer.keys_for_rewrap():
+            for serial, key in self.seal.state.sealer.keys_for_rewrap():
                 conn.execute(
                     update(SealingKey).where(SealingKey.serial == serial).values(
                         wrapped=new_provider.wrap(key, gallery_key_context(serial)),
@@ -66,7 +66,7 @@ class SealingJobs:
                     )
                 )
                 n += 1
-        self.keys.state.provider = new_provider
+        self.seal.state.provider = new_provider
         return n
 
     # -- data key rotation: re-key -----------------------------------------------------------------
@@ -74,15 +74,15 @@ class SealingJobs:
         """Start moving every subject key to a NEW gallery data key (resumable with
         `rekey_subjects`); returns the new key's serial. Idempotent while one is running."""
         with self.db.write() as conn:
-            sealer = self.keys.write_sealer(conn)
+            sealer = self.seal.write_sealer(conn)
             if sealer is None:
                 raise MasterKeyError(f"gallery {self.db.where()} is not sealed; run `advplugin db seal` first")
             serials = sealer.serials
             if len(serials) > 1:
                 return max(serials)  # a re-key already under way: continue it
             serial = max(serials) + 1
-            self.keys.create_key(conn, serial=serial, converting=self.keys.state.converting)
-            self.keys.refresh(conn)
+            self.seal.create_key(conn, serial=serial, converting=self.seal.state.converting)
+            self.seal.refresh(conn)
             return serial
 
     def rekey_subjects(self, *, chunk_size: int = 10_000) -> Iterator[int]:
@@ -92,7 +92,7 @@ class SealingJobs:
         longer holds. Template rows are not touched (their subject keys are unchanged)."""
         while True:
             with self.db.write() as conn:
-                sealer = self.keys.write_sealer(conn)
+                sealer = self.seal.write_sealer(conn)
                 if sealer is None or len(sealer.serials) == 1:
                     return
                 current = sealer.current
@@ -114,12 +114,12 @@ class SealingJobs:
                     conn.execute(delete(SealingKey).where(SealingKey.serial != current))
             if not rows:
                 with self.db.read() as conn:
-                    self.keys.refresh(conn)
+                    self.seal.refresh(conn)
                 return
             yield len(rows)
 
     def subjects_under_old_keys(self) -> int:
-        sealer = self.keys.read_sealer(refresh=True)
+        sealer = self.seal.read_sealer(refresh=True)
         with self.db.read() as conn:
             return int(
                 conn.scalar(
@@ -137,15 +137,15 @@ class SealingJobs:
         many each time), and finally mark the gallery sealed, after which a plaintext row is
         refused. Resumable: a rerun seals only what is still plaintext. Sealing changes no
         vector's meaning, so nothing is logged for the index. Needs the master key."""
-        if self.keys.state.provider is None:
-            raise self.keys.locked() if self.keys.state.sealed else MasterKeyError(
+        if self.seal.state.provider is None:
+            raise self.seal.locked() if self.seal.state.sealed else MasterKeyError(
                 f"sealing needs a master key: {MASTER_KEY_HINT}"
             )
         self.begin_sealing()
         last = 0
         while True:
             with self.db.write() as conn:
-                sealer = self.keys.write_sealer(conn)
+                sealer = self.seal.write_sealer(conn)
                 assert sealer is not None
                 rows = conn.execute(
                     select(*self.codec.vector_columns())
@@ -156,7 +156,7 @@ class SealingJobs:
                 ).all()
                 if not rows:
                     self.finish_converting(conn)
-                    self.keys.refresh(conn)
+                    self.seal.refresh(conn)
                     return
                 by_collection: dict[int, list[Any]] = {}
                 for r in rows:
@@ -187,10 +187,10 @@ class SealingJobs:
         made before still holds the old subject keys: `db rewrap --new-data-key` retires
         the data key that opens them. Nothing is logged for the index (no vector changes
         meaning)."""
-        self.keys.read_sealer(refresh=True).require_erasure("making subjects erasable")
+        self.seal.read_sealer(refresh=True).require_erasure("making subjects erasable")
         while True:
             with self.db.write() as conn:
-                sealer = self.keys.write_sealer(conn)
+                sealer = self.seal.write_sealer(conn)
                 assert sealer is not None
                 subjects = conn.execute(
                     select(Subject.id, Subject.collection_id, Subject.name)

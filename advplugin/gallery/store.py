@@ -5,7 +5,7 @@ uses; none inherits from another:
 
 * `db` (`advplugin.gallery.database.Database`): the engine, serialised write transactions,
   collections;
-* `keys` (`sealkeys.GalleryKeys`): whether the gallery is sealed, unlocking it, the sealers;
+* `seal` (`seal_state.SealKeys`): whether the gallery is sealed, unlocking it, the sealers;
 * `codec` (`codec.VectorCodec`): the one place vectors are sealed and opened;
 * `changes` (`changelog.ChangeLog`): the `template_changes` outbox the index replays;
 * `subjects` (`subjects.Subjects`): people by name, with their sealed keys;
@@ -19,6 +19,12 @@ over a `Database` bound to one write transaction (sharing this gallery's `SealSt
 everything called on `g` commits together. A component depends on the part it uses
 (`gallery.api_keys` for authentication, `gallery.changes` for an index follower); the
 gallery's own methods of the same names delegate to the parts while callers move over.
+
+"store" names four things in this package: this module is the gallery itself (the facade
+over its parts). The others are stores *of one thing*: `apikeys.ApiKeyStore` (hashed API
+keys, a part of the gallery, in its database), `erasure.ErasureKeyStore` (erasure keys,
+deliberately outside the gallery database) and `blind_store.BlindStore` (the SQL rows of
+blind collections).
 """
 
 from __future__ import annotations
@@ -35,8 +41,8 @@ from advplugin.gallery.database import Database
 from advplugin.gallery.erasure import ErasureKeyStore
 from advplugin.gallery.master_keys import KeyProvider
 from advplugin.gallery.outbox import ErasureOutbox
+from advplugin.gallery.seal_state import SealKeys, SealState
 from advplugin.gallery.sealing_jobs import SealingJobs
-from advplugin.gallery.sealkeys import GalleryKeys, SealState
 from advplugin.gallery.subjects import Subjects
 from advplugin.gallery.templates import Templates
 
@@ -67,15 +73,15 @@ class Gallery:
 
     def __init__(self, db: Database, state: SealState | None = None) -> None:
         self.db = db
-        self.keys = GalleryKeys(db, state)
-        self.codec = VectorCodec(self.keys)
+        self.seal = SealKeys(db, state)
+        self.codec = VectorCodec(self.seal)
         self.changes = ChangeLog(db)
         self.audit = AuditLog(db)
         self.api_keys = ApiKeyStore(db)
-        self.subjects = Subjects(db, self.keys)
-        self.outbox = ErasureOutbox(db, self.keys)
-        self.templates = Templates(db, self.keys, self.codec, self.changes, self.subjects, self.outbox)
-        self.sealing = SealingJobs(db, self.keys, self.codec, self.subjects)
+        self.subjects = Subjects(db, self.seal)
+        self.outbox = ErasureOutbox(db, self.seal)
+        self.templates = Templates(db, self.seal, self.codec, self.changes, self.subjects, self.outbox)
+        self.sealing = SealingJobs(db, self.seal, self.codec, self.subjects)
 
     @classmethod
     def open(
@@ -89,17 +95,17 @@ class Gallery:
         gallery = cls(Database.open(url, upgrade=upgrade))
         try:
             if master_key is not None:
-                gallery.keys.unlock(master_key, erasure=erasure, seal_if_empty=seal_new)
+                gallery.seal.unlock(master_key, erasure=erasure, seal_if_empty=seal_new)
             else:
-                gallery.keys.seal_info()  # know now whether it is sealed (plaintext rows are refused then)
+                gallery.seal.seal_info()  # know now whether it is sealed (plaintext rows are refused then)
         except BaseException:
             gallery.close()
             raise
         return gallery
 
     def close(self) -> None:
-        if not self.db.in_transaction and self.keys.state.erasure is not None:
-            self.keys.state.erasure.close()  # its engine's pool (the store itself stays usable)
+        if not self.db.in_transaction and self.seal.state.erasure is not None:
+            self.seal.state.erasure.close()  # its engine's pool (the store itself stays usable)
         self.db.close()
 
     def __enter__(self) -> Gallery:
@@ -116,7 +122,7 @@ class Gallery:
             yield self
             return
         with self.db.transaction(durable=durable) as db:
-            yield Gallery(db, self.keys.state)
+            yield Gallery(db, self.seal.state)
 
     # -- the parts' own methods, while callers move to the parts (`_Part`) --------------------
     engine = _Part("db")
@@ -126,9 +132,9 @@ class Gallery:
     collection_id = _Part("db")
     collections = _Part("db")
 
-    seal_info = _Part("keys")
-    unlock = _Part("keys")
-    snapshot_sealer = _Part("keys")
+    seal_info = _Part("seal")
+    unlock = _Part("seal")
+    snapshot_sealer = _Part("seal")
 
     begin_sealing = _Part("sealing")
     seal_templates = _Part("sealing")

@@ -2,7 +2,7 @@
 
 Why a part of its own: finding, creating and listing subjects is needed by template writes,
 the sealing jobs and blind mode alike, while a subject's row also holds its sealed key (a
-sealed gallery gives every subject one when it is created: `GalleryKeys`). Names are stored
+sealed gallery gives every subject one when it is created: `SealKeys`). Names are stored
 and looked up exactly, in their canonical form (`advplugin.gallery.names`).
 """
 
@@ -22,8 +22,8 @@ from advplugin.gallery.codec import SealedSubject, chunks
 from advplugin.gallery.database import DEFAULT_COLLECTION, Database, bound_value, pg_copy_rows
 from advplugin.gallery.models import Subject, SubjectRename, Template, utcnow
 from advplugin.gallery.names import SUBJECT_NAME_MAX, check_canonical, check_text
+from advplugin.gallery.seal_state import SealKeys
 from advplugin.gallery.sealing import Sealer
-from advplugin.gallery.sealkeys import GalleryKeys
 
 
 class SubjectNotFound(NotFoundError, KeyError):
@@ -60,9 +60,9 @@ def _template_count() -> ScalarSelect[int]:
 class Subjects:
     """Subjects of one gallery handle: lookups, creation (with their sealed keys), reads."""
 
-    def __init__(self, db: Database, keys: GalleryKeys) -> None:
+    def __init__(self, db: Database, seal: SealKeys) -> None:
         self.db = db
-        self.keys = keys
+        self.seal = seal
 
     def ids_for(
         self, conn: Connection, cid: int, names: Sequence[str], *, create: bool, sealer: Sealer | None = None
@@ -127,7 +127,7 @@ class Subjects:
         with self.db.write() as conn:
             if self.find(conn, cid, [name]):
                 return False
-            self.ids_for(conn, cid, [name], create=True, sealer=self.keys.write_sealer(conn))
+            self.ids_for(conn, cid, [name], create=True, sealer=self.seal.write_sealer(conn))
         return True
 
     def count_subjects(self, *, collection: str = DEFAULT_COLLECTION) -> int:

@@ -50,8 +50,8 @@ from advplugin.gallery.names import (
     check_text,
 )
 from advplugin.gallery.outbox import ErasureOutbox
+from advplugin.gallery.seal_state import SealKeys
 from advplugin.gallery.sealing import Sealer
-from advplugin.gallery.sealkeys import GalleryKeys
 from advplugin.gallery.subjects import SubjectNotFound, Subjects, stored_name
 from advplugin.protectors.base import ProtectorMetadata, validate_embeddings
 
@@ -89,10 +89,10 @@ class Templates:
     id order, counts and provenance; vectors through the codec."""
 
     def __init__(
-        self, db: Database, keys: GalleryKeys, codec: VectorCodec, changes: ChangeLog,
+        self, db: Database, seal: SealKeys, codec: VectorCodec, changes: ChangeLog,
         subjects: Subjects, outbox: ErasureOutbox,
     ) -> None:
-        self.db, self.keys, self.codec = db, keys, codec
+        self.db, self.seal, self.codec = db, seal, codec
         self.changes, self.subjects, self.outbox = changes, subjects, outbox
 
     def add_templates(
@@ -130,7 +130,7 @@ class Templates:
         cid = self.db.collection_id(collection)
         now = utcnow()
         with self.db.write() as conn:
-            sealer = self.keys.write_sealer(conn)
+            sealer = self.seal.write_sealer(conn)
             found = self.subjects.ids_for(conn, cid, subjects, create=True, sealer=sealer)
             ids = self.db.next_ids(conn, "templates", len(vectors))
             n = len(ids)
@@ -240,7 +240,7 @@ class Templates:
             raise ValueError("duplicate template ids")
         now = utcnow()
         with self.db.write() as conn:
-            sealer = self.keys.write_sealer(conn)
+            sealer = self.seal.write_sealer(conn)
             current: dict[int, Any] = {}
             for part in chunks(ids):
                 q = (

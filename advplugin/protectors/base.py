@@ -138,11 +138,16 @@ def validate_embeddings(raw: object, dim: int, *, what: str = "embeddings") -> n
     return np.ascontiguousarray(raw, dtype=np.float32)
 
 
-def l2_normalize(x: np.ndarray) -> np.ndarray:
+def l2_normalize(x: np.ndarray, dtype: type[np.floating] | None = None) -> np.ndarray:
+    """Rows of `x` [N, d] scaled to unit length. By default computed in `x`'s own dtype and
+    returned as float32 (the templates' dtype); with `dtype` (np.float64 for training and
+    evaluation), `x` is cast to it first and the result stays in it."""
+    if dtype is not None:
+        x = np.asarray(x, dtype)
     # einsum rather than np.linalg.norm: the same sums, a third of the per-call overhead,
     # which matters on the per-request path (one probe row before every index search).
     norms = np.sqrt(np.einsum("ij,ij->i", x, x))[:, None]
-    return (x / norms).astype(np.float32, copy=False)
+    return (x / norms).astype(dtype or np.float32, copy=False)
 
 
 @dataclass(frozen=True)
@@ -313,9 +318,6 @@ class Protector(ABC):
 
     @abstractmethod
     def _protect(self, raw: np.ndarray) -> np.ndarray: ...
-
-    def validate_templates(self, templates: object, *, what: str = "templates") -> np.ndarray:
-        return validate_embeddings(templates, self.output_dim, what=what)
 
     @cached_property
     def score_fn(self) -> ScoreFn:

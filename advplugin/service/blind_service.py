@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 
 from advplugin.gallery import Gallery
-from advplugin.gallery.backends.encrypted import EncryptedIndex
+from advplugin.gallery.blind_index import EncryptedIndex
 from advplugin.gallery.blind_store import (
     BlindError,
     BlindStore,

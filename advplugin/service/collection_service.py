@@ -76,7 +76,7 @@ class CollectionService:
                 watch = _KeyWatch(seq=self.gallery.last_change_seq(collection=collection))
                 watch.key_ids = {r["key_id"] for r in self.gallery.provenance(collection=collection)}
                 # Persist only what the snapshot lacks: a rebuild or replayed changes.
-                if not index.load() or index._changes_since_snapshot:
+                if not index.load() or index.changes_since_snapshot:
                     index.save()
                 if self._follower is None and s.index.sync_interval > 0:
                     self._follower = IndexFollower(self.gallery, s.index.sync_interval)

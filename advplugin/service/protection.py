@@ -26,7 +26,7 @@ import numpy as np
 
 from advplugin.adapters import Extractor
 from advplugin.errors import ConfigurationError  # raised here; imported from here by callers
-from advplugin.gallery.matcher import ProbeSet, ScoreFn
+from advplugin.gallery.matcher import ProbeSet
 from advplugin.keys import Key, load_key, make_private_dir, write_key
 from advplugin.protectors import (
     SCHEMES,
@@ -36,6 +36,7 @@ from advplugin.protectors import (
     create_protector,
     scheme_info,
 )
+from advplugin.protectors.base import ScoreFn
 from advplugin.settings import Settings
 
 log = logging.getLogger("advplugin.service")

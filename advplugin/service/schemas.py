@@ -245,8 +245,10 @@ class StatusResponse(BaseModel):
 
 
 # -- protected-template mode (client-side protection) --------------------------------------------
-class Protection(BaseModel):
-    """Metadata of the protector that made the templates; must match the gallery's."""
+class TemplateProvenance(BaseModel):
+    """What made client templates (the `protection` field of a template request): the
+    protector's scheme, version and key id and the extractor; must match the gallery's. Not
+    the service core's `advplugin.service.protection.Protection`, which protects."""
 
     scheme: ShortText = Field(examples=["xnn"])
     scheme_version: int = Field(examples=[1])
@@ -267,7 +269,7 @@ class TemplateItem(BaseModel):
 
 
 class EnrollTemplatesRequest(BaseModel):
-    protection: Protection
+    protection: TemplateProvenance
     items: list[TemplateItem] = Field(min_length=1)
 
 
@@ -281,7 +283,7 @@ class EnrollTemplatesResponse(BaseModel):
 
 
 class IdentifyTemplatesRequest(BaseModel):
-    protection: Protection
+    protection: TemplateProvenance
     templates: list[list[TemplateValue]] = Field(min_length=1)
     prediction_count: int = Field(
         1, ge=1, le=100, description="keys without exact scores get at most the service's max_predictions (1)")

@@ -45,21 +45,21 @@ from advplugin.evaluation.decoder import IdentityLoss, dlib_identity_loss, train
 from advplugin.nets.advface import decode, torch_noisy
 from advplugin.nets.decoder import Decoder, DecoderConfig
 from advplugin.protectors.advface import NoiseGenerator, load_weights
-from advplugin.training.advface import (
+from advplugin.protectors.base import l2_normalize
+from advplugin.training.advface_common import (
     HELDOUT_DISRUPTION,
     SHADOW,
-    _unit,
     add_data_options,
     batch_sampler,
     data_record,
     disruption,
-    heldout_accuracy,
     load_training_data,
     new_generator,
     random_noise_at,
     save_weights,
     to_numpy_generator,
 )
+from advplugin.training.common import pair_accuracy
 
 #: Identity weight of both shadow decoders: the best of benchmarks/identity_decoder.py.
 IDENTITY_WEIGHT = 0.03
@@ -230,7 +230,7 @@ def main(argv: list[str] | None = None) -> int:
     data = load_training_data(
         args.data, args.cache_dir, args.test_fraction, SHADOW.size, not args.no_progress
     )
-    train_u = _unit(data["train_raw"])
+    train_u = l2_normalize(data["train_raw"], np.float64)
     shadow_cfg = DecoderConfig(
         size=SHADOW.size, widths=SHADOW.widths, epochs=args.decoder_epochs,
         batch_size=SHADOW.batch_size, seed=args.seed,
@@ -257,7 +257,7 @@ def main(argv: list[str] | None = None) -> int:
     generator = to_numpy_generator(model, max_angle)
 
     # Held-out people: what the generator does to embeddings it never saw.
-    test_u = _unit(data["test_raw"])
+    test_u = l2_normalize(data["test_raw"], np.float64)
     pairs_file = args.data / "lfw-dev-pairs.txt"
     rng = np.random.default_rng(args.seed)
     k, m = HELDOUT_DISRUPTION, args.heldout_loop
@@ -268,7 +268,7 @@ def main(argv: list[str] | None = None) -> int:
         cos = np.sum(test_u * noisy, axis=1)
         random_t = random_noise_at(test_u[:m], angle[:m], rng)
         return {
-            "heldout_accuracy_noisy": heldout_accuracy(noisy, data["test_path"], pairs_file)[0],
+            "heldout_accuracy_noisy": pair_accuracy(noisy, data["test_path"], pairs_file)[0],
             "heldout_cosine_mean": float(cos.mean()),
             "heldout_cosine_min": float(cos.min()),
             "heldout_disruption_generator": disruption(shadow, test_u[:k], noisy[:k]),
@@ -283,7 +283,7 @@ def main(argv: list[str] | None = None) -> int:
             ),
         }
 
-    acc_raw, n_pairs = heldout_accuracy(test_u, data["test_path"], pairs_file)
+    acc_raw, n_pairs = pair_accuracy(test_u, data["test_path"], pairs_file)
     clean = loop_figures(shadow, shadow, feature, test_u[:m], test_u[:m])
     record: dict[str, object] = {
         "scheme_version": 2,

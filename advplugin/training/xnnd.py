@@ -39,6 +39,7 @@ import json
 import sys
 import time
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -47,12 +48,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from advplugin.embedding_files import load_embedding_set
-from advplugin.evaluation.data import identity_in_test, restrict_pairs
-from advplugin.evaluation.metrics import read_pairs, ten_fold_accuracy
 from advplugin.keys import Key
-from advplugin.protectors.base import file_sha256
+from advplugin.protectors.base import file_sha256, l2_normalize
 from advplugin.protectors.xnn import XNNProtector
 from advplugin.protectors.xnnd import Layers, XNNDNets, load_weights
+from advplugin.training.common import pair_accuracy, split_masks
 
 
 @dataclass(frozen=True)
@@ -93,11 +93,6 @@ def to_layers(model: nn.Sequential) -> Layers:
 
 def to_numpy_nets(generator: nn.Sequential, matcher: nn.Sequential) -> XNNDNets:
     return XNNDNets(to_layers(generator), to_layers(matcher))
-
-
-def unit(x: np.ndarray) -> np.ndarray:
-    x = x.astype(np.float32)
-    return x / np.linalg.norm(x, axis=1, keepdims=True)
 
 
 class Residual(nn.Module):
@@ -284,22 +279,6 @@ def train_student(
     return student
 
 
-def pair_accuracy(templates: np.ndarray, paths: np.ndarray, pairs_file: Path) -> tuple[float, int]:
-    """10-fold cosine accuracy over the pairs of `pairs_file` whose two images are in `paths`."""
-    protocol = restrict_pairs(read_pairs(str(pairs_file)), set(map(str, paths)))
-    index = {str(p): i for i, p in enumerate(paths)}
-    left = unit(templates[[index[p] for p in protocol.left]])
-    right = unit(templates[[index[p] for p in protocol.right]])
-    accuracy, _ = ten_fold_accuracy(np.sum(left * right, axis=1), protocol.same, protocol.fold)
-    return float(accuracy), len(protocol.left)
-
-
-def split_masks(identity: np.ndarray, test_fraction: float) -> tuple[np.ndarray, np.ndarray]:
-    """(train rows, test rows) by the evaluation harness's identity hash."""
-    test = np.array([identity_in_test(str(i), test_fraction) for i in identity])
-    return ~test, test
-
-
 @dataclass
 class Trained:
     nets: XNNDNets  # what ships
@@ -313,7 +292,7 @@ def fit_linear_student(f: np.ndarray, target: np.ndarray) -> Layers:
     S(f) to u 0.9999), and an MLP student trained from scratch on 4,814 photos recovered
     less of it (held-out TAR@1e-3 -2 pp, rank-1 -4 pp; docs/schemes/xnn-d.md)."""
     x = np.c_[f.astype(np.float64), np.ones(len(f))]
-    w, *_ = np.linalg.lstsq(x, unit(target).astype(np.float64), rcond=None)
+    w, *_ = np.linalg.lstsq(x, l2_normalize(target, np.float32).astype(np.float64), rcond=None)
     return ((w[:-1].astype(np.float32), w[-1].astype(np.float32)),)
 
 
@@ -332,7 +311,7 @@ def train(
     rng = np.random.default_rng(cfg.seed)
     _, labels = np.unique(train_identity, return_inverse=True)
     classes = int(labels.max()) + 1
-    u = torch.from_numpy(unit(train_raw))
+    u = torch.from_numpy(l2_normalize(train_raw, np.float32))
     y = torch.from_numpy(labels.astype(np.int64))
     batches = Batches(labels, cfg.batch, rng)
     times: dict[str, float] = {}
@@ -393,7 +372,7 @@ def train_matcher_head(
     torch.manual_seed(seed)
     cfg = TrainConfig(hidden=hidden, seed=seed, lam_struct=0.0)
     _, labels = np.unique(identity, return_inverse=True)
-    x = torch.from_numpy(unit(features))
+    x = torch.from_numpy(l2_normalize(features, np.float32))
     y = torch.from_numpy(labels.astype(np.int64))
     batches = Batches(labels, cfg.batch, np.random.default_rng(seed))
     # A plain MLP from scratch (no residual start at the input): the head must learn.
@@ -420,7 +399,7 @@ def outsourced_training(
     train_mask, test_mask = split_masks(identity, test_fraction)
     xnn = XNNProtector(dim=raw.shape[1], key=key)
     out: dict[str, float] = {}
-    for name, transform in (("raw", unit), ("xnn", xnn.protect)):
+    for name, transform in (("raw", partial(l2_normalize, dtype=np.float32)), ("xnn", xnn.protect)):
         shipped = transform(raw[train_mask])  # what the host receives
         head = train_matcher_head(shipped, identity[train_mask], steps=steps, seed=seed)
         with torch.no_grad():
@@ -488,7 +467,7 @@ def main(argv: list[str] | None = None) -> int:
         **times,
     }
     if args.pairs is not None:
-        test_u = unit(raw[test_mask])
+        test_u = l2_normalize(raw[test_mask], np.float32)
         f = nets.noisy(test_u)
         record["heldout_images"] = int(test_mask.sum())
         record["heldout_accuracy_raw"], record["heldout_pairs"] = pair_accuracy(
@@ -503,7 +482,9 @@ def main(argv: list[str] | None = None) -> int:
         record["heldout_accuracy_matcher"], _ = pair_accuracy(
             nets.match_features(f), paths[test_mask], args.pairs
         )
-        record["heldout_cosine_u_f_mean"] = float(np.mean(np.sum(test_u * unit(f), axis=1)))
+        record["heldout_cosine_u_f_mean"] = float(
+            np.mean(np.sum(test_u * l2_normalize(f, np.float32), axis=1))
+        )
     save_weights(args.out, nets, record)
     print(json.dumps(record, indent=2))
     return 0

@@ -98,7 +98,7 @@ def test_disrupts_the_shadow_decoder_more_than_random_noise(
 ) -> None:
     torch = pytest.importorskip("torch")
     from advplugin.nets.advface import shadow_decoder
-    from advplugin.training.advface import disruption, random_noise_at
+    from advplugin.training.advface_common import disruption, random_noise_at
 
     generator, state, record = load_weights(VERSIONS[version][DIM].verified_path())
     decoder = shadow_decoder(state, record)
@@ -113,7 +113,7 @@ def test_disrupts_the_shadow_decoder_more_than_random_noise(
 def test_refinement_increases_disruption_within_budget(key: Key, heldout: np.ndarray) -> None:
     pytest.importorskip("torch")
     from advplugin.nets.advface import shadow_decoder
-    from advplugin.training.advface import disruption
+    from advplugin.training.advface_common import disruption
 
     _, state, record = load_weights(AdvFaceProtector.weights_path(DIM))
     decoder = shadow_decoder(state, record)

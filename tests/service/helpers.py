@@ -1,4 +1,5 @@
-"""Shared helpers of the service tests: the example client, LFW splits, raw-vector scans."""
+"""Shared helpers of the service tests: the example client, LFW splits, raw-vector scans,
+the templates-mode environment and the index backends the suites run on."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import importlib.util
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 from tests.conftest import REPO
 
@@ -87,3 +89,25 @@ def vectors_in_blob(blob: bytes, dim: int) -> np.ndarray:
 
 def files_blob(*paths: Path) -> bytes:
     return b"".join(p.read_bytes() for p in paths if p.is_file())
+
+
+def template_env(url: str, tmp_path, key) -> dict[str, str]:
+    """The service's environment in templates mode (xnn, 128-d) on `url`."""
+    return {
+        "ADVPLUGIN_DATABASE_URL": url, "ADVPLUGIN_DATA_DIR": str(tmp_path / "data"),
+        "ADVPLUGIN_MODE": "templates", "ADVPLUGIN_SCHEME": "xnn",
+        "ADVPLUGIN_TEMPLATE_KEY_ID": key.key_id, "ADVPLUGIN_TEMPLATE_DIM": "128",
+    }
+
+
+#: The service suites run on both index backends: FAISS (default) and Milvus (milvus-lite
+#: embedded in the data folder, as a single node uses it; replicas: test_milvus_replicas.py).
+INDEXES = [
+    pytest.param("faiss-flat", id="faiss"),
+    pytest.param("milvus", id="milvus", marks=pytest.mark.skipif(
+        importlib.util.find_spec("milvus_lite") is None, reason="milvus-lite not installed (extra `milvus`)")),
+]
+
+
+def index_env(index: str) -> dict[str, str]:
+    return {"ADVPLUGIN_INDEX__BACKEND": index}

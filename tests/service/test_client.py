@@ -1,5 +1,5 @@
 """The typed client package (`advplugin.client`), sync and async, against a live service:
-every template-mode operation, names that need encoding, and errors as `AdvpluginError`."""
+every template-mode operation, names that need encoding, and errors as `ApiError`."""
 
 from __future__ import annotations
 
@@ -8,11 +8,10 @@ import asyncio
 import numpy as np
 import pytest
 
-from advplugin.client import AdvpluginError, AsyncClient, Client
+from advplugin.client import AdvpluginError, ApiError, AsyncClient, Client
 from advplugin.protectors import create_protector
 from tests.service.conftest import migrated_database
-from tests.service.helpers import protection_of
-from tests.service.test_subjects import template_env
+from tests.service.helpers import protection_of, template_env
 
 
 def test_sync_and_async_clients(key, tmp_path, make_server) -> None:
@@ -30,15 +29,16 @@ def test_sync_and_async_clients(key, tmp_path, make_server) -> None:
         assert c.subject("a/b?c#d%e")["template_count"] == 1
         assert c.subjects(size=10)["total"] == 2
         assert c.delete_subject("a/b?c#d%e") == {"subject": "a/b?c#d%e", "deleted_templates": 1}
-        with pytest.raises(AdvpluginError) as err:
+        with pytest.raises(ApiError) as err:
             c.subject("a/b?c#d%e")
         assert (err.value.status, err.value.code) == (404, "unknown_subject")
-        with pytest.raises(AdvpluginError) as err:
+        with pytest.raises(ApiError) as err:
             c.identify_templates(t[:1], prot | {"key_id": "0" * 16})
         assert (err.value.status, err.value.code) == (422, "wrong_key")
-    with pytest.raises(AdvpluginError) as err:
+    with pytest.raises(ApiError) as err:
         Client(server.url, "not-a-key").status()
     assert err.value.status == 401
+    assert AdvpluginError is ApiError  # the earlier name of the client's error, kept (public API)
 
     async def run() -> None:
         async with AsyncClient(server.url, server.api_key) as c:
@@ -47,7 +47,7 @@ def test_sync_and_async_clients(key, tmp_path, make_server) -> None:
             pages = await asyncio.gather(*(c.subjects(page=p, size=1) for p in range(2)))
             assert [p["subjects"][0]["subject"] for p in pages if p["subjects"]] == ["Ann"]
             assert (await c.delete_subject("Ann"))["deleted_templates"] == 2
-            with pytest.raises(AdvpluginError, match="unknown_subject"):
+            with pytest.raises(ApiError, match="unknown_subject"):
                 await c.delete_subject("Ann")
 
     asyncio.run(run())

@@ -15,8 +15,7 @@ from advplugin.gallery.snapshot import open_snapshot
 from advplugin.protectors import create_protector
 from tests.conftest import env_erasure_store, env_master_key
 from tests.service.conftest import migrated_database
-from tests.service.helpers import protection_of
-from tests.service.test_subjects import INDEXES, index_env, template_env
+from tests.service.helpers import INDEXES, index_env, protection_of, template_env
 
 
 @pytest.mark.parametrize("index", INDEXES)

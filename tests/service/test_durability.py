@@ -14,8 +14,7 @@ import pytest
 
 from advplugin.protectors import create_protector
 from tests.service.conftest import migrated_database
-from tests.service.helpers import protection_of
-from tests.service.test_subjects import template_env
+from tests.service.helpers import protection_of, template_env
 
 
 @pytest.mark.parametrize("backend", ["sqlite", "postgresql"])

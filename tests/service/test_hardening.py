@@ -23,8 +23,7 @@ from sqlalchemy import create_engine, text
 from advplugin.keys import Key
 from advplugin.protectors import create_protector
 from tests.service.conftest import Server, migrated_database
-from tests.service.helpers import protection_of
-from tests.service.test_subjects import template_env
+from tests.service.helpers import protection_of, template_env
 
 BACKENDS = ["sqlite", "postgresql"]
 

@@ -13,7 +13,7 @@ import httpx
 import pytest
 from PIL import Image
 
-from advplugin.client import AdvpluginError, Client
+from advplugin.client import ApiError, Client
 from tests.service.conftest import Server, migrated_database
 
 
@@ -111,7 +111,7 @@ def test_crafted_image_is_answered_and_images_in_progress_are_capped(tmp_path: P
             with Client(server.url, server.api_key, retries=20) as c:
                 try:
                     c.identify(crafted)
-                except AdvpluginError as e:
+                except ApiError as e:
                     errors.append(e.code)
 
         threads = [threading.Thread(target=send_with_client) for _ in range(3)]

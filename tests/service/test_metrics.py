@@ -9,8 +9,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from advplugin.protectors import create_protector
 from tests.service.conftest import migrated_database
-from tests.service.helpers import protection_of
-from tests.service.test_subjects import template_env
+from tests.service.helpers import protection_of, template_env
 
 
 def _samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:

@@ -18,8 +18,7 @@ from advplugin.gallery import Gallery, make_engine
 from advplugin.gallery.apikeys import SCOPES
 from advplugin.protectors import create_protector
 from tests.service.conftest import migrated_database
-from tests.service.helpers import protection_of, raw_patterns
-from tests.service.test_subjects import template_env
+from tests.service.helpers import protection_of, raw_patterns, template_env
 
 
 def _keys(url: str) -> dict[str, str]:

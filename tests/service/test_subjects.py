@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
-
 import numpy as np
 import pytest
 
@@ -11,33 +9,12 @@ from advplugin.gallery import Gallery
 from advplugin.protectors import create_protector
 from tests.conftest import env_master_key
 from tests.service.conftest import migrated_database
-from tests.service.helpers import protection_of
-
-
-def template_env(url: str, tmp_path, key) -> dict[str, str]:
-    return {
-        "ADVPLUGIN_DATABASE_URL": url, "ADVPLUGIN_DATA_DIR": str(tmp_path / "data"),
-        "ADVPLUGIN_MODE": "templates", "ADVPLUGIN_SCHEME": "xnn",
-        "ADVPLUGIN_TEMPLATE_KEY_ID": key.key_id, "ADVPLUGIN_TEMPLATE_DIM": "128",
-    }
+from tests.service.helpers import INDEXES, index_env, protection_of, template_env
 
 
 def _top1(client, t: np.ndarray, prot: dict) -> list[str | None]:
     res = client.post("/identify/templates", json={"protection": prot, "templates": t.tolist()}).json()
     return [r["subjects"][0]["subject"] if r["subjects"] else None for r in res["result"]]
-
-
-#: The service suites run on both index backends: FAISS (default) and Milvus (milvus-lite
-#: embedded in the data folder, as a single node uses it; replicas: test_milvus_replicas.py).
-INDEXES = [
-    pytest.param("faiss-flat", id="faiss"),
-    pytest.param("milvus", id="milvus", marks=pytest.mark.skipif(
-        importlib.util.find_spec("milvus_lite") is None, reason="milvus-lite not installed (extra `milvus`)")),
-]
-
-
-def index_env(index: str) -> dict[str, str]:
-    return {"ADVPLUGIN_INDEX__BACKEND": index}
 
 
 @pytest.mark.parametrize("index", INDEXES)

@@ -11,7 +11,7 @@ import numpy as np
 import torch
 
 from advplugin.nets.advface import torch_noisy
-from advplugin.training.advface import generator_net, to_numpy_generator
+from advplugin.training.advface_common import generator_net, to_numpy_generator
 
 
 def test_shipped_numpy_generator_matches_the_trained_torch_one() -> None:

@@ -15,6 +15,7 @@ import torch
 
 from advplugin.keys import Key
 from advplugin.protectors import create_protector
+from advplugin.protectors.base import l2_normalize
 from advplugin.protectors.xnnd import load_weights
 from advplugin.training.xnnd import (
     TrainConfig,
@@ -25,7 +26,6 @@ from advplugin.training.xnnd import (
     save_weights,
     to_numpy_nets,
     train,
-    unit,
 )
 
 
@@ -97,9 +97,9 @@ def test_new_release_keeps_the_given_generator_and_inverts_it() -> None:
     for (w, b), (w0, b0) in zip(trained.nets.generator, given, strict=True):
         assert np.array_equal(w, w0) and np.array_equal(b, b0)
     assert trained.times["seconds_game"] < 5  # 10,000 game steps were not run
-    u_new = unit(x[160:])
+    u_new = l2_normalize(x[160:], np.float32)
     e = trained.nets.match_features(trained.nets.noisy(u_new))
-    f_cos = np.sum(u_new * unit(trained.nets.noisy(u_new)), axis=1).mean()
+    f_cos = np.sum(u_new * l2_normalize(trained.nets.noisy(u_new), np.float32), axis=1).mean()
     assert np.sum(u_new * e, axis=1).mean() > max(0.9, f_cos)
     # the torch twin of the numpy generator computes the same f
     with torch.no_grad():
@@ -113,7 +113,7 @@ def test_linear_student_is_the_least_squares_fit() -> None:
     a, b = rng.normal(size=(8, 8)), rng.normal(size=8)
     target = f @ a + b
     ((w, bias),) = fit_linear_student(f, target)
-    t = unit(target)
+    t = l2_normalize(target, np.float32)
     residual = np.linalg.norm(f @ w + bias - t)
     # no other affine map does better (a perturbed one is worse)
     assert residual < np.linalg.norm(f @ (w + 1e-3 * rng.normal(size=w.shape)) + bias - t)

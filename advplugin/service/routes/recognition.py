@@ -34,9 +34,9 @@ from advplugin.service.schemas import (
     FaceResult,
     IdentifyResponse,
     IdentifyTemplatesRequest,
-    Protection,
     SubjectName,
     SubjectSimilarity,
+    TemplateProvenance,
     Threshold,
     VerifyResponse,
 )
@@ -58,19 +58,21 @@ def _box(state: ServiceState, det: Detections, i: int) -> Box:
     return Box(**face_box(state, det, i)._asdict())
 
 
-def _client_templates(state: ServiceState, protection: Protection, rows: list[list[float]]) -> np.ndarray:
+def _client_templates(
+    state: ServiceState, provenance: TemplateProvenance, rows: list[list[float]]
+) -> np.ndarray:
     """Check that client templates were made by the gallery's scheme, key and extractor."""
     if state.blind is not None:  # a plaintext template would defeat the blind gallery
         raise ServiceError(422, "blind_mode", "this service runs in blind mode: use the /blind routes")
     e = state.protection.expected
-    if (protection.scheme, protection.scheme_version) != (e.scheme, e.scheme_version):
+    if (provenance.scheme, provenance.scheme_version) != (e.scheme, e.scheme_version):
         raise ServiceError(
             422, "wrong_scheme",
             f"templates must be protected with scheme {e.scheme} v{e.scheme_version}",
         )
-    if protection.key_id != e.key_id:
+    if provenance.key_id != e.key_id:
         raise ServiceError(422, "wrong_key", f"templates must be protected with key id {e.key_id}")
-    if protection.extractor_name != state.protection.extractor_name:
+    if provenance.extractor_name != state.protection.extractor_name:
         raise ServiceError(
             422, "wrong_extractor", f"templates must come from extractor {state.protection.extractor_name}"
         )

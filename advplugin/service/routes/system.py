@@ -7,7 +7,7 @@ from typing import Annotated
 
 from fastapi import APIRouter, Query
 
-from advplugin.gallery.sealkeys import SealInfo
+from advplugin.gallery.seal_state import SealInfo
 from advplugin.service.deps import AdminCaller, CollectionName, State
 from advplugin.service.schemas import (
     MAX_PAGE,

@@ -1,9 +1,11 @@
-"""`GalleryKeys`: the sealing state of a gallery and its data keys (`sealing_keys`).
+"""`SealKeys`: the sealing state of a gallery (`SealState`, `SealInfo`) and its data keys (the
+`sealing_keys` table), the part a gallery holds as `gallery.seal`.
 
-Why a part of its own: whether a gallery is sealed, which master key wraps its data key and
-unlocking it are one concern, used by the vector codec on every read and write. The jobs that
-change the keys (seal, re-wrap under a new master key, re-key under a new data key) are
-`advplugin.gallery.sealing_jobs`; the cryptography itself is `advplugin.gallery.sealing`.
+This module is state over SQL; `advplugin.gallery.sealing` is the cryptography it uses (the
+`Sealer`, free of SQL). Why a part of its own: whether a gallery is sealed, which master key
+wraps its data key and unlocking it are one concern, used by the vector codec on every read
+and write. The jobs that change the keys (seal, re-wrap under a new master key, re-key under
+a new data key) are `advplugin.gallery.sealing_jobs`.
 
 States: no `sealing_keys` row = unsealed (plaintext vectors; what galleries of earlier
 releases are). A row = sealed: every new vector is sealed; while `converting` (a `db seal`
@@ -58,7 +60,7 @@ class SealState:
     master_key_ids: list[str] = field(default_factory=list)
 
 
-class GalleryKeys:
+class SealKeys:
     """The sealing state of one gallery handle (`SealState`) and the sealers its parts
     write and read vectors with."""
 

@@ -1,5 +1,7 @@
 """The encrypted index of a blind collection (docs/blind.md): CKKS ciphertext blocks in memory,
-kept in step with SQL, searched with an encrypted (or plaintext) probe into encrypted scores.
+kept in step with SQL (`blind_store`), searched with an encrypted (or plaintext) probe into
+encrypted scores. The blind counterpart of `index.TemplateIndex`, beside it rather than among
+the pluggable `backends/`, because it is not one.
 
 Why not an `IndexBackend`: that contract is plaintext by design (float32 vectors in, cosine
 scores out, `vectors(ids)` to re-score), and an index that could honour it would hold
