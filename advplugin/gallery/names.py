@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import re
 import unicodedata
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from advplugin.gallery.models import Subject, Template
@@ -81,6 +81,18 @@ def _repaired_name(name: str, subject_id: int) -> str:
         return f"subject {subject_id}"
 
 
+def name_beside(name: str, subject_id: int, taken: Callable[[str], bool]) -> str:
+    """`name` (canonical) when it is free, else "<name> (subject <id>)" (", 2", ... while
+    that is taken too), cut to fit the column: how a rename to a canonical name avoids
+    merging into another subject."""
+    new, n = name, 0
+    while taken(new):
+        n += 1
+        suffix = f" (subject {subject_id})" if n == 1 else f" (subject {subject_id}, {n})"
+        new = canonical_name(name[: SUBJECT_NAME_MAX - len(suffix)] + suffix)
+    return new
+
+
 def planned_renames(subjects: Sequence[tuple[int, int, str]]) -> list[dict[str, Any]]:
     """For the stored (subject id, collection id, name) of a gallery: the subjects whose
     names are not canonical, each with the name it is to take (`SubjectRename`). Where the
@@ -91,13 +103,9 @@ def planned_renames(subjects: Sequence[tuple[int, int, str]]) -> list[dict[str, 
     for sid, cid, name in subjects:
         if is_canonical_name(name):
             continue
-        new = _repaired_name(name, sid)
-        collision = (cid, new) in taken
-        n = 0
-        while (cid, new) in taken:
-            n += 1
-            suffix = f" (subject {sid})" if n == 1 else f" (subject {sid}, {n})"
-            new = canonical_name(_repaired_name(name, sid)[: SUBJECT_NAME_MAX - len(suffix)] + suffix)
+        repaired = _repaired_name(name, sid)
+        new = name_beside(repaired, sid, lambda n, cid=cid: (cid, n) in taken)
+        collision = new != repaired
         taken.add((cid, new))
         out.append({"subject_id": sid, "collection_id": cid, "old_name": name, "new_name": new, "collision": collision})
     return out

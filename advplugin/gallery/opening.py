@@ -110,7 +110,7 @@ def _unlock(gallery: Gallery, master_key: MasterKeySource, erasure_store: str | 
         gallery.complete_erasures()  # a delete interrupted before its erasure key went
     elif not seal_new:
         return
-    elif gallery.count_templates(collection=None) == 0:
+    elif gallery.templates.is_empty():
         provider = master_key.load(True)
         assert provider is not None
         gallery.unlock(provider, erasure=open_erasure_store(erasure_store))

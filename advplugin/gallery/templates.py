@@ -5,17 +5,14 @@ on PostgreSQL, one `executemany` on SQLite) and the rules that keep the FAISS in
 
 * every change of a template writes its `template_changes` entry in the same transaction
   (`ChangeLog.log*`), so the index, a cache, can always catch up by replaying the log;
-* template ids are never reused (PostgreSQL: the column's sequence; SQLite: AUTOINCREMENT
-  and, for the ids this module allocates itself, its high-water mark under the serialised
-  write lock), so a FAISS id can never silently come to mean another template;
+* template ids are never reused (`Database.next_ids`), so a FAISS id can never silently
+  come to mean another template;
 * every row records how it was made (scheme, version, `config_digest`, key id, extractor),
   so a gallery can be migrated or re-keyed row by row and mixed galleries are detected.
 
-Vectors are stored as float32 bytes of *protected* templates, sealed when the gallery is
-sealed; every vector goes through the `VectorCodec`, so whatever reads templates (index
-rebuild and catch-up, matching, migration, rotation, evaluation) works on sealed and unsealed
-galleries alike. It refuses arrays that are not float32-compatible [N, dim] and never logs
-or echoes vector values.
+Every vector goes through the `VectorCodec`, so whatever reads templates works on sealed and
+unsealed galleries alike. Arrays that are not float32-compatible [N, dim] are refused; vector
+values are never logged or echoed.
 """
 
 from __future__ import annotations
@@ -493,3 +490,8 @@ class Templates:
             q = q.where(Template.collection_id == self.db.collection_id(collection))
         with self.db.read() as conn:
             return conn.scalar(q) is not None
+
+    def is_empty(self) -> bool:
+        """No template in any collection (an indexed probe: a count scans every row)."""
+        with self.db.read() as conn:
+            return conn.scalar(select(Template.id).limit(1)) is None

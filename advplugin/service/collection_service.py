@@ -29,7 +29,7 @@ from advplugin.gallery.audit import Actor
 from advplugin.gallery.budgets import AnswerBudgets
 from advplugin.gallery.index import IndexFollower, TemplateIndex
 from advplugin.gallery.matcher import Match, Matcher, ProbeSet
-from advplugin.gallery.names import SUBJECT_NAME_MAX
+from advplugin.gallery.names import name_beside
 from advplugin.gallery.reads import Example, ExamplePage
 from advplugin.service.errors import ServiceError
 from advplugin.service.protection import KeyView, Protection
@@ -199,9 +199,8 @@ class CollectionService:
             return
         names = {self.gallery.collection_id(c, create=False): c for c in self.gallery.collections()}
         for r in renames:
-            collection, new = names[r.collection_id], r.new_name
-            if _exists(self.gallery, collection, new):
-                new = f"{new[: SUBJECT_NAME_MAX - 24]} (subject {r.subject_id})"
+            collection = names[r.collection_id]
+            new = name_beside(r.new_name, r.subject_id, lambda n, c=collection: _exists(self.gallery, c, n))
             try:
                 self.rename_subject(collection, r.old_name, new, actor=Actor("service"))
             except SubjectNotFound:

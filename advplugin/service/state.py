@@ -81,7 +81,7 @@ class ServiceState:
         gallery = open_service_gallery(settings)
         try:
             protection = Protection.from_settings(
-                settings, create_key=gallery.count_templates(collection=None) == 0
+                settings, create_key=gallery.templates.is_empty()
             )
             warn_key_locations(settings)
             check_gallery_matches(gallery, protection, settings)
