@@ -9,15 +9,16 @@ read them, and the routes above it hold no SQL.
 from __future__ import annotations
 
 from advplugin.bulk.models import MigrationItem, MigrationJob
+from advplugin.gallery.database import Database
 from advplugin.gallery.models import Template
-from advplugin.gallery.reads import Example, Handle, examples_query, first_example
+from advplugin.gallery.reads import Example, examples_query, first_example
 
 
-def migrated_example(gallery: Handle, collection: str, source_id: str) -> Example | None:
+def migrated_example(db: Database, collection: str, source_id: str) -> Example | None:
     """The example that the source row `source_id` became in `collection` (None: no
     migration into this collection had a row of that id, or its template is gone)."""
-    cid = gallery.collection_id(collection)
-    return first_example(gallery, (
+    cid = db.collection_id(collection)
+    return first_example(db, (
         examples_query()
         .join(MigrationItem, MigrationItem.template_id == Template.id)
         .join(MigrationJob, MigrationJob.id == MigrationItem.job_id)

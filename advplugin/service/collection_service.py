@@ -296,12 +296,12 @@ class CollectionService:
         if not image_id or "\x00" in image_id:  # never stored (PostgreSQL refuses NUL in a query)
             return None
         if image_id.isascii() and image_id.isdigit() and len(image_id) < 19:  # fits a BIGINT
-            return reads.example(self.gallery, collection, int(image_id))
-        return migrated_example(self.gallery, collection, image_id)
+            return reads.example(self.gallery.db, collection, int(image_id))
+        return migrated_example(self.gallery.db, collection, image_id)
 
     def examples(self, collection: str, subject: str | None, *, offset: int, limit: int) -> ExamplePage:
         """A page of the collection's examples (of one subject when given), by template id."""
-        return reads.list_examples(self.gallery, collection, subject, offset, limit)
+        return reads.list_examples(self.gallery.db, collection, subject, offset, limit)
 
     # -- keys of a collection (key rotation) -----------------------------------------------------
     def keys(self, collection: str) -> KeyView:
